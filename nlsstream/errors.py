@@ -1,0 +1,211 @@
+"""The nlsstream exception tree and the gateway's documented status codes.
+
+Every error the SDK raises derives from :class:`NlsError`. Errors that come from the
+gateway carry the server's ``status``, ``status_text`` and ``task_id`` and say whether a
+retry can help (:attr:`NlsError.retryable`). No error message ever contains a token or an
+AccessKey secret: the server's text is passed through :func:`redact` first.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "STATUS_CODES",
+    "SUCCESS",
+    "AudioFormatError",
+    "AuthenticationError",
+    "GatewayConnectionError",
+    "InvalidStateError",
+    "NlsError",
+    "ProtocolError",
+    "StartTimeoutError",
+    "StatusCode",
+    "StopTimeoutError",
+    "TaskFailedError",
+    "is_retryable",
+    "redact",
+    "task_error",
+]
+
+SUCCESS = 20000000
+
+
+@dataclass(frozen=True)
+class StatusCode:
+    """One documented gateway status code (reference §6)."""
+
+    code: int
+    name: str
+    meaning: str
+    retryable: bool
+
+
+def _table(*rows: tuple[int, str, str, bool]) -> dict[int, StatusCode]:
+    return {code: StatusCode(code, name, meaning, retry) for code, name, meaning, retry in rows}
+
+
+#: The status codes the gateway documents for the ASR protocols, with what they mean and
+#: whether the same request can succeed if tried again (after a token refresh for 40000001).
+STATUS_CODES: dict[int, StatusCode] = _table(
+    (20000000, "SUCCESS", "Success.", False),
+    (40000000, "CLIENT_ERROR", "Generic client error.", False),
+    (40000001, "ACCESS_DENIED", "Token invalid or expired: refresh the token and reconnect.", True),
+    (40000002, "MESSAGE_INVALID", "Malformed message, or a bad message/task id.", False),
+    (40000003, "PARAMETER_INVALID", "Bad parameter (appkey not set or invalid).", False),
+    (40000004, "IDLE_TIMEOUT", "Nothing was sent for 10 s.", True),
+    (40000005, "TOO_MANY_REQUESTS", "Concurrency or QPS limit reached: retry with backoff.", True),
+    (40000009, "INVALID_AUDIO_HEADER", "Bad audio container (WAV header, Ogg/Opus).", False),
+    (40000010, "FREE_TRIAL_EXPIRED", "The account's free trial has expired.", False),
+    (40010001, "NAMESPACE_NOT_FOUND", "Unknown namespace or URL.", False),
+    (40010002, "DIRECTIVE_NOT_SUPPORTED", "Unknown directive name.", False),
+    (40010003, "DIRECTIVE_INVALID", "Bad directive (e.g. unsupported format).", False),
+    (40010004, "CLIENT_DISCONNECT", "Client disconnected before the task finished.", False),
+    (40010005, "TASK_STATE_ERROR", "Directive in the wrong task state (e.g. Stop twice).", False),
+    (40020105, "APPKEY_NOT_EXIST", "The appkey does not exist.", False),
+    (40020106, "APPKEY_UID_MISMATCH", "Appkey and token belong to different accounts.", False),
+    (40270002, "NO_VALID_AUDIO_ERROR", "No valid speech was recognised.", False),
+    (40270003, "DECODE_ERROR", "Audio could not be decoded (format mismatch).", False),
+    (41000002, "APPKEY_KEY_IS_NULL", "The appkey is empty.", False),
+    (41000003, "NO_END_POINT", "MetaInfo has no end point info.", False),
+    (41010100, "UNSUPPORTED_FORMAT", "Unsupported audio format.", False),
+    (41010101, "UNSUPPORTED_SAMPLE_RATE", "Only 8000 and 16000 Hz are supported.", False),
+    (41010104, "TOO_LONG_SPEECH", "Sentence recognition audio is longer than 60 s.", False),
+    (41010105, "SILENT_SPEECH", "No speech for too long.", False),
+    (41010120, "CLIENT_DATA_TIMEOUT", "No audio for 10 s (sentence recognition).", True),
+    (41040201, "GET_CLIENT_DATA_TIMEOUT", "Real-time audio did not arrive continuously.", True),
+    (43040001, "CONCURRENCY_EXCEEDED", "Too many concurrent requests.", True),
+    (50000000, "SERVER_ERROR", "Transient server error.", True),
+    (50000001, "GRPC_ERROR", "Transient internal server error.", True),
+    (52010001, "INSTANCE_POOL_EXHAUSTED", "Server capacity exhausted.", True),
+    (50020003, "ROUTE_GROUP_NOT_FOUND", "Routing error on the server.", True),
+)
+
+
+def is_retryable(status: int) -> bool:
+    """Whether a task that failed with ``status`` may succeed if tried again.
+
+    Documented codes use the table; otherwise 5xxxxxxx codes are transient and
+    4xxxxxxx codes need the request fixed.
+    """
+    known = STATUS_CODES.get(status)
+    if known is not None:
+        return known.retryable
+    return 50000000 <= status < 60000000
+
+
+# The gateway quotes the token back in its error texts ("The token '...' is invalid!").
+_QUOTED_TOKEN = re.compile(r"(token\s*')[^']*(')", re.IGNORECASE)
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Return ``text`` with quoted tokens and the given secrets replaced by ``***``."""
+    text = _QUOTED_TOKEN.sub(r"\1***\2", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class NlsError(Exception):
+    """Base class of every nlsstream error.
+
+    ``retryable`` says whether repeating the same request (possibly after a token
+    refresh or a backoff) can succeed.
+    """
+
+    retryable: bool = False
+
+
+class InvalidStateError(NlsError, RuntimeError):
+    """The call is not allowed in the session's current state.
+
+    Raised *instead of* sending something the gateway would reject: audio before
+    Started or after Stop, Stop twice, anything after the task ended.
+    """
+
+
+class ProtocolError(NlsError):
+    """The gateway sent something the protocol does not allow (bad JSON, unknown shape)."""
+
+
+class AudioFormatError(NlsError, ValueError):
+    """Audio input that cannot be converted to PCM16 mono at the session's rate.
+
+    Raised before anything is sent.
+    """
+
+
+class GatewayConnectionError(NlsError, ConnectionError):
+    """The connection could not be made (refused, DNS, TLS) or was lost mid-task."""
+
+    retryable = True
+
+
+class AuthenticationError(NlsError):
+    """The gateway rejected the token (HTTP 403 at the handshake, or status 40000001).
+
+    ``status_text`` is the server's explanation with any token redacted. Retryable
+    after fetching a fresh token.
+    """
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_text: str = "",
+        http_status: int | None = None,
+        status: int | None = None,
+        task_id: str | None = None,
+    ):
+        super().__init__(message)
+        self.status_text = status_text
+        self.http_status = http_status
+        self.status = status
+        self.task_id = task_id
+
+
+class TaskFailedError(NlsError):
+    """The gateway ended the task with ``TaskFailed``.
+
+    Attributes: ``status`` (e.g. 40000004), ``status_text`` (server text), ``task_id``
+    and ``retryable`` (from :data:`STATUS_CODES`).
+    """
+
+    def __init__(self, status: int, status_text: str, task_id: str | None = None):
+        self.status = status
+        self.status_text = status_text
+        self.task_id = task_id
+        self.retryable = is_retryable(status)
+        known = STATUS_CODES.get(status)
+        hint = f" ({known.meaning})" if known is not None else ""
+        super().__init__(f"task {task_id or '?'} failed with status {status}: {status_text}{hint}")
+
+
+class StartTimeoutError(NlsError, TimeoutError):
+    """The gateway did not confirm the task start within ``start_timeout``."""
+
+    retryable = True
+
+
+class StopTimeoutError(NlsError, TimeoutError):
+    """The gateway did not send Completed within the stop timeout after Stop."""
+
+    retryable = True
+
+
+def task_error(status: int, status_text: str, task_id: str | None = None) -> NlsError:
+    """The exception for a ``TaskFailed`` event: :class:`AuthenticationError` for a token
+    problem (40000001), :class:`TaskFailedError` otherwise."""
+    text = redact(status_text)
+    if status == 40000001:
+        return AuthenticationError(
+            f"token rejected by the gateway: {text}",
+            status_text=text,
+            status=status,
+            task_id=task_id,
+        )
+    return TaskFailedError(status, text, task_id)

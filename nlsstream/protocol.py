@@ -1,0 +1,620 @@
+"""Sans-I/O core of the NLS real-time protocols (SpeechTranscriber, SpeechRecognizer).
+
+No sockets and no asyncio here: this module turns directives into JSON text, JSON text
+into typed events, and keeps the client's task state. The client session and the local
+gateway both build on it, so the two sides cannot drift apart.
+
+Wire format: ``shared/reference/nls-protocol.md`` §2 (envelope and ids), §3
+(SpeechTranscriber), §4 (SpeechRecognizer). Directives are serialised with
+``json.dumps`` defaults, byte-for-byte the way the official Python SDK does (§2.1).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ._version import __version__
+from .errors import SUCCESS, InvalidStateError, ProtocolError
+
+__all__ = [
+    "RECOGNIZER",
+    "SUCCESS",
+    "SUCCESS_TEXT",
+    "TRANSCRIBER",
+    "ClientProtocol",
+    "Completed",
+    "Directive",
+    "DirectiveError",
+    "Event",
+    "Namespace",
+    "ResultChanged",
+    "SentenceBegin",
+    "SentenceEnd",
+    "Started",
+    "State",
+    "TaskFailed",
+    "UnknownEvent",
+    "Word",
+    "build_directive",
+    "build_event",
+    "build_task_failed",
+    "encode",
+    "is_valid_id",
+    "new_id",
+    "parse_directive",
+    "parse_event",
+    "sdk_context",
+    "start_payload",
+]
+
+SUCCESS_TEXT = "Gateway:SUCCESS:Success."
+TASK_FAILED = "TaskFailed"
+#: TaskFailed travels in this namespace, not the request's (§2.2).
+DEFAULT_NAMESPACE = "Default"
+SAMPLE_RATES = (8000, 16000)
+
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def new_id() -> str:
+    """A fresh message or task id: 32 lowercase hex characters (a dashless UUID4)."""
+    return uuid.uuid4().hex
+
+
+def is_valid_id(value: object) -> bool:
+    """Whether ``value`` is a 32-character lowercase hex id, as the gateway requires."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def sdk_context() -> dict[str, Any]:
+    """The ``context`` block sent with every directive: telemetry naming this SDK."""
+    return {"sdk": {"name": "nlsstream", "version": __version__, "language": "python"}}
+
+
+def encode(message: Mapping[str, Any]) -> str:
+    """Serialise a message exactly as the official Python SDK does (``json.dumps`` defaults)."""
+    return json.dumps(message)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """The directive and event names of one real-time protocol."""
+
+    name: str
+    start: str
+    stop: str
+    control: str | None
+    started: str
+    result_changed: str
+    completed: str
+
+    @property
+    def directives(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.start, self.stop, self.control) if n is not None)
+
+
+TRANSCRIBER = Namespace(
+    name="SpeechTranscriber",
+    start="StartTranscription",
+    stop="StopTranscription",
+    control="ControlTranscriber",
+    started="TranscriptionStarted",
+    result_changed="TranscriptionResultChanged",
+    completed="TranscriptionCompleted",
+)
+RECOGNIZER = Namespace(
+    name="SpeechRecognizer",
+    start="StartRecognition",
+    stop="StopRecognition",
+    control=None,
+    started="RecognitionStarted",
+    result_changed="RecognitionResultChanged",
+    completed="RecognitionCompleted",
+)
+NAMESPACES: dict[str, Namespace] = {ns.name: ns for ns in (TRANSCRIBER, RECOGNIZER)}
+
+
+# --------------------------------------------------------------------------- directives
+
+
+def start_payload(
+    *,
+    format: str = "pcm",
+    sample_rate: int = 16000,
+    enable_intermediate_result: bool = False,
+    enable_punctuation_prediction: bool = False,
+    enable_inverse_text_normalization: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The payload of a Start directive: the five base keys, then any extra parameters
+    (``max_sentence_silence``, ``enable_words``, ``vocabulary_id``, ...) in the order given.
+
+    ``None`` values are left out, so optional parameters can be passed through unset.
+    """
+    payload: dict[str, Any] = {
+        "format": format,
+        "sample_rate": sample_rate,
+        "enable_intermediate_result": enable_intermediate_result,
+        "enable_punctuation_prediction": enable_punctuation_prediction,
+        "enable_inverse_text_normalization": enable_inverse_text_normalization,
+    }
+    payload.update((k, v) for k, v in extra.items() if v is not None)
+    return payload
+
+
+def build_directive(
+    namespace: str,
+    name: str,
+    *,
+    task_id: str,
+    appkey: str,
+    payload: Mapping[str, Any] | None = None,
+    message_id: str | None = None,
+) -> dict[str, Any]:
+    """A client directive: header (five keys, in the official SDK's order), payload when
+    given, and the SDK context."""
+    message: dict[str, Any] = {
+        "header": {
+            "message_id": message_id or new_id(),
+            "task_id": task_id,
+            "namespace": namespace,
+            "name": name,
+            "appkey": appkey,
+        }
+    }
+    if payload is not None:
+        message["payload"] = dict(payload)
+    message["context"] = sdk_context()
+    return message
+
+
+class DirectiveError(Exception):
+    """A client directive the gateway must refuse, with the status to answer it with."""
+
+    def __init__(self, status: int, status_text: str, task_id: str | None = None):
+        super().__init__(f"{status} {status_text}")
+        self.status = status
+        self.status_text = status_text
+        self.task_id = task_id
+
+
+@dataclass(frozen=True)
+class Directive:
+    """A parsed client directive (the gateway's view)."""
+
+    namespace: str
+    name: str
+    message_id: str
+    task_id: str
+    appkey: str
+    payload: Mapping[str, Any]
+    context: Mapping[str, Any]
+    raw: Mapping[str, Any] = field(repr=False)
+
+
+def parse_directive(text: str | bytes) -> Directive:
+    """Parse a client directive, raising :class:`DirectiveError` with the gateway's
+    documented status (40000002 for a malformed message or bad ids) when it is invalid.
+
+    The directive *name* is not checked here; that depends on the task's state.
+    """
+    try:
+        message = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DirectiveError(40000002, f"Gateway:MESSAGE_INVALID:Invalid json ({exc})!") from None
+    if not isinstance(message, dict) or not isinstance(message.get("header"), dict):
+        raise DirectiveError(40000002, "Gateway:MESSAGE_INVALID:Missing message header!")
+    header = message["header"]
+    task_id = header.get("task_id")
+    tid = task_id if isinstance(task_id, str) else None
+    message_id = header.get("message_id")
+    if not is_valid_id(message_id):
+        raise DirectiveError(
+            40000002, f"Gateway:MESSAGE_INVALID:Invalid message id '{message_id}'!", tid
+        )
+    if not is_valid_id(task_id):
+        raise DirectiveError(40000002, f"Gateway:MESSAGE_INVALID:Invalid task id '{task_id}'!", tid)
+    namespace, name = header.get("namespace"), header.get("name")
+    if not isinstance(name, str) or not name:
+        raise DirectiveError(40000002, "Gateway:MESSAGE_INVALID:Missing directive name!", tid)
+    if namespace not in NAMESPACES:
+        raise DirectiveError(
+            40010001, f"Gateway:NAMESPACE_NOT_FOUND:Namespace '{namespace}' not found!", tid
+        )
+    appkey = header.get("appkey")
+    if not isinstance(appkey, str) or not appkey:
+        raise DirectiveError(40000003, "Gateway:PARAMETER_INVALID:appkey not set", tid)
+    payload = message.get("payload") or {}
+    context = message.get("context") or {}
+    if not isinstance(payload, dict) or not isinstance(context, dict):
+        raise DirectiveError(
+            40000002, "Gateway:MESSAGE_INVALID:payload and context must be objects!", tid
+        )
+    return Directive(namespace, name, message_id, task_id, appkey, payload, context, message)
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Word:
+    """One recognised word with its times in ms from the start of the audio."""
+
+    text: str
+    start_time: int
+    end_time: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """A server event. ``raw`` is the whole decoded message, unknown keys included."""
+
+    name: str
+    namespace: str
+    task_id: str
+    message_id: str = ""
+    status: int = SUCCESS
+    status_text: str = SUCCESS_TEXT
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Started(Event):
+    """``TranscriptionStarted`` / ``RecognitionStarted``: audio may be sent from now on."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SentenceBegin(Event):
+    """A new sentence was detected (transcriber). ``time`` is where it starts, in ms."""
+
+    index: int
+    time: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultChanged(Event):
+    """An intermediate result: the full current hypothesis, not a delta.
+
+    Transcriber: ``index`` and ``time`` (ms) of the open sentence. Recognizer: ``duration``
+    (ms of audio so far); ``index`` and ``time`` are ``None``.
+    """
+
+    text: str
+    index: int | None = None
+    time: int | None = None
+    confidence: float | None = None
+    words: tuple[Word, ...] = ()
+    duration: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SentenceEnd(Event):
+    """A final sentence (transcriber): ``begin_time`` to ``time`` in ms, its text and words."""
+
+    index: int
+    time: int
+    begin_time: int
+    text: str
+    confidence: float | None = None
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Completed(Event):
+    """``TranscriptionCompleted`` / ``RecognitionCompleted``: the task ended normally.
+
+    For the recognizer, ``text`` is the result and ``duration`` the audio length in ms;
+    the transcriber sends neither (``""`` and ``None``).
+    """
+
+    text: str = ""
+    duration: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskFailed(Event):
+    """The task failed; ``status`` and ``status_text`` say why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnknownEvent(Event):
+    """An event this version does not know (e.g. ``SentenceSemantics``); kept, not dropped."""
+
+    payload: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+def _int(payload: Mapping[str, Any], key: str, default: int | None = None) -> int | None:
+    value = payload.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"payload.{key} must be a number, got {value!r}")
+    return int(value)
+
+
+def _req_int(payload: Mapping[str, Any], key: str) -> int:
+    value = _int(payload, key, 0)
+    assert value is not None
+    return value
+
+
+def _float(payload: Mapping[str, Any], key: str) -> float | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"payload.{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _text(payload: Mapping[str, Any], key: str = "result") -> str:
+    value = payload.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ProtocolError(f"payload.{key} must be a string, got {value!r}")
+    return value
+
+
+def _words(payload: Mapping[str, Any]) -> tuple[Word, ...]:
+    words = payload.get("words") or ()
+    if not isinstance(words, list):
+        raise ProtocolError(f"payload.words must be a list, got {words!r}")
+    out = []
+    for w in words:
+        if not isinstance(w, dict):
+            raise ProtocolError(f"a word must be an object, got {w!r}")
+        out.append(Word(_text(w, "text"), _req_int(w, "startTime"), _req_int(w, "endTime")))
+    return tuple(out)
+
+
+def parse_event(text: str | bytes) -> Event:
+    """Parse one server event into its typed class.
+
+    Lenient where the gateway varies (unknown keys, missing or empty payload,
+    ``namespace: "Default"`` on TaskFailed, ``status_message`` instead of
+    ``status_text``); raises :class:`ProtocolError` for what cannot be an event.
+    """
+    try:
+        message = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"gateway sent invalid JSON: {exc}: {_preview(text)}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("header"), dict):
+        raise ProtocolError(f"gateway message has no header: {_preview(text)}")
+    header = message["header"]
+    name = header.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"gateway message has no header.name: {_preview(text)}")
+    payload = message.get("payload") or {}
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"gateway payload is not an object: {_preview(text)}")
+    status = header.get("status", SUCCESS)
+    if isinstance(status, bool) or not isinstance(status, int):
+        raise ProtocolError(f"header.status must be an integer, got {status!r}")
+    status_text = header.get("status_text", header.get("status_message", ""))
+    base: dict[str, Any] = {
+        "name": name,
+        "namespace": str(header.get("namespace", "")),
+        "task_id": str(header.get("task_id", "")),
+        "message_id": str(header.get("message_id", "")),
+        "status": status,
+        "status_text": str(status_text or ""),
+        "raw": message,
+    }
+    if name == TASK_FAILED:
+        return TaskFailed(**base)
+    kind = _EVENT_KINDS.get(name)
+    if kind is Started:
+        return Started(**base)
+    if kind is SentenceBegin:
+        return SentenceBegin(
+            **base, index=_req_int(payload, "index"), time=_req_int(payload, "time")
+        )
+    if kind is ResultChanged:
+        return ResultChanged(
+            **base,
+            text=_text(payload),
+            index=_int(payload, "index"),
+            time=_int(payload, "time"),
+            confidence=_float(payload, "confidence"),
+            words=_words(payload),
+            duration=_int(payload, "duration"),
+        )
+    if kind is SentenceEnd:
+        return SentenceEnd(
+            **base,
+            index=_req_int(payload, "index"),
+            time=_req_int(payload, "time"),
+            begin_time=_req_int(payload, "begin_time"),
+            text=_text(payload),
+            confidence=_float(payload, "confidence"),
+            words=_words(payload),
+        )
+    if kind is Completed:
+        return Completed(**base, text=_text(payload), duration=_int(payload, "duration"))
+    return UnknownEvent(**base, payload=payload)
+
+
+def _preview(text: str | bytes, limit: int = 200) -> str:
+    shown = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    return repr(shown[:limit]) + ("..." if len(shown) > limit else "")
+
+
+_EVENT_KINDS: dict[str, type[Event]] = {}
+for _ns in (TRANSCRIBER, RECOGNIZER):
+    _EVENT_KINDS[_ns.started] = Started
+    _EVENT_KINDS[_ns.result_changed] = ResultChanged
+    _EVENT_KINDS[_ns.completed] = Completed
+_EVENT_KINDS["SentenceBegin"] = SentenceBegin
+_EVENT_KINDS["SentenceEnd"] = SentenceEnd
+
+
+def build_event(
+    namespace: str,
+    name: str,
+    task_id: str,
+    payload: Mapping[str, Any] | None = None,
+    *,
+    status: int = SUCCESS,
+    status_text: str = SUCCESS_TEXT,
+) -> dict[str, Any]:
+    """A server event as the cloud gateway sends it (§2.2): header keys in its order,
+    a fresh ``message_id``, and the payload only when there is one."""
+    message: dict[str, Any] = {
+        "header": {
+            "namespace": namespace,
+            "name": name,
+            "status": status,
+            "message_id": new_id(),
+            "task_id": task_id,
+            "status_text": status_text,
+        }
+    }
+    if payload is not None:
+        message["payload"] = dict(payload)
+    return message
+
+
+def build_task_failed(task_id: str, status: int, status_text: str) -> dict[str, Any]:
+    """A ``TaskFailed`` event, which the gateway sends in namespace ``Default``."""
+    return build_event(
+        DEFAULT_NAMESPACE, TASK_FAILED, task_id, status=status, status_text=status_text
+    )
+
+
+# --------------------------------------------------------------------------- client state
+
+
+class State(enum.Enum):
+    """The client's view of one task (reference §10)."""
+
+    IDLE = "idle"  # nothing sent yet
+    STARTING = "starting"  # Start sent, waiting for Started
+    STARTED = "started"  # audio and Control allowed
+    STOPPING = "stopping"  # Stop sent, draining until Completed
+    COMPLETED = "completed"  # Completed received
+    FAILED = "failed"  # TaskFailed received, or the connection was lost
+
+    @property
+    def ended(self) -> bool:
+        return self in (State.COMPLETED, State.FAILED)
+
+
+class ClientProtocol:
+    """The client side of one task, without I/O.
+
+    Methods named after client actions return the text to send, or raise
+    :class:`~nlsstream.errors.InvalidStateError` when the action is illegal in the
+    current state, so nothing the gateway would reject is ever sent.
+    :meth:`receive` parses a server event and advances the state.
+
+    Transitions (client actions on the left of ``->``, server events on the right)::
+
+        IDLE     --start()-->        STARTING
+        STARTING --Started-->        STARTED
+        STARTED  --audio()/control() STARTED
+        STARTED  --stop()-->         STOPPING
+        STARTED  --Completed-->      COMPLETED   (server VAD ended the task early)
+        STOPPING --Completed-->      COMPLETED
+        any live --TaskFailed-->     FAILED
+        any live --fail()-->         FAILED      (connection lost)
+    """
+
+    # The actions each state allows; one table, read top to bottom.
+    _ALLOWED: ClassVar[dict[State, frozenset[str]]] = {
+        State.IDLE: frozenset({"start"}),
+        State.STARTING: frozenset(),
+        State.STARTED: frozenset({"audio", "control", "stop"}),
+        State.STOPPING: frozenset(),
+        State.COMPLETED: frozenset(),
+        State.FAILED: frozenset(),
+    }
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        appkey: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+    ) -> None:
+        if task_id is not None and not is_valid_id(task_id):
+            raise ValueError(f"task_id must be 32 lowercase hex characters, got {task_id!r}")
+        self.namespace = namespace
+        self.appkey = appkey
+        self.params = start_payload(**(params or {}))
+        self.task_id = task_id or new_id()
+        self.state = State.IDLE
+
+    def _check(self, action: str, what: str) -> None:
+        if action not in self._ALLOWED[self.state]:
+            raise InvalidStateError(f"cannot {what} while the task is {self.state.value}")
+
+    def _directive(self, name: str, payload: Mapping[str, Any] | None = None) -> str:
+        return encode(
+            build_directive(
+                self.namespace.name, name, task_id=self.task_id, appkey=self.appkey, payload=payload
+            )
+        )
+
+    def start(self) -> str:
+        """The Start directive; the task is then STARTING."""
+        self._check("start", "start")
+        self.state = State.STARTING
+        return self._directive(self.namespace.start, self.params)
+
+    def audio(self) -> None:
+        """Check that audio may be sent now (only while STARTED)."""
+        if self.state is not State.STARTED:
+            self._check("audio", "send audio")
+
+    def control(self, **params: Any) -> str:
+        """A Control directive changing ``params`` mid-task (transcriber only)."""
+        if self.namespace.control is None:
+            raise InvalidStateError(f"{self.namespace.name} has no control directive")
+        self._check("control", "send a control directive")
+        return self._directive(self.namespace.control, params)
+
+    def stop(self) -> str:
+        """The Stop directive; the task is then STOPPING."""
+        self._check("stop", "stop")
+        self.state = State.STOPPING
+        return self._directive(self.namespace.stop)
+
+    def fail(self) -> None:
+        """Mark the task dead without a server event (connection lost, aborted)."""
+        if not self.state.ended:
+            self.state = State.FAILED
+
+    def receive(self, text: str | bytes) -> Event:
+        """Parse a server event and advance the state.
+
+        Raises :class:`~nlsstream.errors.ProtocolError` for a malformed event or one that
+        cannot happen in the current state (e.g. a result before Started).
+        """
+        event = parse_event(text)
+        if self.state.ended:
+            raise ProtocolError(f"gateway sent {event.name} after the task was {self.state.value}")
+        if event.task_id and event.task_id != self.task_id:
+            raise ProtocolError(
+                f"gateway sent {event.name} for task {event.task_id}, expected {self.task_id}"
+            )
+        if isinstance(event, TaskFailed):
+            self.state = State.FAILED
+        elif self.state is State.STARTING:
+            if not isinstance(event, Started):
+                raise ProtocolError(f"gateway sent {event.name} before the task started")
+            self.state = State.STARTED
+        elif isinstance(event, Started):
+            raise ProtocolError(f"gateway sent {event.name} twice")
+        elif isinstance(event, Completed):
+            self.state = State.COMPLETED
+        elif self.state is State.IDLE:
+            raise ProtocolError(f"gateway sent {event.name} before Start")
+        return event

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install nlsstream with its test extras into .venv, then run ruff, mypy and pytest.
+# This is the README's test command; CI runs it through .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+pip install -e '.[dev,local]'
+# The official SDK is installed for the compatibility tests only. Its matplotlib/oss2
+# requirements are never imported, so it goes in without them; the one module it does
+# import (aliyunsdkcore) is installed explicitly.
+pip install --no-deps 'alibabacloud-nls-python-sdk==1.0.2'
+pip install 'aliyun-python-sdk-core>=2.13.3'
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+.venv/bin/python -m pytest -q "$@"
