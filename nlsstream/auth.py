@@ -1,10 +1,57 @@
-"""Token providers: where a session gets the token it sends as ``X-NLS-Token``."""
+"""Token providers: where a session gets the token it sends as ``X-NLS-Token``.
+
+Besides a fixed token (:class:`StaticTokenProvider`), :class:`AccessKeyTokenProvider` fetches
+tokens with an AccessKey through the CreateToken POP RPC (reference §8), caches them and
+refreshes them before they expire. The request signing (§8.2, signature v1.0, HMAC-SHA1) is
+implemented here directly; no Alibaba Cloud SDK is needed.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
-__all__ = ["StaticTokenProvider", "TokenProvider", "TokenSource", "as_provider"]
+from .errors import TokenError, redact
+
+__all__ = [
+    "CREATE_TOKEN_VERSION",
+    "DEFAULT_REGION",
+    "AccessKeyTokenProvider",
+    "RefreshableTokenProvider",
+    "StaticTokenProvider",
+    "Token",
+    "TokenProvider",
+    "TokenSource",
+    "as_provider",
+    "create_token",
+    "percent_encode",
+    "pop_signature",
+    "string_to_sign",
+    "token_endpoint",
+]
+
+logger = logging.getLogger("nlsstream.auth")
+
+DEFAULT_REGION = "cn-shanghai"
+#: The CreateToken API version documented for every region (reference §8.1).
+CREATE_TOKEN_VERSION = "2019-02-28"
+
+# Largest CreateToken answer we read; real ones are ~200 bytes.
+_MAX_RESPONSE_BYTES = 64 * 1024
+# A cached token is still handed out after a failed refresh only if it stays valid this long.
+_MIN_REMAINING_VALIDITY = 5.0
 
 
 @runtime_checkable
@@ -17,6 +64,19 @@ class TokenProvider(Protocol):
 
     async def get_token(self) -> str:
         """Return a token that is valid now."""
+        ...
+
+
+@runtime_checkable
+class RefreshableTokenProvider(TokenProvider, Protocol):
+    """A provider that can drop a token the gateway rejected and fetch a new one.
+
+    A session that gets HTTP 403 / status 40000001 calls ``invalidate(token)`` and then
+    :meth:`get_token` again. A fixed token cannot be refreshed, so retrying is pointless.
+    """
+
+    def invalidate(self, token: str | None = None) -> None:
+        """Forget the cached token (only if it is ``token``, when given)."""
         ...
 
 
@@ -40,3 +100,324 @@ TokenSource = str | TokenProvider
 def as_provider(token: TokenSource) -> TokenProvider:
     """Wrap a plain string token in a :class:`StaticTokenProvider`."""
     return StaticTokenProvider(token) if isinstance(token, str) else token
+
+
+# --------------------------------------------------------------------------------------
+# POP RPC signature v1.0 (reference §8.2)
+
+
+def percent_encode(text: str) -> str:
+    """RFC 3986 encoding as POP wants it: only ``A-Za-z0-9-_.~`` stay, ``%XX`` uppercase."""
+    return urllib.parse.quote(text, safe="-_.~")
+
+
+def _canonical_query(params: Mapping[str, str]) -> str:
+    encoded = sorted((percent_encode(k), percent_encode(v)) for k, v in params.items())
+    return "&".join(f"{k}={v}" for k, v in encoded)
+
+
+def string_to_sign(method: str, params: Mapping[str, str]) -> str:
+    """``METHOD&%2F&percentEncode(CanonicalizedQueryString)`` (``Signature`` excluded)."""
+    query = _canonical_query({k: v for k, v in params.items() if k != "Signature"})
+    return f"{method.upper()}&{percent_encode('/')}&{percent_encode(query)}"
+
+
+def pop_signature(method: str, params: Mapping[str, str], access_key_secret: str) -> str:
+    """The Base64 HMAC-SHA1 ``Signature`` of a POP RPC request (key: ``secret + "&"``)."""
+    digest = hmac.new(
+        (access_key_secret + "&").encode(),
+        string_to_sign(method, params).encode(),
+        hashlib.sha1,
+    ).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------
+# CreateToken
+
+
+def token_endpoint(region: str = DEFAULT_REGION) -> str:
+    """The CreateToken endpoint of ``region`` (Singapore uses ``nlsmeta.``, reference §8.1)."""
+    if region == "ap-southeast-1":
+        return "https://nlsmeta.ap-southeast-1.aliyuncs.com/"
+    return f"https://nls-meta.{region}.aliyuncs.com/"
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token and its expiry (``expire_time``: Unix seconds, as the server sent it)."""
+
+    value: str = field(repr=False)
+    expire_time: float
+
+    def __repr__(self) -> str:
+        return f"Token(value=***, expire_time={self.expire_time})"
+
+
+HttpMethod = Literal["GET", "POST"]
+
+
+def _signed_params(
+    access_key_id: str, access_key_secret: str, region: str, version: str, method: HttpMethod
+) -> dict[str, str]:
+    params = {
+        "AccessKeyId": access_key_id,
+        "Action": "CreateToken",
+        "Format": "JSON",
+        "RegionId": region,
+        "SignatureMethod": "HMAC-SHA1",
+        "SignatureNonce": str(uuid.uuid4()),
+        "SignatureVersion": "1.0",
+        "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "Version": version,
+    }
+    params["Signature"] = pop_signature(method, params, access_key_secret)
+    return params
+
+
+# Why urllib in a worker thread rather than a hand-written asyncio HTTP client: a token is
+# fetched about once a day, so one short-lived pool thread costs nothing, while urllib
+# already does TLS verification, proxies (HTTPS_PROXY), chunked answers and error bodies
+# correctly. Its timeout bounds each socket operation; ``asyncio.wait_for`` bounds the whole.
+def _http_request(
+    method: HttpMethod, url: str, body: bytes | None, timeout: float
+) -> tuple[int, bytes]:
+    headers = {"Accept": "application/json", "User-Agent": "nlsstream"}
+    if body is not None:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), response.read(_MAX_RESPONSE_BYTES)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read(_MAX_RESPONSE_BYTES)
+
+
+def _is_retryable(http_status: int, code: str | None) -> bool:
+    if http_status >= 500 or http_status == 429:
+        return True
+    return code is not None and (code.startswith("Throttling") or code == "ServiceUnavailable")
+
+
+def _parse_answer(status: int, body: bytes, host: str, secret: str) -> Token:
+    try:
+        data: Any = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        snippet = redact(body[:200].decode("utf-8", "replace"), secret)
+        raise TokenError(
+            f"CreateToken at {host} answered HTTP {status} with a non-JSON body: {snippet!r}",
+            http_status=status,
+            retryable=_is_retryable(status, None),
+        )
+    request_id = data.get("RequestId")
+    request_id = str(request_id) if request_id is not None else None
+    token = data.get("Token")
+    if status == 200 and isinstance(token, dict) and token.get("Id"):
+        expire = token.get("ExpireTime")
+        if isinstance(expire, (int, float)) and not isinstance(expire, bool):
+            return Token(str(token["Id"]), float(expire))
+        raise TokenError(
+            f"CreateToken at {host} answered without a numeric Token.ExpireTime",
+            code="InvalidResponse",
+            http_status=status,
+            request_id=request_id,
+        )
+    code = data.get("Code")
+    code = str(code) if code is not None else None
+    message = data.get("Message") or data.get("ErrMsg") or ""
+    message = redact(str(message), secret)
+    retryable = _is_retryable(status, code)
+    if code is None and not message:
+        code, message = "InvalidResponse", "the answer has no Token.Id"
+    raise TokenError(
+        f"CreateToken at {host} failed (HTTP {status}): {code}: {message}"
+        + (f" (RequestId {request_id})" if request_id else ""),
+        code=code,
+        server_message=message,
+        http_status=status,
+        request_id=request_id,
+        retryable=retryable,
+    )
+
+
+async def create_token(
+    access_key_id: str,
+    access_key_secret: str,
+    region: str = DEFAULT_REGION,
+    endpoint: str | None = None,
+    *,
+    timeout: float = 10.0,
+    method: HttpMethod = "GET",
+    version: str = CREATE_TOKEN_VERSION,
+) -> Token:
+    """Call CreateToken once and return the new :class:`Token` (no caching).
+
+    ``method="GET"`` puts the signed parameters in the query string, as DOC-TOKEN
+    describes and the old official Python SDK does; ``"POST"`` sends them as a form body.
+    Raises :class:`~nlsstream.errors.TokenError` (with the server's ``Code``/``Message``)
+    on any failure, including network errors and ``timeout`` (retryable).
+    """
+    if method not in ("GET", "POST"):
+        raise ValueError(f"method must be 'GET' or 'POST', not {method!r}")
+    url = endpoint or token_endpoint(region)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"CreateToken endpoint must be an http(s) URL, not {url!r}")
+    host = parts.netloc
+    base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
+    params = _signed_params(access_key_id, access_key_secret, region, version, method)
+    encoded = _canonical_query(params)
+    if method == "GET":
+        url, body = f"{base}?{encoded}", None
+    else:
+        url, body = base, encoded.encode("ascii")
+    try:
+        status, answer = await asyncio.wait_for(
+            asyncio.to_thread(_http_request, method, url, body, timeout), timeout
+        )
+    except (asyncio.TimeoutError, TimeoutError) as exc:
+        raise TokenError(
+            f"CreateToken at {host} did not answer within {timeout} s", retryable=True
+        ) from exc
+    except OSError as exc:  # URLError, refused, DNS, TLS
+        reason = getattr(exc, "reason", exc)
+        raise TokenError(
+            f"CreateToken request to {host} failed: {redact(str(reason), access_key_secret)}",
+            retryable=True,
+        ) from None
+    return _parse_answer(status, answer, host, access_key_secret)
+
+
+class AccessKeyTokenProvider:
+    """Tokens from an AccessKey pair via CreateToken, cached and refreshed before expiry.
+
+    A token is reused until ``ExpireTime - margin``, where the margin is the larger of
+    ``refresh_margin`` seconds and 10 % of the token's lifetime (at most half of it).
+    Concurrent callers share one request: fifty sessions starting at once cause a single
+    CreateToken call. If a refresh fails while the cached token is still valid, the cached
+    token is returned (and a warning logged); otherwise :class:`TokenError` is raised.
+    The secret never appears in ``repr()``, logs or exceptions.
+
+    ``endpoint`` defaults to :func:`token_endpoint` of ``region``; ``method`` picks GET
+    (default) or POST, see :func:`create_token`. ``clock`` (Unix seconds) is for tests.
+    """
+
+    def __init__(
+        self,
+        access_key_id: str,
+        access_key_secret: str,
+        region: str = DEFAULT_REGION,
+        endpoint: str | None = None,
+        *,
+        refresh_margin: float = 60.0,
+        timeout: float = 10.0,
+        method: HttpMethod = "GET",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not access_key_id or not access_key_secret:
+            raise ValueError("AccessKeyTokenProvider needs both access_key_id and secret")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if refresh_margin < 0:
+            raise ValueError("refresh_margin must not be negative")
+        self._access_key_id = access_key_id
+        self._secret = access_key_secret
+        self.region = region
+        self.endpoint = endpoint or token_endpoint(region)
+        self._refresh_margin = refresh_margin
+        self._timeout = timeout
+        self._method: HttpMethod = method
+        self._clock = clock
+        self._token: Token | None = None
+        self._refresh_at = 0.0
+        self._inflight: asyncio.Task[Token] | None = None
+        #: How many CreateToken requests this provider has made (for monitoring and tests).
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        key_id = self._access_key_id[:4] + "***"
+        return (
+            f"AccessKeyTokenProvider(access_key_id={key_id!r}, region={self.region!r}, "
+            f"endpoint={self.endpoint!r})"
+        )
+
+    @property
+    def cached(self) -> Token | None:
+        """The cached token, if any (it may be due for refresh)."""
+        return self._token
+
+    async def get_token(self) -> str:
+        """Return a valid token, fetching a new one only when needed."""
+        return (await self.get_token_info()).value
+
+    async def get_token_info(self) -> Token:
+        """Like :meth:`get_token` but returns the :class:`Token` with its expiry."""
+        token = self._token
+        if token is not None and self._clock() < self._refresh_at:
+            return token
+        loop = asyncio.get_running_loop()
+        task = self._inflight
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = loop.create_task(self._refresh())
+            task.add_done_callback(_retrieve_exception)
+            self._inflight = task
+        # shield: one caller giving up must not cancel the request the others wait for.
+        return await asyncio.shield(task)
+
+    def invalidate(self, token: str | None = None) -> None:
+        """Drop the cached token so the next :meth:`get_token` fetches a new one.
+
+        Pass the rejected ``token`` to make this a no-op when a newer token is already
+        cached: many sessions failing with the same old token then cause one refresh.
+        """
+        if self._token is not None and (token is None or token == self._token.value):
+            self._token = None
+            self._refresh_at = 0.0
+
+    async def _refresh(self) -> Token:
+        try:
+            self.requests += 1
+            token = await create_token(
+                self._access_key_id,
+                self._secret,
+                self.region,
+                self.endpoint,
+                timeout=self._timeout,
+                method=self._method,
+            )
+        except TokenError as exc:
+            old = self._token
+            if old is not None and self._clock() < old.expire_time - _MIN_REMAINING_VALIDITY:
+                logger.warning("token refresh failed, using the cached token meanwhile: %s", exc)
+                return old
+            raise
+        finally:
+            if self._inflight is asyncio.current_task():
+                self._inflight = None
+        now = self._clock()
+        lifetime = token.expire_time - now
+        if lifetime <= 0:
+            logger.warning(
+                "CreateToken returned a token that expired %.0f s ago by the local clock; "
+                "check the system time",
+                -lifetime,
+            )
+        margin = max(0.0, min(max(self._refresh_margin, 0.1 * lifetime), 0.5 * lifetime))
+        self._token = token
+        self._refresh_at = token.expire_time - margin
+        logger.info(
+            "fetched a new NLS token from %s (valid for %.0f s)",
+            urllib.parse.urlsplit(self.endpoint).netloc,
+            lifetime,
+        )
+        return token
+
+
+def _retrieve_exception(task: asyncio.Task[Token]) -> None:
+    # Every waiter may have been cancelled; mark the failure as seen so asyncio does not
+    # log "Task exception was never retrieved".
+    if not task.cancelled():
+        task.exception()

@@ -16,6 +16,8 @@ __all__ = [
     "SUCCESS",
     "AudioFormatError",
     "AuthenticationError",
+    "CallbackError",
+    "EventOverflowError",
     "GatewayConnectionError",
     "InvalidStateError",
     "NlsError",
@@ -24,6 +26,7 @@ __all__ = [
     "StatusCode",
     "StopTimeoutError",
     "TaskFailedError",
+    "TokenError",
     "is_retryable",
     "redact",
     "task_error",
@@ -137,6 +140,28 @@ class AudioFormatError(NlsError, ValueError):
     """
 
 
+class CallbackError(NlsError):
+    """A user callback raised; the original exception is the ``__cause__``.
+
+    Delivered to ``on_error``; the session keeps running.
+    """
+
+
+class EventOverflowError(NlsError):
+    """An event iterator fell more than its queue size behind the session.
+
+    The session never blocks on a slow consumer and never drops events silently: the
+    lagging iterator yields what it had buffered, then raises this error.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(
+            f"event iterator fell behind: more than {maxsize} events were waiting "
+            "(consume faster, or create the session with a larger event_queue_size)"
+        )
+        self.maxsize = maxsize
+
+
 class GatewayConnectionError(NlsError, ConnectionError):
     """The connection could not be made (refused, DNS, TLS) or was lost mid-task."""
 
@@ -166,6 +191,33 @@ class AuthenticationError(NlsError):
         self.http_status = http_status
         self.status = status
         self.task_id = task_id
+
+
+class TokenError(NlsError):
+    """Fetching a token (CreateToken) failed.
+
+    ``code``, ``server_message`` and ``request_id`` are the server's ``Code``, ``Message``
+    and ``RequestId`` (``None`` for network failures), ``http_status`` the HTTP status.
+    Network failures, timeouts, throttling and 5xx answers are ``retryable``; a bad
+    AccessKey or signature is not. Never contains the AccessKey secret.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        server_message: str | None = None,
+        http_status: int | None = None,
+        request_id: str | None = None,
+        retryable: bool = False,
+    ):
+        super().__init__(message)
+        self.code = code
+        self.server_message = server_message
+        self.http_status = http_status
+        self.request_id = request_id
+        self.retryable = retryable
 
 
 class TaskFailedError(NlsError):
