@@ -1,0 +1,1 @@
+"""Scale benchmarks for nlsstream (see benchmarks/README.md)."""

@@ -1,0 +1,527 @@
+"""Scale benchmark: how many real-time transcriber sessions can one client process keep on time?
+
+For each client (``nlsstream``, ``official``) and each session count N, the harness runs
+the client in its own process against one light gateway (``nlsstream.gateway.light``) in
+another process, each pinned to its own core when the machine has two or more. Lateness
+is measured AT THE SERVER: each audio frame's arrival against the ideal schedule that
+starts at that session's first frame (see the gateway's docstring). The client reports
+its own CPU time, memory, errors and the SentenceEnd events it received, which are
+matched per task against what the gateway sent ("events lost").
+
+    python -m benchmarks.concurrency --sessions 100,250 --seconds 20 \\
+        --clients nlsstream,official --out benchmarks/RESULTS.md
+
+writes the Markdown table to ``--out``, a plot next to it (``.png``) and the raw data
+(``.json``). A client whose worst per-session p99 lateness exceeds ``--collapse-ms`` at
+some N is not run at larger N (it has clearly collapsed; say so rather than wait).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import ROOT
+
+CLIENTS = ("nlsstream", "official")
+DEFAULT_SESSIONS = (100, 250, 500, 1000, 2000)
+#: The issue's criteria.
+LATENESS_LIMIT_MS = 20.0
+CPU_LIMIT_MS = 0.7
+
+
+@dataclass
+class Gateway:
+    """A light gateway running in a subprocess."""
+
+    proc: subprocess.Popen[str]
+    url: str
+
+    @property
+    def http(self) -> str:
+        return self.url.replace("ws://", "http://", 1).rsplit("/ws/", 1)[0]
+
+
+def _cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def _pin(pid: int, cpu: int | None) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(pid, {cpu})
+
+
+def cpu_plan(pin: bool) -> tuple[int | None, int | None]:
+    """(gateway cpu, client cpu): the last core for the gateway, the first for the client."""
+    cpus = _cpus()
+    if not pin or len(cpus) < 2:
+        return None, None
+    return cpus[-1], cpus[0]
+
+
+def start_gateway(
+    *, loop: str = "auto", sentence_ms: int = 1000, cpu: int | None = None, timeout: float = 15
+) -> Gateway:
+    """Start ``python -m nlsstream.gateway.light`` on a free port and wait until it listens."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "nlsstream.gateway.light",
+        "--port",
+        "0",
+        "--loop",
+        loop,
+        "--sentence-ms",
+        str(sentence_ms),
+        "--idle-timeout",
+        "30",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    _pin(proc.pid, cpu)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if "ws://" not in line:
+        proc.kill()
+        raise RuntimeError(f"light gateway did not start in {timeout} s: {line!r}")
+    url = line[line.index("ws://") :].split()[0]
+    return Gateway(proc, url)
+
+
+def stop_gateway(gw: Gateway) -> None:
+    gw.proc.terminate()
+    try:
+        gw.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        gw.proc.kill()
+        gw.proc.wait(5)
+
+
+def fetch_stats(gw: Gateway, *, reset: bool = False, timeout: float = 30) -> dict[str, Any]:
+    """The gateway's statistics since its last reset (``GET /stats``), optionally resetting."""
+    url = gw.http + "/stats" + ("?reset=1" if reset else "")
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data
+
+
+def reset_stats(gw: Gateway, timeout: float = 10) -> None:
+    with urllib.request.urlopen(gw.http + "/reset", timeout=timeout) as resp:
+        resp.read()
+
+
+def run_client(
+    client: str,
+    url: str,
+    sessions: int,
+    seconds: float,
+    *,
+    ramp: float | None = None,
+    cpu: int | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run one benchmark client in its own process and return its JSON result."""
+    if client not in CLIENTS:
+        raise ValueError(f"unknown client {client!r}; expected one of {CLIENTS}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            f"benchmarks.{client}_client",
+            "--url",
+            url,
+            "--sessions",
+            str(sessions),
+            "--seconds",
+            str(seconds),
+            "--out",
+            str(out),
+        ]
+        if ramp is not None:
+            cmd += ["--ramp", str(ramp)]
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        _pin(proc.pid, cpu)
+        limit = timeout if timeout is not None else seconds + (ramp or sessions / 100) + 120
+        try:
+            _, stderr = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise RuntimeError(f"{client} client ran over {limit:.0f} s") from None
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(
+                f"{client} client failed (exit {proc.returncode}): {stderr.strip()[-2000:]}"
+            )
+        result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+        return result
+
+
+def events_lost(server: dict[str, Any], client: dict[str, Any]) -> int:
+    """SentenceEnd events the gateway sent that the client did not receive (per task)."""
+    received: dict[str, list[int]] = client.get("sentence_ends", {})
+    lost = 0
+    for s in server["sessions"]:
+        got = set(received.get(s["task_id"], []))
+        lost += sum(1 for i in range(1, s["sentence_end_sent"] + 1) if i not in got)
+    return lost
+
+
+def run_step(
+    gw: Gateway,
+    client: str,
+    sessions: int,
+    seconds: float,
+    *,
+    ramp: float | None = None,
+    client_cpu: int | None = None,
+) -> dict[str, Any]:
+    """One measurement: reset the gateway, run the client, match both sides' records."""
+    reset_stats(gw)
+    result = run_client(client, gw.url, sessions, seconds, ramp=ramp, cpu=client_cpu)
+    # The gateway has seen everything once the client process exited (it waited for
+    # Completed); a short pause lets the last close handshakes finish.
+    time.sleep(0.3)
+    server = fetch_stats(gw, reset=True)
+    overall = server["overall"]
+    server_errors = overall["failed"] + overall["closed_early"] + server["protocol_errors"]
+    return {
+        "client": client,
+        "sessions": sessions,
+        "seconds": seconds,
+        "ramp_s": result["ramp_s"],
+        "p50_ms": overall["p50_ms"],
+        "p99_ms": overall["p99_ms"],
+        "worst_session_p99_ms": overall["worst_session_p99_ms"],
+        "max_ms": overall["max_ms"],
+        "sessions_p99_over_20ms": overall["sessions_p99_over_20ms"],
+        "peak_concurrent": overall["peak_concurrent"],
+        "client_cpu_ms_per_audio_s": result["cpu_ms_per_audio_s"],
+        "client_steady_cpu_ms_per_audio_s": result["steady_cpu_ms_per_audio_s"],
+        "client_cpu_share": round(result["cpu_s"] / result["wall_s"], 3)
+        if result["wall_s"]
+        else None,
+        "gateway_cpu_share": server["cpu_share"],
+        "gateway_loop_lag_p99_ms": server["loop_lag"]["p99_ms"],
+        "rss_per_session_kib": result["rss_per_session_kib"],
+        "errors": result["error_count"] + server_errors,
+        "events_lost": events_lost(server, result),
+        "frames_lost": result["frames_sent"] - overall["frames"],
+        "sessions_started": result["started"],
+        "sessions_completed_at_server": overall["completed"],
+        "client_send_lag_p99_ms": result["send_lag"]["p99_ms"],
+        "client_errors_sample": result["errors"][:5],
+        "extra": {k: result[k] for k in ("threads_peak", "sdk", "loop") if k in result},
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    def ver(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    try:
+        import uvloop  # noqa: F401
+
+        has_uvloop = True
+    except ImportError:
+        has_uvloop = False
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_gib, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "websockets": ver("websockets"),
+        "numpy": ver("numpy"),
+        "uvloop": ver("uvloop") if has_uvloop else "not installed",
+        "official_sdk": ver("alibabacloud-nls-python-sdk"),
+    }
+
+
+def sweep(
+    clients: list[str],
+    sessions: list[int],
+    seconds: float,
+    *,
+    ramp: float | None = None,
+    collapse_ms: float = 1000.0,
+    loop: str = "auto",
+    pin: bool = True,
+    log: Any = print,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Run every (client, N) step against one gateway; returns (rows, notes)."""
+    gw_cpu, client_cpu = cpu_plan(pin)
+    gw = start_gateway(loop=loop, cpu=gw_cpu)
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    try:
+        for client in clients:
+            for n in sessions:
+                log(f"{client}: {n} sessions x {seconds} s ...")
+                try:
+                    row = run_step(gw, client, n, seconds, ramp=ramp, client_cpu=client_cpu)
+                except RuntimeError as exc:
+                    notes.append(f"{client} at {n} sessions: run failed: {exc}")
+                    log(notes[-1])
+                    break
+                rows.append(row)
+                log(
+                    f"  worst session p99 {row['worst_session_p99_ms']} ms, "
+                    f"cpu {row['client_cpu_ms_per_audio_s']} ms/audio-s, "
+                    f"errors {row['errors']}, events lost {row['events_lost']}"
+                )
+                if row["worst_session_p99_ms"] > collapse_ms and n != sessions[-1]:
+                    skipped = [m for m in sessions if m > n]
+                    notes.append(
+                        f"{client}: collapsed at {n} sessions (worst session p99 "
+                        f"{row['worst_session_p99_ms']:.0f} ms > {collapse_ms:.0f} ms); "
+                        f"not run at {', '.join(map(str, skipped))}."
+                    )
+                    log(notes[-1])
+                    break
+    finally:
+        stop_gateway(gw)
+    return rows, notes
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    ok = (
+        row["worst_session_p99_ms"] <= LATENESS_LIMIT_MS
+        and row["errors"] == 0
+        and row["events_lost"] == 0
+        and row["frames_lost"] == 0
+        and (row["client_cpu_ms_per_audio_s"] or 0) <= CPU_LIMIT_MS
+    )
+    return "yes" if ok else "no"
+
+
+def render_markdown(
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    machine: dict[str, Any],
+    command: str,
+    plot_name: str | None,
+) -> str:
+    """The RESULTS.md text."""
+    lines = [
+        "# Scale benchmark: concurrent real-time SpeechTranscriber sessions",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}`.",
+        "",
+        "Machine: "
+        + ", ".join(f"{k} {v}" for k, v in machine.items())
+        + ". Gateway and client run in separate processes, each pinned to its own core "
+        "when there are two or more.",
+        "",
+        "Lateness is measured at the gateway (`nlsstream.gateway.light`): each 640-byte "
+        "frame's arrival against the ideal schedule `t_first + k x 20 ms` of its session. "
+        "p50/p99/max pool every frame of every session; *worst p99* is the largest "
+        "per-session p99 (the target is <= 20 ms for every session). CPU is the client "
+        "process's user+system time (including connects and stops) per second of audio "
+        "streamed (target <= 0.7 ms); *steady* CPU is the same measured only while every "
+        "session is streaming (from 1 s after the last start to the first end). "
+        "Memory is the client's peak RSS growth per session. "
+        "Errors count client-side exceptions/`on_error` plus tasks the gateway saw fail or "
+        "disconnect early; events lost are SentenceEnd events the gateway sent (one per "
+        "second of audio) that the client did not receive; frames lost are frames the "
+        "client sent that never reached the gateway. *Meets* = all targets met.",
+        "",
+        "| client | sessions | peak concurrent | p50 ms | p99 ms | worst p99 ms | max ms "
+        "| sessions p99 > 20 ms | client CPU ms / audio s | steady CPU ms / audio s "
+        "| client CPU share "
+        "| gateway CPU share | gateway loop lag p99 ms | memory KiB / session | errors "
+        "| events lost | frames lost | meets |",
+        "|" + "---|" * 18,
+    ]
+    for r in rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["client"],
+                    str(r["sessions"]),
+                    str(r["peak_concurrent"]),
+                    _fmt(r["p50_ms"]),
+                    _fmt(r["p99_ms"]),
+                    _fmt(r["worst_session_p99_ms"]),
+                    _fmt(r["max_ms"]),
+                    str(r["sessions_p99_over_20ms"]),
+                    _fmt(r["client_cpu_ms_per_audio_s"], 3),
+                    _fmt(r["client_steady_cpu_ms_per_audio_s"], 3),
+                    _fmt(r["client_cpu_share"], 2),
+                    _fmt(r["gateway_cpu_share"], 2),
+                    _fmt(r["gateway_loop_lag_p99_ms"]),
+                    _fmt(r["rss_per_session_kib"], 0),
+                    str(r["errors"]),
+                    str(r["events_lost"]),
+                    str(r["frames_lost"]),
+                    _verdict(r),
+                ]
+            )
+            + " |"
+        )
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    samples = [(r["client"], r["sessions"], r["client_errors_sample"]) for r in rows]
+    samples = [s for s in samples if s[2]]
+    if samples:
+        lines += ["", "First client errors per run:", ""]
+        lines += [f"- {c} at {n}: {'; '.join(e)}" for c, n, e in samples]
+    if plot_name:
+        lines += ["", f"![lateness and CPU vs sessions]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Worst-session p99 lateness and client CPU per audio second vs sessions, per client."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for client in dict.fromkeys(r["client"] for r in rows):
+        mine = [r for r in rows if r["client"] == client]
+        n = [r["sessions"] for r in mine]
+        ax1.plot(n, [max(r["worst_session_p99_ms"], 0.01) for r in mine], "o-", label=client)
+        ax2.plot(n, [r["client_cpu_ms_per_audio_s"] or 0 for r in mine], "o-", label=client)
+    ax1.axhline(LATENESS_LIMIT_MS, color="red", ls="--", lw=1, label="20 ms target")
+    ax1.set(
+        xlabel="concurrent sessions",
+        ylabel="worst per-session p99 lateness (ms, at server)",
+        yscale="log",
+        title="Frame lateness",
+    )
+    ax2.axhline(CPU_LIMIT_MS, color="red", ls="--", lw=1, label="0.7 ms target")
+    ax2.set(
+        xlabel="concurrent sessions",
+        ylabel="client CPU ms per audio second",
+        yscale="log",
+        title="Client CPU",
+    )
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    machine: dict[str, Any],
+    out: Path,
+    command: str,
+) -> tuple[Path, Path | None, Path]:
+    """Write RESULTS.md, its PNG plot and the raw JSON; returns the three paths."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png: Path | None = out.with_suffix(".png")
+    assert png is not None
+    try:
+        plot(rows, png)
+    except ImportError:
+        png = None  # matplotlib is a benchmark-only extra
+    raw = out.with_suffix(".json")
+    out.write_text(
+        render_markdown(rows, notes, machine, command, png.name if png else None),
+        encoding="utf-8",
+    )
+    raw.write_text(
+        json.dumps({"machine": machine, "rows": rows, "notes": notes}, indent=1),
+        encoding="utf-8",
+    )
+    return out, png, raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sessions",
+        default=",".join(map(str, DEFAULT_SESSIONS)),
+        help="comma-separated session counts (default: %(default)s)",
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="audio per session")
+    parser.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
+    parser.add_argument("--ramp", type=float, help="seconds over which sessions start")
+    parser.add_argument(
+        "--collapse-ms",
+        type=float,
+        default=1000.0,
+        help="skip larger N for a client once its worst p99 exceeds this",
+    )
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    unknown = [c for c in clients if c not in CLIENTS]
+    if unknown:
+        parser.error(f"unknown client(s) {unknown}; choose from {CLIENTS}")
+    try:
+        sessions = sorted(int(x) for x in args.sessions.split(","))
+    except ValueError:
+        parser.error("--sessions must be comma-separated integers")
+    if not sessions or sessions[0] < 1 or args.seconds <= 0:
+        parser.error("--sessions must be >= 1 and --seconds > 0")
+    rows, notes = sweep(
+        clients,
+        sessions,
+        args.seconds,
+        ramp=args.ramp,
+        collapse_ms=args.collapse_ms,
+        loop=args.loop,
+        pin=not args.no_pin,
+    )
+    command = "python -m benchmarks.concurrency " + " ".join(argv or sys.argv[1:])
+    paths = write_results(rows, notes, machine_info(), Path(args.out), command)
+    print("wrote " + ", ".join(str(p) for p in paths if p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

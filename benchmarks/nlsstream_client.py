@@ -1,0 +1,182 @@
+"""N concurrent ``nlsstream.Transcriber`` sessions in ONE process and ONE event loop.
+
+No thread per session: every session is a task on the same loop, and their audio is
+paced by the loop's single shared clock (``nlsstream.pacing``). Each session streams
+640-byte frames of ``tests/fixtures/three_sentences.wav`` looped to ``--seconds`` with
+``await t.stream(pcm, pace=1.0)``, then ``await t.stop()`` drains until Completed.
+SentenceEnd events are collected with the ``on_sentence_end`` callback, so the harness
+can check that none was lost.
+
+Ramp: session *i* connects at ``i * ramp / N`` seconds (default ``max(1, N / 400)`` s),
+the same ramp as ``official_client.py``. Uses uvloop when it is installed
+(``--loop asyncio`` to compare). Prints one JSON object (``benchmarks.common``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (
+    Clock,
+    SteadyCpu,
+    client_result,
+    load_pcm,
+    raise_nofile_limit,
+    rss_kib,
+    write_result,
+)
+
+
+def default_ramp(sessions: int) -> float:
+    return max(1.0, sessions / 400)
+
+
+class _Record:
+    __slots__ = ("completed", "errors", "max_ms", "p99_ms", "sentence_ends", "started", "task_id")
+
+    def __init__(self) -> None:
+        self.task_id = ""
+        self.started = False
+        self.completed = False
+        self.errors: list[str] = []
+        self.sentence_ends: list[int] = []
+        self.p99_ms = 0.0
+        self.max_ms = 0.0
+
+
+async def _session(
+    index: int, url: str, start_at: float, pcm: bytes, rec: _Record, frames: list[int]
+) -> None:
+    from nlsstream.errors import NlsError
+    from nlsstream.protocol import SentenceEnd
+    from nlsstream.session import Transcriber
+
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, start_at - loop.time()))
+
+    def on_sentence_end(event: SentenceEnd) -> None:
+        rec.sentence_ends.append(event.index)
+
+    t = Transcriber(
+        "benchmark-appkey",
+        "benchmark-token",
+        url=url,
+        on_sentence_end=on_sentence_end,
+    )
+    rec.task_id = t.task_id
+    try:
+        async with t:
+            rec.started = True
+            await t.stream(pcm, pace=1.0)
+            await t.stop()
+            rec.completed = True
+    except (NlsError, OSError, ValueError) as exc:
+        rec.errors.append(f"session {index}: {type(exc).__name__}: {exc}"[:300])
+    finally:
+        frames[index] = t.metrics.frames_sent
+        rec.p99_ms = t.metrics.p99_lateness_ms
+        rec.max_ms = t.metrics.max_lateness_ms
+
+
+async def run_async(url: str, sessions: int, seconds: float, ramp: float) -> dict[str, Any]:
+    """Run the sessions on the running loop and return the client result."""
+    import nlsstream.session  # noqa: F401  (imported before the clock starts)
+
+    loop = asyncio.get_running_loop()
+    pcm = load_pcm(seconds)
+    rss_base = rss_kib()
+    clock = Clock()
+    t_start = loop.time() + 0.2
+    # loop.time() is time.monotonic() for both asyncio and uvloop loops on Linux.
+    steady = SteadyCpu.for_run(time.monotonic() + 0.2, ramp, seconds, sessions)
+    records = [_Record() for _ in range(sessions)]
+    frames = [0] * sessions
+    tasks = [
+        asyncio.create_task(_session(i, url, t_start + i * ramp / sessions, pcm, rec, frames))
+        for i, rec in enumerate(records)
+    ]
+    done, pending = await asyncio.wait(tasks, timeout=ramp + seconds + 60)
+    for task in pending:
+        task.cancel()
+    errors = [e for r in records for e in r.errors]
+    if pending:
+        errors.append(f"{len(pending)} sessions still running at the deadline")
+    for task in done:
+        if task.exception() is not None:
+            errors.append(f"session task crashed: {task.exception()!r}"[:300])
+    p99s = [r.p99_ms for r in records if r.started]
+    return client_result(
+        client="nlsstream",
+        sessions=sessions,
+        seconds=seconds,
+        ramp=ramp,
+        clock=clock,
+        rss_base_kib=rss_base,
+        started=sum(r.started for r in records),
+        completed=sum(r.completed for r in records),
+        frames_sent=sum(frames),
+        errors=errors,
+        sentence_ends={r.task_id: r.sentence_ends for r in records if r.task_id},
+        # nlsstream's own pacing metrics: median and worst per-session p99, and the max.
+        send_lag={
+            "p50_ms": round(statistics.median(p99s), 3) if p99s else 0.0,
+            "p99_ms": round(max(p99s, default=0.0), 3),
+            "max_ms": round(max((r.max_ms for r in records), default=0.0), 3),
+        },
+        steady_cpu=steady,
+        extra={"loop": type(loop).__module__.split(".")[0]},
+    )
+
+
+def run(url: str, sessions: int, seconds: float, ramp: float, loop: str = "auto") -> dict[str, Any]:
+    raise_nofile_limit()
+    logging.getLogger("nlsstream").setLevel(logging.CRITICAL)
+    use_uvloop = loop == "uvloop"
+    if loop == "auto":
+        try:
+            import uvloop
+
+            use_uvloop = True
+        except ImportError:
+            use_uvloop = False
+    coro = run_async(url, sessions, seconds, ramp)
+    if use_uvloop:
+        import uvloop
+
+        result: dict[str, Any] = uvloop.run(coro)
+    else:
+        result = asyncio.run(coro)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True, help="gateway URL, e.g. ws://127.0.0.1:8080/ws/v1")
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio per session")
+    parser.add_argument("--ramp", type=float, help="seconds over which sessions start")
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
+    parser.add_argument("--out", help="write the JSON result here instead of stdout")
+    args = parser.parse_args(argv)
+    if args.sessions < 1 or args.seconds <= 0:
+        parser.error("--sessions must be >= 1 and --seconds > 0")
+    ramp = args.ramp if args.ramp is not None else default_ramp(args.sessions)
+    started = time.monotonic()
+    result = run(args.url, args.sessions, args.seconds, ramp, args.loop)
+    result["process_wall_s"] = round(time.monotonic() - started, 3)
+    write_result(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""A tiny run of the scale benchmark through its harness functions (official SDK client)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("nls")  # the official SDK is installed for compatibility tests only
+
+from benchmarks import concurrency  # noqa: E402
+
+
+def test_official_client_through_harness(tmp_path: Path) -> None:
+    gw = concurrency.start_gateway()
+    try:
+        row = concurrency.run_step(gw, "official", 3, 2.0, ramp=0.2)
+    finally:
+        concurrency.stop_gateway(gw)
+    assert gw.proc.returncode is not None
+    assert row["client"] == "official" and row["sessions"] == 3
+    assert row["sessions_started"] == 3
+    assert row["sessions_completed_at_server"] == 3
+    assert row["errors"] == 0, row["client_errors_sample"]
+    assert row["events_lost"] == 0
+    assert row["frames_lost"] == 0
+    assert row["peak_concurrent"] >= 1
+    for key in ("p50_ms", "p99_ms", "worst_session_p99_ms", "max_ms"):
+        assert row[key] >= 0.0
+    assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert row["client_cpu_ms_per_audio_s"] > 0
+    assert 0.0 < row["gateway_cpu_share"] < 2.0
+
+    out = tmp_path / "RESULTS.md"
+    md, png, raw = concurrency.write_results(
+        [row], ["a note"], concurrency.machine_info(), out, "smoke"
+    )
+    text = md.read_text()
+    assert "| official | 3 |" in text and "a note" in text
+    assert raw.exists()
+    if png is not None:
+        assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_events_lost_matches_per_task() -> None:
+    server = {
+        "sessions": [
+            {"task_id": "a", "sentence_end_sent": 3},
+            {"task_id": "b", "sentence_end_sent": 2},
+        ]
+    }
+    assert concurrency.events_lost(server, {"sentence_ends": {"a": [1, 2, 3], "b": [1, 2]}}) == 0
+    assert concurrency.events_lost(server, {"sentence_ends": {"a": [1, 3], "b": []}}) == 3
+
+
+def test_unknown_client_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown client"):
+        concurrency.run_client("nope", "ws://127.0.0.1:1/ws/v1", 1, 1.0)
