@@ -1,0 +1,643 @@
+"""Recognition engine of the local gateway: start-parameter validation, sentence
+segmentation (VAD) and the recognisers behind one small interface.
+
+A recogniser turns the PCM of one segment into partial and final text:
+
+* :meth:`Recognizer.open` starts a segment (``sample_rate``, ``offset_ms`` = where the
+  segment starts in the task's audio) and returns a :class:`SegmentDecoder`;
+* :meth:`SegmentDecoder.feed` adds PCM16 mono bytes and returns the current hypothesis;
+* :meth:`SegmentDecoder.finish` returns the final :class:`Transcript` (word times in ms
+  from the segment start) and releases the decoder; :meth:`SegmentDecoder.close`
+  releases it without a result.
+
+All three may be slow (CPU work): the gateway calls them in a bounded thread pool, never
+on the event loop. Three recognisers ship: :class:`SphinxRecognizer` (PocketSphinx,
+real streaming partials, word times), :class:`SpanRecognizer` (deterministic, reports
+where speech is, e.g. ``"speech 0.88-2.52"``) and :class:`CallableRecognizer` (wraps a
+user function ``fn(pcm, sample_rate) -> str | Transcript``).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+
+from ..errors import SUCCESS
+from ..protocol import RECOGNIZER, TRANSCRIBER, DirectiveError, Word
+from .vad import FRAME_MS, EnergyVad
+
+__all__ = [
+    "CallableRecognizer",
+    "Emit",
+    "Recognizer",
+    "RecognizerSpec",
+    "RecognizerTask",
+    "Runner",
+    "SegmentDecoder",
+    "SpanRecognizer",
+    "SphinxRecognizer",
+    "TaskParams",
+    "TranscriberTask",
+    "Transcript",
+    "parse_params",
+    "resolve_recognizer",
+]
+
+T = TypeVar("T")
+
+#: Longest audio a SpeechRecognizer task may carry, and longest transcriber sentence
+#: (a longer one is cut, as the cloud's multi-threshold mode does): this bounds memory.
+MAX_SPEECH_MS = 60_000
+#: Consecutive voiced 20 ms frames that open a sentence (debounces clicks).
+START_FRAMES = 3
+#: Audio before the detected start that is still given to the recogniser.
+PREROLL_FRAMES = 10
+#: Intermediate results come about this often (ms of audio).
+PARTIAL_MS = 200
+DEFAULT_END_SILENCE_MS = 800
+#: RMS of the noise floor added to upsampled 8 kHz audio before PocketSphinx.
+NARROWBAND_NOISE = 60.0
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    """The Start payload, validated."""
+
+    namespace: str
+    format: str = "pcm"
+    sample_rate: int = 16000
+    enable_intermediate_result: bool = False
+    enable_words: bool = False
+    max_sentence_silence: int = 800
+    enable_voice_detection: bool = False
+    max_start_silence: int | None = None
+    max_end_silence: int | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+def _invalid(text: str) -> DirectiveError:
+    return DirectiveError(40010003, f"Gateway:DIRECTIVE_INVALID:{text}")
+
+
+def _ms(payload: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise DirectiveError(
+            40000003,
+            f"Gateway:PARAMETER_INVALID:{key} must be an integer from {lo} to {hi} (ms), "
+            f"got {value!r}!",
+        )
+    return value
+
+
+def _flag(payload: Mapping[str, Any], key: str) -> bool:
+    value = payload.get(key, False)
+    if not isinstance(value, bool):
+        raise DirectiveError(
+            40000003, f"Gateway:PARAMETER_INVALID:{key} must be a boolean, got {value!r}!"
+        )
+    return value
+
+
+def parse_params(namespace: str, payload: Mapping[str, Any]) -> TaskParams:
+    """Validate a Start payload, raising :class:`DirectiveError` with the documented status:
+    40010003 for an unsupported ``format``, 41010101 for a sample rate other than 8000 or
+    16000, 40000003 for other bad parameters."""
+    fmt = payload.get("format", "pcm")
+    if fmt not in ("pcm", "wav"):
+        raise _invalid(
+            f"Invalid format {fmt!r}: this gateway accepts only 'pcm' and 'wav' (16-bit mono PCM)!"
+        )
+    rate = payload.get("sample_rate", 16000)
+    if isinstance(rate, bool) or rate not in (8000, 16000):
+        raise DirectiveError(
+            41010101,
+            f"Gateway:UNSUPPORTED_SAMPLE_RATE:Unsupported sample rate {rate!r}: "
+            "only 8000 and 16000 are supported!",
+        )
+    return TaskParams(
+        namespace=namespace,
+        format=fmt,
+        sample_rate=int(rate),
+        enable_intermediate_result=_flag(payload, "enable_intermediate_result"),
+        enable_words=_flag(payload, "enable_words"),
+        max_sentence_silence=_ms(payload, "max_sentence_silence", 200, 6000) or 800,
+        enable_voice_detection=_flag(payload, "enable_voice_detection"),
+        max_start_silence=_ms(payload, "max_start_silence", 0, MAX_SPEECH_MS),
+        max_end_silence=_ms(payload, "max_end_silence", 0, MAX_SPEECH_MS),
+        raw=dict(payload),
+    )
+
+
+# --------------------------------------------------------------------------- recognisers
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A segment's final text; word times are ms from the segment start."""
+
+    text: str
+    words: tuple[Word, ...] = ()
+    confidence: float = 1.0
+
+
+@runtime_checkable
+class SegmentDecoder(Protocol):
+    """Decodes one segment of audio (see the module docstring)."""
+
+    def feed(self, pcm: bytes) -> str: ...
+
+    def finish(self) -> Transcript: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Recognizer(Protocol):
+    """Creates a :class:`SegmentDecoder` per segment."""
+
+    name: str
+
+    def open(self, sample_rate: int, offset_ms: int) -> SegmentDecoder: ...
+
+
+class _SpanDecoder:
+    def __init__(self, sample_rate: int, offset_ms: int) -> None:
+        self.vad = EnergyVad(sample_rate)
+        self.offset_ms = offset_ms
+        self.frames = 0
+        self.first: int | None = None
+        self.last = 0
+
+    def feed(self, pcm: bytes) -> str:
+        _, flags = self.vad.process(pcm)
+        for voiced in flags:
+            self.frames += 1
+            if voiced:
+                if self.first is None:
+                    self.first = self.frames - 1
+                self.last = self.frames
+        return self._text()
+
+    def _span(self) -> tuple[int, int] | None:
+        if self.first is None:
+            return None
+        return self.first * FRAME_MS, self.last * FRAME_MS
+
+    def _text(self) -> str:
+        span = self._span()
+        if span is None:
+            return ""
+        begin, end = (self.offset_ms + t for t in span)
+        return f"speech {begin / 1000:.2f}-{end / 1000:.2f}"
+
+    def finish(self) -> Transcript:
+        span = self._span()
+        words = (Word("speech", *span),) if span else ()
+        return Transcript(self._text(), words, 1.0)
+
+    def close(self) -> None:
+        pass
+
+
+class SpanRecognizer:
+    """Deterministic recogniser needing nothing installed: the text says where the
+    speech in the segment is, ``"speech <begin>-<end>"`` in seconds of task audio, and the
+    one word ``"speech"`` carries the same times."""
+
+    name = "span"
+
+    def open(self, sample_rate: int, offset_ms: int) -> SegmentDecoder:
+        return _SpanDecoder(sample_rate, offset_ms)
+
+
+class _CallableDecoder:
+    def __init__(self, fn: Callable[[bytes, int], str | Transcript], sample_rate: int) -> None:
+        self.fn = fn
+        self.sample_rate = sample_rate
+        self.buffer = bytearray()
+
+    def feed(self, pcm: bytes) -> str:
+        self.buffer += pcm
+        return ""
+
+    def finish(self) -> Transcript:
+        result = self.fn(bytes(self.buffer), self.sample_rate)
+        self.buffer = bytearray()
+        return result if isinstance(result, Transcript) else Transcript(str(result))
+
+    def close(self) -> None:
+        self.buffer = bytearray()
+
+
+class CallableRecognizer:
+    """Wraps ``fn(pcm: bytes, sample_rate: int) -> str | Transcript``, called once per
+    segment with all of its audio (at most 60 s). It gives no partial results."""
+
+    def __init__(self, fn: Callable[[bytes, int], str | Transcript], name: str = "") -> None:
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "callable")
+
+    def open(self, sample_rate: int, offset_ms: int) -> SegmentDecoder:
+        return _CallableDecoder(self.fn, sample_rate)
+
+
+def sphinx_available() -> bool:
+    """Whether PocketSphinx can be imported."""
+    try:
+        import pocketsphinx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SphinxRecognizer:
+    """PocketSphinx with its bundled US-English model, streaming (``start_utt`` /
+    ``process_raw`` / ``hyp`` / ``end_utt`` / ``seg``).
+
+    Decoders take ~0.3 s and tens of MB to create, so they are pooled: a segment borrows
+    one and gives it back when it ends; at most ``max_idle`` idle decoders are kept.
+    All decoders run at 16 kHz: the en-us model is trained on wide-band audio and fails
+    to initialise at 8 kHz, so 8 kHz audio is upsampled with soxr first, plus a faint
+    noise floor. Expect a higher error rate there (about 25% of words on the flite
+    fixture, against none at 16 kHz): the audio lacks everything above 4 kHz.
+    """
+
+    name = "sphinx"
+
+    def __init__(self, *, max_idle: int = 4, **config: Any) -> None:
+        self.max_idle = max_idle
+        self.config = {"loglevel": "FATAL", **config}
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+
+    def _acquire(self) -> Any:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        from pocketsphinx import Decoder
+
+        return Decoder(samprate=16000, **self.config)
+
+    def _release(self, decoder: Any) -> None:
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(decoder)
+
+    def warm_up(self) -> None:
+        """Create one decoder now, so the first segment does not pay for it."""
+        self._release(self._acquire())
+
+    def open(self, sample_rate: int, offset_ms: int) -> SegmentDecoder:
+        decoder = self._acquire()
+        decoder.start_utt()
+        return _SphinxDecoder(self, decoder, sample_rate)
+
+
+class _SphinxDecoder:
+    FILLERS = ("<", "[")
+
+    def __init__(self, owner: SphinxRecognizer, decoder: Any, sample_rate: int) -> None:
+        self.owner = owner
+        self.decoder: Any = decoder
+        self.resampler: Any = None
+        if sample_rate != 16000:
+            import soxr
+
+            self.resampler = soxr.ResampleStream(sample_rate, 16000, 1, dtype="int16")
+            self.rng = np.random.default_rng(0)  # deterministic results
+
+    def _process(self, pcm: bytes, last: bool = False) -> None:
+        if self.resampler is not None:
+            samples = np.frombuffer(pcm, dtype="<i2", count=len(pcm) // 2)
+            up = self.resampler.resample_chunk(samples, last=last).astype(np.float32)
+            # Upsampled audio has nothing above 4 kHz; the wide-band model recognises it
+            # far better with a faint noise floor there than with digital silence.
+            up += self.rng.normal(0.0, NARROWBAND_NOISE, up.shape).astype(np.float32)
+            pcm = np.clip(up, -32768, 32767).astype("<i2").tobytes()
+        if pcm:
+            self.decoder.process_raw(pcm, False, False)
+
+    def feed(self, pcm: bytes) -> str:
+        if self.decoder is None:
+            return ""
+        self._process(pcm)
+        hyp = self.decoder.hyp()
+        return str(hyp.hypstr) if hyp is not None else ""
+
+    def finish(self) -> Transcript:
+        decoder = self.decoder
+        if decoder is None:
+            return Transcript("")
+        if self.resampler is not None:
+            self._process(b"", last=True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
+        words: list[Word] = []
+        probs: list[float] = []
+        frate = 100
+        for seg in decoder.seg():
+            text = str(seg.word)
+            if text.startswith(self.FILLERS):
+                continue
+            text = text.split("(", 1)[0]
+            words.append(
+                Word(text, seg.start_frame * 1000 // frate, (seg.end_frame + 1) * 1000 // frate)
+            )
+            probs.append(float(seg.prob))
+        self.decoder = None
+        self.owner._release(decoder)
+        text = str(hyp.hypstr) if hyp is not None else ""
+        confidence = round(sum(probs) / len(probs), 3) if probs else 0.0
+        return Transcript(text, tuple(words), confidence)
+
+    def close(self) -> None:
+        decoder, self.decoder = self.decoder, None
+        if decoder is not None:
+            decoder.end_utt()
+            self.owner._release(decoder)
+
+
+_shared_sphinx: SphinxRecognizer | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_sphinx() -> SphinxRecognizer:
+    """The process-wide PocketSphinx recogniser, so every gateway shares one pool."""
+    global _shared_sphinx
+    with _shared_lock:
+        if _shared_sphinx is None:
+            _shared_sphinx = SphinxRecognizer()
+        return _shared_sphinx
+
+
+RecognizerSpec = str | Recognizer | Callable[[bytes, int], "str | Transcript"]
+
+
+def resolve_recognizer(spec: RecognizerSpec) -> Recognizer:
+    """``"auto"`` (PocketSphinx if importable, else span), ``"sphinx"``, ``"span"``, a
+    :class:`Recognizer`, or a callable ``fn(pcm, sample_rate) -> str | Transcript``."""
+    if isinstance(spec, str):
+        if spec == "auto":
+            return shared_sphinx() if sphinx_available() else SpanRecognizer()
+        if spec == "sphinx":
+            if not sphinx_available():
+                raise ValueError("recognizer='sphinx' needs pocketsphinx: pip install pocketsphinx")
+            return shared_sphinx()
+        if spec == "span":
+            return SpanRecognizer()
+        raise ValueError(f"unknown recognizer {spec!r}: use 'auto', 'sphinx', 'span' or a callable")
+    if isinstance(spec, Recognizer):
+        return spec
+    if callable(spec):
+        return CallableRecognizer(spec)
+    raise TypeError(f"recognizer must be a name, a Recognizer or a callable, got {spec!r}")
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class Runner(Protocol):
+    """Runs blocking work off the event loop (e.g. ``loop.run_in_executor`` bound to a pool)."""
+
+    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
+
+
+#: Sends one event: ``await emit(name, payload)``.
+Emit = Callable[[str, "dict[str, Any] | None"], Awaitable[None]]
+
+
+class _Base:
+    def __init__(self, params: TaskParams, recognizer: Recognizer, run: Runner, emit: Emit) -> None:
+        self.params = params
+        self.recognizer = recognizer
+        self.run = run
+        self.emit = emit
+        self.rate = params.sample_rate
+        self.vad = EnergyVad(params.sample_rate)
+        self.frame_no = 0  # 20 ms frames classified so far: the task's audio clock
+        self.audio_bytes = 0
+        self.decoder: SegmentDecoder | None = None
+        self.pending = bytearray()  # audio not yet given to the decoder (< PARTIAL_MS)
+        self.partial_bytes = self.rate * 2 * PARTIAL_MS // 1000
+
+    @property
+    def now_ms(self) -> int:
+        return self.frame_no * FRAME_MS
+
+    @property
+    def duration_ms(self) -> int:
+        return self.audio_bytes * 1000 // (2 * self.rate)
+
+    async def _feed_pending(self) -> str:
+        assert self.decoder is not None
+        data, self.pending = bytes(self.pending), bytearray()
+        return await self.run(self.decoder.feed, data)
+
+    async def close(self) -> None:
+        """Release the decoder without a result (connection gone, task failed)."""
+        decoder, self.decoder = self.decoder, None
+        self.pending = bytearray()
+        if decoder is not None:
+            await self.run(decoder.close)
+
+
+class TranscriberTask(_Base):
+    """One SpeechTranscriber task: segments audio into sentences and emits
+    SentenceBegin / TranscriptionResultChanged / SentenceEnd. The caller sends Started,
+    Completed and TaskFailed."""
+
+    def __init__(self, params: TaskParams, recognizer: Recognizer, run: Runner, emit: Emit) -> None:
+        super().__init__(params, recognizer, run, emit)
+        self.max_silence = params.max_sentence_silence
+        self.index = 0
+        self.preroll: collections.deque[bytes] = collections.deque(maxlen=PREROLL_FRAMES)
+        self.run_start = 0
+        self.run_len = 0
+        self.begin_time = 0
+        self.silence = 0
+        self.speech_end = 0
+        self.sentences: list[str] = []
+        self.offset = 0
+
+    def control(self, payload: Mapping[str, Any]) -> None:
+        """Apply a ControlTranscriber payload (``max_sentence_silence``; others ignored)."""
+        value = _ms(payload, "max_sentence_silence", 200, 6000)
+        if value is not None:
+            self.max_silence = value
+
+    async def audio(self, pcm: bytes) -> None:
+        self.audio_bytes += len(pcm)
+        data, flags = self.vad.process(pcm)
+        fb = self.vad.frame_bytes
+        view = memoryview(data)
+        for i, voiced in enumerate(flags):
+            frame = view[i * fb : (i + 1) * fb]
+            t = self.now_ms
+            self.frame_no += 1
+            if self.decoder is None:
+                self.preroll.append(bytes(frame))
+                if not voiced:
+                    self.run_len = 0
+                    continue
+                if self.run_len == 0:
+                    self.run_start = t
+                self.run_len += 1
+                if self.run_len >= START_FRAMES:
+                    await self._begin()
+                continue
+            self.pending += frame
+            if voiced:
+                self.silence = 0
+                self.speech_end = t + FRAME_MS
+            else:
+                self.silence += FRAME_MS
+            if self.silence >= self.max_silence or t + FRAME_MS - self.begin_time >= MAX_SPEECH_MS:
+                await self._end()
+            elif len(self.pending) >= self.partial_bytes:
+                text = await self._feed_pending()
+                # Partials follow speech, not the silence that may end the sentence.
+                if self.params.enable_intermediate_result and self.silence < PARTIAL_MS:
+                    await self.emit(
+                        TRANSCRIBER.result_changed,
+                        {
+                            "index": self.index,
+                            "time": self.now_ms,
+                            "result": text,
+                            "confidence": 0.0,
+                            "words": [],
+                            "status": SUCCESS,
+                        },
+                    )
+
+    async def _begin(self) -> None:
+        self.index += 1
+        self.begin_time = self.run_start
+        self.speech_end = self.now_ms
+        self.silence = 0
+        self.run_len = 0
+        offset = self.now_ms - len(self.preroll) * FRAME_MS
+        self.pending = bytearray(b"".join(self.preroll))
+        self.preroll.clear()
+        await self.emit("SentenceBegin", {"index": self.index, "time": self.begin_time})
+        self.decoder = await self.run(self.recognizer.open, self.rate, offset)
+        self.offset = offset
+
+    async def _end(self) -> None:
+        assert self.decoder is not None
+        if self.pending:
+            await self._feed_pending()
+        decoder, self.decoder = self.decoder, None
+        result = await self.run(decoder.finish)
+        words = (
+            [
+                {
+                    "text": w.text,
+                    "startTime": self.offset + w.start_time,
+                    "endTime": self.offset + w.end_time,
+                }
+                for w in result.words
+            ]
+            if self.params.enable_words
+            else []
+        )
+        self.sentences.append(result.text)
+        await self.emit(
+            "SentenceEnd",
+            {
+                "index": self.index,
+                "time": self.speech_end,
+                "begin_time": self.begin_time,
+                "result": result.text,
+                "confidence": result.confidence,
+                "words": words,
+                "status": SUCCESS,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Flush the open sentence (SentenceEnd) before the caller sends Completed."""
+        if self.decoder is not None:
+            await self._end()
+
+
+class RecognizerTask(_Base):
+    """One SpeechRecognizer task: all audio is one utterance. Emits
+    RecognitionResultChanged; returns the RecognitionCompleted payload from
+    :meth:`stop`, or from :meth:`audio` when voice detection ended the task early.
+    Raises :class:`DirectiveError` for too long (41010104) or silent (41010105) speech."""
+
+    def __init__(self, params: TaskParams, recognizer: Recognizer, run: Runner, emit: Emit) -> None:
+        super().__init__(params, recognizer, run, emit)
+        self.speech = False
+        self.run_len = 0
+        self.silence = 0
+        self.done = False
+        self.end_silence = (
+            params.max_end_silence if params.max_end_silence is not None else DEFAULT_END_SILENCE_MS
+        )
+        self.sentences: list[str] = []
+
+    async def audio(self, pcm: bytes) -> dict[str, Any] | None:
+        if self.done:
+            return None  # after an early completion later audio is ignored, like the cloud
+        if self.duration_ms + len(pcm) * 1000 // (2 * self.rate) > MAX_SPEECH_MS:
+            raise DirectiveError(
+                41010104,
+                f"Gateway:TOO_LONG_SPEECH:Speech is longer than {MAX_SPEECH_MS // 1000} s, "
+                "the limit of sentence recognition!",
+            )
+        self.audio_bytes += len(pcm)
+        if self.decoder is None:
+            self.decoder = await self.run(self.recognizer.open, self.rate, 0)
+        self.pending += pcm
+        _, flags = self.vad.process(pcm)
+        end_now = False
+        for voiced in flags:
+            self.frame_no += 1
+            if not self.speech:
+                self.run_len = self.run_len + 1 if voiced else 0
+                self.speech = self.run_len >= START_FRAMES
+            elif voiced:
+                self.silence = 0
+            else:
+                self.silence += FRAME_MS
+        if self.params.enable_voice_detection:
+            limit = self.params.max_start_silence
+            if not self.speech and limit is not None and self.now_ms >= limit:
+                raise DirectiveError(
+                    41010105,
+                    f"Gateway:SILENT_SPEECH:No speech in the first {limit} ms (max_start_silence)!",
+                )
+            end_now = self.speech and self.silence >= self.end_silence
+        if end_now:
+            return await self.stop()
+        if len(self.pending) >= self.partial_bytes:
+            text = await self._feed_pending()
+            if self.params.enable_intermediate_result:
+                await self.emit(
+                    RECOGNIZER.result_changed, {"result": text, "duration": self.duration_ms}
+                )
+        return None
+
+    async def stop(self) -> dict[str, Any]:
+        """Finish the utterance; the RecognitionCompleted payload (``result``, ``duration``)."""
+        self.done = True
+        text = ""
+        if self.decoder is not None:
+            if self.pending:
+                await self._feed_pending()
+            decoder, self.decoder = self.decoder, None
+            text = (await self.run(decoder.finish)).text
+        self.sentences.append(text)
+        return {"result": text, "duration": self.duration_ms}

@@ -1,0 +1,103 @@
+"""``nlsstream serve`` as a real subprocess: prints its URL, serves, logs one line per
+session without the token, and exits cleanly on SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from conftest import read_pcm
+from test_gateway import RawTask, names
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from nlsstream.cli import main
+
+SECRET = "cli-secret-token-42"
+
+
+def start_server(*extra: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nlsstream", "serve", "--port", "0", "--token", SECRET, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # blocks until listening (or the process died)
+    match = re.search(r"ws://127\.0\.0\.1:\d+/ws/v1", line)
+    if match is None:
+        proc.kill()
+        raise AssertionError(f"no URL printed: {line!r} {proc.communicate()}")
+    return proc, match.group(0)
+
+
+def finish(proc: subprocess.Popen[str], sig: int) -> tuple[str, str]:
+    proc.send_signal(sig)
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err
+    return out, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_serve_runs_a_session_and_stops_cleanly(sig: int) -> None:
+    proc, url = start_server("--recognizer", "span", "--appkey", "cli-app", "--log-level", "info")
+    try:
+        pcm, _ = read_pcm("hello.wav")
+        async with connect(url, additional_headers={"X-NLS-Token": SECRET}) as ws:
+            task = RawTask(ws, appkey="cli-app")
+            await task.start()
+            await task.audio(pcm)
+            await task.stop()
+            assert names(await task.until_end())[-1] == "TranscriptionCompleted"
+        with pytest.raises(InvalidStatus):
+            async with connect(url, additional_headers={"X-NLS-Token": "wrong"}):
+                pass
+    finally:
+        out, err = finish(proc, sig)
+    output = out + err
+    assert SECRET not in output
+    session_lines = [line for line in err.splitlines() if "session task=" in line]
+    assert len(session_lines) == 1
+    assert task.task_id in session_lines[0]
+    assert "audio=1.24s" in session_lines[0] and "sentences=1" in session_lines[0]
+    assert "status=20000000" in session_lines[0]
+    assert "gateway stopped after 1 sessions" in err
+
+
+def test_serve_rejects_a_busy_port() -> None:
+    proc, url = start_server("--recognizer", "span")
+    try:
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        other = subprocess.run(
+            [sys.executable, "-m", "nlsstream", "serve", "--port", port, "--recognizer", "span"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert other.returncode == 1
+        assert "cannot listen" in other.stderr
+    finally:
+        finish(proc, signal.SIGINT)
+
+
+def test_cli_without_subcommand_prints_help(capsys: Any) -> None:
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().err
+
+
+def test_serve_help(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    assert "--idle-timeout" in capsys.readouterr().out
