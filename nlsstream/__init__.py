@@ -5,6 +5,8 @@ from .errors import (
     STATUS_CODES,
     AudioFormatError,
     AuthenticationError,
+    CallbackError,
+    EventOverflowError,
     GatewayConnectionError,
     InvalidStateError,
     NlsError,
@@ -14,6 +16,8 @@ from .errors import (
     StopTimeoutError,
     TaskFailedError,
 )
+from .events import EventStream
+from .pacing import Metrics, Pacer
 from .protocol import (
     Completed,
     Event,
@@ -25,17 +29,25 @@ from .protocol import (
     UnknownEvent,
     Word,
 )
+from .session import Recognizer, Result, Transcriber
 
 __all__ = [
     "STATUS_CODES",
     "AudioFormatError",
     "AuthenticationError",
+    "CallbackError",
     "Completed",
     "Event",
+    "EventOverflowError",
+    "EventStream",
     "GatewayConnectionError",
     "InvalidStateError",
+    "Metrics",
     "NlsError",
+    "Pacer",
     "ProtocolError",
+    "Recognizer",
+    "Result",
     "ResultChanged",
     "SentenceBegin",
     "SentenceEnd",
@@ -45,6 +57,7 @@ __all__ = [
     "StopTimeoutError",
     "TaskFailed",
     "TaskFailedError",
+    "Transcriber",
     "UnknownEvent",
     "Word",
     "__version__",

@@ -363,7 +363,7 @@ def _text(payload: Mapping[str, Any], key: str = "result") -> str:
 
 
 def _words(payload: Mapping[str, Any]) -> tuple[Word, ...]:
-    words = payload.get("words") or ()
+    words = payload.get("words") or []
     if not isinstance(words, list):
         raise ProtocolError(f"payload.words must be a list, got {words!r}")
     out = []
@@ -607,6 +607,8 @@ class ClientProtocol:
             )
         if isinstance(event, TaskFailed):
             self.state = State.FAILED
+        elif self.state is State.IDLE:
+            raise ProtocolError(f"gateway sent {event.name} before Start")
         elif self.state is State.STARTING:
             if not isinstance(event, Started):
                 raise ProtocolError(f"gateway sent {event.name} before the task started")
@@ -615,6 +617,4 @@ class ClientProtocol:
             raise ProtocolError(f"gateway sent {event.name} twice")
         elif isinstance(event, Completed):
             self.state = State.COMPLETED
-        elif self.state is State.IDLE:
-            raise ProtocolError(f"gateway sent {event.name} before Start")
         return event

@@ -1,0 +1,347 @@
+"""Every error path of the client sessions, against the local gateway's fault injection:
+typed errors, useful messages without the token, and nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nlsstream import (
+    AuthenticationError,
+    GatewayConnectionError,
+    InvalidStateError,
+    NlsError,
+    ProtocolError,
+    Recognizer,
+    StartTimeoutError,
+    StopTimeoutError,
+    TaskFailedError,
+    Transcriber,
+)
+from nlsstream.gateway import Faults, Gateway
+from nlsstream.protocol import State
+
+FIXTURES = Path(__file__).parent / "fixtures"
+THREE = str(FIXTURES / "three_sentences.wav")
+HELLO = str(FIXTURES / "hello.wav")
+TOKEN = "tok-SECRET-1234567890"
+
+
+@pytest.fixture
+async def gw() -> AsyncIterator[Gateway]:
+    async with Gateway(tokens=[TOKEN], appkeys=["app"], recognizer="span") as g:
+        yield g
+
+
+def kw(gw: Gateway, **extra: Any) -> dict[str, Any]:
+    return {"url": gw.url, "start_timeout": 2.0, "stop_timeout": 2.0, **extra}
+
+
+async def settle(gw: Gateway, before: set[asyncio.Task[Any]]) -> None:
+    current = asyncio.current_task()
+    left: set[asyncio.Task[Any]] = set()
+    for _ in range(300):
+        left = {t for t in asyncio.all_tasks() - before if t is not current and not t.done()}
+        if not left and not gw._connections:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"left behind: tasks {left}, connections {len(gw._connections)}")
+
+
+def no_secret(error: BaseException) -> None:
+    text = f"{error} {error!r} {getattr(error, 'status_text', '')}"
+    assert TOKEN not in text
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+async def test_bad_token_is_an_authentication_error_with_redacted_body(gw: Gateway) -> None:
+    class Provider:
+        def __init__(self) -> None:
+            self.invalidated: list[str | None] = []
+
+        async def get_token(self) -> str:
+            return "wrong-" + TOKEN
+
+        def invalidate(self, token: str | None = None) -> None:
+            self.invalidated.append(token)
+
+    provider = Provider()
+    errors: list[NlsError] = []
+    closed: list[bool] = []
+    before = asyncio.all_tasks()
+    with pytest.raises(AuthenticationError) as info:
+        async with Transcriber(
+            "app", provider, on_error=errors.append, on_close=lambda: closed.append(True), **kw(gw)
+        ):
+            pytest.fail("must not get here")
+    err = info.value
+    assert err.http_status == 403
+    assert "403" in str(err) and gw.url in str(err)
+    assert "ACCESS_DENIED" in err.status_text
+    assert "wrong-" not in str(err) and "wrong-" not in err.status_text
+    no_secret(err)
+    assert err.retryable
+    assert provider.invalidated == ["wrong-" + TOKEN]
+    assert closed == []  # never connected, so never closed
+    await settle(gw, before)
+
+
+async def test_task_failed_40000001_is_an_authentication_error(gw: Gateway) -> None:
+    gw.queue_faults(Faults(fail_status=40000001, fail_at="start"))
+    with pytest.raises(AuthenticationError) as info:
+        async with Recognizer("app", TOKEN, **kw(gw)):
+            pass
+    assert info.value.status == 40000001 and info.value.task_id
+    no_secret(info.value)
+
+
+async def test_connection_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        url = f"ws://127.0.0.1:{port}/ws/v1"
+        with pytest.raises(GatewayConnectionError, match=f"cannot connect to {url}") as info:
+            async with Transcriber("app", TOKEN, url=url):
+                pass
+    assert info.value.retryable
+    no_secret(info.value)
+
+
+async def test_connect_timeout_when_the_server_never_answers() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100000)  # swallow the upgrade request, never answer
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(GatewayConnectionError, match=r"timed out after 0.3 s connecting"):
+            async with Recognizer(
+                "app", TOKEN, url=f"ws://127.0.0.1:{port}/ws/v1", connect_timeout=0.3
+            ):
+                pass
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_non_websocket_endpoint_is_a_connection_error(gw: Gateway) -> None:
+    with pytest.raises(GatewayConnectionError, match="HTTP 404"):
+        async with Recognizer("app", TOKEN, url=gw.url.replace("/ws/v1", "/nope")):
+            pass
+
+
+# --------------------------------------------------------------------------- task failures
+
+
+async def test_task_failed_at_start(gw: Gateway) -> None:
+    gw.queue_faults(Faults(fail_status=40000005, fail_at="start"))
+    errors: list[NlsError] = []
+    before = asyncio.all_tasks()
+    t = Transcriber("app", TOKEN, on_error=errors.append, **kw(gw))
+    with pytest.raises(TaskFailedError) as info:
+        async with t:
+            pass
+    err = info.value
+    assert (err.status, err.task_id, err.retryable) == (40000005, t.task_id, True)
+    assert "40000005" in str(err) and "TOO_MANY_REQUESTS" in str(err)
+    assert errors == [err]
+    assert t.state is State.FAILED
+    await settle(gw, before)
+
+
+async def test_task_failed_mid_stream_reaches_stream_iterators_and_stop(gw: Gateway) -> None:
+    gw.queue_faults(Faults(fail_status=41040201, fail_at="audio", fail_after_bytes=64000))
+    errors: list[NlsError] = []
+    before = asyncio.all_tasks()
+    async with Transcriber("app", TOKEN, on_error=errors.append, **kw(gw)) as t:
+        sentences = t.sentences()
+        events = t.events()
+        with pytest.raises(TaskFailedError) as info:
+            await t.stream(THREE, pace=20)
+        err = info.value
+        assert err.status == 41040201 and err.task_id == t.task_id
+        with pytest.raises(TaskFailedError):
+            async for _ in sentences:
+                pass
+        seen: list[Any] = []
+        with pytest.raises(TaskFailedError):
+            async for e in events:
+                seen.append(e)
+        assert seen[-1].name == "TaskFailed"
+        with pytest.raises(TaskFailedError):
+            await t.stop()
+        with pytest.raises(TaskFailedError):
+            await t.send_audio(b"\x00\x00")
+        # An iterator created after the failure raises at once.
+        with pytest.raises(TaskFailedError):
+            await t.events().__anext__()
+    assert errors == [err]
+    await settle(gw, before)
+
+
+async def test_failure_not_yet_seen_is_raised_when_leaving_the_block(gw: Gateway) -> None:
+    gw.queue_faults(Faults(fail_status=50000000, fail_at="audio", fail_after_bytes=640))
+    with pytest.raises(TaskFailedError) as info:
+        async with Recognizer("app", TOKEN, **kw(gw)) as r:
+            await r.send_audio(b"\x00\x00" * 3200)
+            for _ in range(200):
+                if r.state is State.FAILED:
+                    break
+                await asyncio.sleep(0.01)
+    assert info.value.retryable
+
+
+# --------------------------------------------------------------------------- connection loss
+
+
+async def test_connection_dropped_mid_stream(gw: Gateway) -> None:
+    gw.queue_faults(Faults(drop_at="audio", drop_after_bytes=32000))
+    errors: list[NlsError] = []
+    closed: list[bool] = []
+    before = asyncio.all_tasks()
+    async with Transcriber(
+        "app", TOKEN, on_error=errors.append, on_close=lambda: closed.append(True), **kw(gw)
+    ) as t:
+        it = t.sentences()
+        with pytest.raises(GatewayConnectionError) as info:
+            await t.stream(THREE, pace=50)
+        with pytest.raises(GatewayConnectionError):
+            async for _ in it:
+                pass
+    assert "lost during task" in str(info.value) and t.task_id in str(info.value)
+    assert errors == [info.value]
+    assert closed == [True]
+    no_secret(info.value)
+    await settle(gw, before)
+
+
+async def test_connection_dropped_during_stop(gw: Gateway) -> None:
+    gw.queue_faults(Faults(drop_at="stop"))
+    async with Recognizer("app", TOKEN, **kw(gw)) as r:
+        await r.stream(HELLO, pace=None)
+        with pytest.raises(GatewayConnectionError, match=r"lost during task .*stopping"):
+            await r.stop()
+
+
+async def test_malformed_server_json_aborts_with_protocol_error(gw: Gateway) -> None:
+    gw.queue_faults(Faults(malformed_at="audio", malformed_after_bytes=16000))
+    errors: list[NlsError] = []
+    before = asyncio.all_tasks()
+    async with Transcriber("app", TOKEN, on_error=errors.append, **kw(gw)) as t:
+        with pytest.raises(ProtocolError, match=r"invalid JSON.*connection aborted") as info:
+            await t.stream(THREE, pace=None)
+            await t.stop()
+    assert errors == [info.value]
+    assert isinstance(info.value.__cause__, ProtocolError)
+    await settle(gw, before)
+    assert gw.sessions[-1].outcome != "completed"
+
+
+async def test_malformed_json_at_start(gw: Gateway) -> None:
+    gw.queue_faults(Faults(malformed_at="start"))
+    with pytest.raises(ProtocolError):
+        async with Recognizer("app", TOKEN, **kw(gw)):
+            pass
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+@pytest.mark.parametrize("fault", [Faults(start_delay=1.0), Faults(stall_at="start")])
+async def test_start_timeout(gw: Gateway, fault: Faults) -> None:
+    gw.queue_faults(fault)
+    errors: list[NlsError] = []
+    before = asyncio.all_tasks()
+    t = Transcriber("app", TOKEN, start_timeout=0.3, on_error=errors.append, url=gw.url)
+    with pytest.raises(StartTimeoutError, match=r"within 0.3 s") as info:
+        async with t:
+            pass
+    assert t.task_id in str(info.value)
+    assert errors == [info.value]
+    await settle(gw, before)
+
+
+@pytest.mark.parametrize("fault", [Faults(complete_delay=1.0), Faults(stall_at="stop")])
+async def test_stop_timeout(gw: Gateway, fault: Faults) -> None:
+    gw.queue_faults(fault)
+    before = asyncio.all_tasks()
+    async with Recognizer("app", TOKEN, url=gw.url, stop_timeout=5) as r:
+        await r.send_audio(b"\x00\x00" * 1600)
+        with pytest.raises(StopTimeoutError, match=r"within 0.3 s after Stop"):
+            await r.stop(timeout=0.3)
+        assert r.state is State.FAILED
+    await settle(gw, before)
+
+
+async def test_slow_completion_within_the_timeout_is_fine(gw: Gateway) -> None:
+    gw.queue_faults(Faults(complete_delay=0.3))
+    async with Recognizer("app", TOKEN, **kw(gw)) as r:
+        await r.stream(HELLO, pace=None)
+        result = await r.stop()
+    assert result.text
+    assert r.metrics.stop_to_completed_ms is not None and r.metrics.stop_to_completed_ms >= 300
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+@pytest.mark.parametrize("where", ["connecting", "streaming", "iterating", "stopping"])
+async def test_cancellation_leaves_no_task_and_no_socket(gw: Gateway, where: str) -> None:
+    if where == "connecting":
+        gw.queue_faults(Faults(start_delay=1.0))
+    if where == "stopping":
+        gw.queue_faults(Faults(complete_delay=1.0))
+    closed: list[bool] = []
+    reached = asyncio.Event()
+    before = asyncio.all_tasks()
+
+    async def user() -> None:
+        t = Transcriber(
+            "app", TOKEN, on_close=lambda: closed.append(True), **kw(gw, start_timeout=10)
+        )
+        if where == "connecting":
+            reached.set()
+        async with t:
+            if where == "streaming":
+                reached.set()
+                await t.stream(THREE, pace=1)
+            elif where == "iterating":
+                asyncio.get_running_loop().call_soon(reached.set)
+                async for _ in t.events():
+                    pass
+            else:
+                await t.stream(HELLO, pace=None)
+                reached.set()
+                await t.stop(timeout=10)
+
+    task = asyncio.create_task(user())
+    await asyncio.wait_for(reached.wait(), 5)
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settle(gw, before)
+    if where != "connecting":
+        assert closed == [True]
+
+
+async def test_exception_in_block_aborts_without_stop(gw: Gateway) -> None:
+    before = asyncio.all_tasks()
+    with pytest.raises(ZeroDivisionError):
+        async with Transcriber("app", TOKEN, **kw(gw)) as t:
+            it = t.events()
+            await t.send_audio(b"\x00\x00" * 1600)
+            1 / 0  # noqa: B018
+    with pytest.raises(InvalidStateError, match="aborted"):
+        await it.__anext__()
+    await settle(gw, before)
+    record = gw.sessions[-1]
+    assert "TranscriptionCompleted" not in record.events
+    assert record.outcome in ("disconnected", "failed")
