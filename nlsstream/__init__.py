@@ -1,6 +1,8 @@
 """nlsstream: asyncio SDK for Alibaba Cloud NLS real-time speech recognition."""
 
 from ._version import __version__
+from .auth import AccessKeyTokenProvider, StaticTokenProvider, TokenProvider
+from .config import DEFAULT_URL, ConfigurationError, Settings
 from .errors import (
     STATUS_CODES,
     AudioFormatError,
@@ -15,8 +17,10 @@ from .errors import (
     StatusCode,
     StopTimeoutError,
     TaskFailedError,
+    TokenError,
 )
 from .events import EventStream
+from .mic import Microphone, MicrophoneError
 from .pacing import Metrics, Pacer
 from .protocol import (
     Completed,
@@ -32,17 +36,22 @@ from .protocol import (
 from .session import Recognizer, Result, Transcriber
 
 __all__ = [
+    "DEFAULT_URL",
     "STATUS_CODES",
+    "AccessKeyTokenProvider",
     "AudioFormatError",
     "AuthenticationError",
     "CallbackError",
     "Completed",
+    "ConfigurationError",
     "Event",
     "EventOverflowError",
     "EventStream",
     "GatewayConnectionError",
     "InvalidStateError",
     "Metrics",
+    "Microphone",
+    "MicrophoneError",
     "NlsError",
     "Pacer",
     "ProtocolError",
@@ -51,12 +60,16 @@ __all__ = [
     "ResultChanged",
     "SentenceBegin",
     "SentenceEnd",
+    "Settings",
     "StartTimeoutError",
     "Started",
+    "StaticTokenProvider",
     "StatusCode",
     "StopTimeoutError",
     "TaskFailed",
     "TaskFailedError",
+    "TokenError",
+    "TokenProvider",
     "Transcriber",
     "UnknownEvent",
     "Word",

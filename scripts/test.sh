@@ -12,6 +12,8 @@ pip install -e '.[dev,local]'
 # import (aliyunsdkcore) is installed explicitly.
 pip install --no-deps 'alibabacloud-nls-python-sdk==1.0.2'
 pip install 'aliyun-python-sdk-core>=2.13.3'
+# Fail loudly (not skip) if an optional test dependency did not install.
+.venv/bin/python -c "import nls, pocketsphinx"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
