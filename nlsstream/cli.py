@@ -25,12 +25,17 @@ import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ._version import __version__
 from .auth import AccessKeyTokenProvider
 from .config import Settings
 from .errors import NlsError, redact
+
+if TYPE_CHECKING:
+    from .output import ProgressBar, Renderer
+    from .protocol import Event
+    from .session import Session
 
 __all__ = ["build_parser", "main"]
 
@@ -423,7 +428,9 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
     return EXIT_INTERRUPTED if interrupt.count else EXIT_OK
 
 
-async def _wait_sending(sender: asyncio.Future[None], progress: Any, session: Any) -> None:
+async def _wait_sending(
+    sender: asyncio.Future[None], progress: ProgressBar | None, session: Session
+) -> None:
     if progress is None:
         await sender
         return
@@ -434,7 +441,7 @@ async def _wait_sending(sender: asyncio.Future[None], progress: Any, session: An
     await sender
 
 
-async def _render(events: Any, renderer: Any) -> NlsError | None:
+async def _render(events: AsyncIterator[Event], renderer: Renderer) -> NlsError | None:
     """Feed every event to the renderer; returns the error the stream ended with."""
     try:
         async for event in events:

@@ -1,0 +1,342 @@
+"""The ``nlsstream`` command line, run as a real subprocess (``python -m nlsstream``).
+
+No credentials are in the environment, so transcribe/recognize use the embedded local
+gateway (PocketSphinx). The slow runs (recognising 9 s of speech) are started together
+by one fixture and checked by several tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+import test_auth
+from test_auth import AK_ID, AK_SECRET, FakeTokenService
+from test_output import parse_subtitles
+
+from nlsstream import __version__, cli
+from nlsstream.audio import load_file
+from nlsstream.gateway import Gateway
+
+FIXTURES = Path(__file__).parent / "fixtures"
+THREE = str(FIXTURES / "three_sentences.wav")
+HELLO = str(FIXTURES / "hello.wav")
+EXPECTED = json.loads((FIXTURES / "transcripts.json").read_text())["three_sentences.wav"]
+service = test_auth.service  # its fake CreateToken service (checks signatures), as a fixture
+CLI = [sys.executable, "-m", "nlsstream"]
+TIMEOUT = 60
+NOTICE = re.compile(
+    r"nlsstream: no NLS credentials configured; using the embedded local gateway "
+    r"\(PocketSphinx\) at ws://127\.0\.0\.1:\d+/ws/v1"
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any NLS/Alibaba Cloud settings, plus ``extra``."""
+    prefixes = ("NLS_", "ALIYUN_", "ALIBABA_CLOUD_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str] | None = None, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*CLI, *args],
+        input=input,
+        capture_output=True,
+        env=dict(env) if env is not None else clean_env(),
+        timeout=TIMEOUT,
+    )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Exit status 1 and exactly one line on stderr: ``nlsstream: error: ...``."""
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("nlsstream: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- slow runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[object, ...]]]:
+    """Start the CLI runs that recognise speech all at once; yields
+    ``{name: (returncode, stdout, stderr, extra)}``."""
+    tmp = tmp_path_factory.mktemp("cli")
+    jsonl_file = tmp / "out.jsonl"
+    commands = {
+        "text": ["transcribe", THREE, "--pace", "0"],
+        "jsonl": ["transcribe", THREE, "--pace", "0", "--jsonl", "-o", str(jsonl_file)],
+        "srt": ["transcribe", THREE, "--pace", "0", "--srt"],
+        "vtt": ["transcribe", THREE, "--pace", "0", "--vtt", "--intermediate"],
+        "recognize": ["recognize", HELLO, "--pace", "0"],
+    }
+    procs = {
+        name: subprocess.Popen(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
+        )
+        for name, args in commands.items()
+    }
+    results: dict[str, tuple[object, ...]] = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=TIMEOUT)
+            results[name] = (proc.returncode, out.decode(), err.decode())
+        results["jsonl_file"] = (jsonl_file.read_text() if jsonl_file.exists() else "",)
+        yield results
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_transcribe_prints_sentences_and_one_notice(runs: dict[str, tuple[object, ...]]) -> None:
+    code, out, err = runs["text"]
+    assert code == 0, err
+    assert str(out).splitlines() == EXPECTED  # plain text: not a terminal, finals only
+    lines = str(err).splitlines()
+    assert len(lines) == 1 and NOTICE.fullmatch(lines[0]), err
+
+
+def test_jsonl_to_file_has_every_event(runs: dict[str, tuple[object, ...]]) -> None:
+    code, out, err = runs["jsonl"]
+    assert code == 0, err
+    assert out == ""  # -o FILE: nothing on stdout
+    (text,) = runs["jsonl_file"]
+    events = [json.loads(line) for line in str(text).splitlines()]
+    types = [e["type"] for e in events]
+    assert types[0] == "Started" and types[-1] == "Completed"
+    ends = [e for e in events if e["type"] == "SentenceEnd"]
+    assert [e["text"] for e in ends] == EXPECTED
+    assert [e["index"] for e in ends] == [1, 2, 3]
+    assert all(0 <= e["begin_time"] < e["time"] for e in ends)
+    assert len({e["task_id"] for e in events}) == 1
+    assert "ResultChanged" not in types  # intermediate results are off unless asked for
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_subtitles(runs: dict[str, tuple[object, ...]], fmt: str) -> None:
+    code, out, err = runs[fmt]
+    assert code == 0, err
+    cues = parse_subtitles(str(out), fmt)
+    assert [c[2] for c in cues] == EXPECTED
+    times = [t for start, end, _ in cues for t in (start, end)]
+    assert times == sorted(times) and times[-1] <= 9300  # in order, within the audio
+
+
+def test_recognize_sentence_mode(runs: dict[str, tuple[object, ...]]) -> None:
+    code, out, err = runs["recognize"]
+    assert code == 0, err
+    assert out == "hello world\n"
+
+
+# --------------------------------------------------------------------------- quick runs
+
+
+def test_stdin_raw_pcm() -> None:
+    pcm = load_file(HELLO, 8000)
+    proc = run_cli("transcribe", "-", "--pace", "0", "--sample-rate", "8000", input=pcm)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello world\n"
+
+
+def test_stdin_odd_length_is_a_clear_error() -> None:
+    proc = run_cli("transcribe", "-", "--pace", "0", input=b"\0\0\0")
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and lines[-1].startswith("nlsstream: error: "), proc.stderr
+    assert "mid-sample" in lines[-1] and "Traceback" not in proc.stderr
+
+
+# Usage errors and help run in-process (argparse only, nothing to start): fast.
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "COMMAND"),
+        (("transcribe",), "give an audio FILE"),
+        (("transcribe", HELLO, "--mic"), "not both"),
+        (("transcribe", HELLO, "--device", "1"), "--device needs --mic"),
+        (("transcribe", HELLO, "--pace", "-1"), "--pace"),
+        (("transcribe", HELLO, "--srt", "--vtt"), "not allowed with"),
+        (("transcribe", HELLO, "--sample-rate", "44100"), "--sample-rate"),
+        (("transcribe", HELLO, "--max-sentence-silence", "50"), "200..6000"),
+        (("transcribe", HELLO, "--timeout", "0"), "--timeout"),
+        (("recognize",), "FILE|-"),
+        (("recognize", HELLO, "--mic"), "unrecognized arguments: --mic"),
+        (("frobnicate",), "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2(
+    args: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        sys.exit(cli.main(list(args)))
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert message in err
+    assert out == ""
+
+
+@pytest.mark.parametrize("command", [None, "transcribe", "recognize", "serve", "token"])
+def test_help(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*([command] if command else []), "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: nlsstream" + (f" {command}" if command else ""))
+    if command in ("transcribe", "recognize"):
+        assert "NLS_TOKEN" in out  # --token's help points to the environment instead
+
+
+def test_entry_point_version_and_usage_status() -> None:
+    proc = run_cli("--version")
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"nlsstream {__version__}")
+    proc = run_cli("transcribe", "--pace", "fast", HELLO)
+    assert proc.returncode == 2 and "--pace" in proc.stderr
+
+
+def test_missing_file_is_one_line_before_any_connection(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.wav"
+    assert_one_line_error(run_cli("transcribe", str(missing)), "not found", "nope.wav")
+
+
+def test_unreadable_audio_is_one_line(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.wav"
+    bogus.write_text("this is not audio")
+    assert_one_line_error(run_cli("recognize", str(bogus)), "cannot read audio file")
+
+
+def test_unwritable_output_is_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "missing-dir" / "out.srt"
+    assert_one_line_error(run_cli("transcribe", HELLO, "--srt", "-o", str(target)), "out.srt")
+
+
+def test_wrong_token_is_one_line_without_the_token() -> None:
+    secret = "wrong-token-3f9a1c"
+    with Gateway(tokens=["right"], recognizer="span").run_in_thread() as gw:
+        proc = run_cli(
+            "transcribe", HELLO, "--pace", "0", "--url", gw.url, env=clean_env(NLS_TOKEN=secret)
+        )
+    line = assert_one_line_error(proc, "rejected the token", "403")
+    assert secret not in proc.stderr + proc.stdout, line
+
+
+def test_unreachable_gateway_is_one_line() -> None:
+    with Gateway(recognizer="span").run_in_thread() as gw:
+        url = gw.url  # a port that was just free and is closed again below
+    proc = run_cli("transcribe", HELLO, "--pace", "0", "--url", url, "--timeout", "5")
+    assert_one_line_error(proc, "cannot connect")
+
+
+def test_config_error_is_one_line() -> None:
+    proc = run_cli("transcribe", HELLO, env=clean_env(ALIYUN_AK_ID="LTAIxyz"))
+    assert_one_line_error(proc, "ALIYUN_AK_SECRET")
+
+
+def test_ctrl_c_stops_cleanly_with_130() -> None:
+    # stdin stays open, as with a live source: only Ctrl-C ends the session.
+    proc = subprocess.Popen(
+        [*CLI, "transcribe", "-", "--pace", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(load_file(THREE, 16000))
+        proc.stdin.flush()
+        first = proc.stdout.readline().decode()  # blocks until a sentence is final
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    lines = [first.rstrip("\n"), *rest.decode().splitlines()]
+    assert lines == EXPECTED[: len(lines)]  # finals already due are still printed
+    assert "Traceback" not in err.decode()
+
+
+def test_token_needs_an_access_key() -> None:
+    proc = run_cli("token", env=clean_env(NLS_TOKEN="abc"))
+    assert_one_line_error(proc, "ALIYUN_AK_ID and ALIYUN_AK_SECRET")
+
+
+def test_token_prints_only_the_token(service: FakeTokenService) -> None:
+    env = clean_env(ALIYUN_AK_ID=AK_ID, ALIYUN_AK_SECRET=AK_SECRET)
+    proc = run_cli("token", "--endpoint", service.url, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"token-1-[0-9a-f]{32}\n", proc.stdout)
+    assert "expires" in proc.stderr and AK_SECRET not in proc.stderr
+    assert len(service.requests) == 1
+
+
+def test_token_rejected_key_is_one_line(service: FakeTokenService) -> None:
+    env = clean_env(ALIYUN_AK_ID="LTAIunknown", ALIYUN_AK_SECRET=AK_SECRET)
+    proc = run_cli("token", "--endpoint", service.url, env=env)
+    assert_one_line_error(proc, "InvalidAccessKeyId.NotFound")
+    assert AK_SECRET not in proc.stderr
+
+
+def run_with_terminal(*args: str, stream: str) -> tuple[int, str, str]:
+    """Run the CLI with ``stream`` ("stdout" or "stderr") on a pseudo-terminal; returns
+    (status, what the terminal showed, the other stream)."""
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    with os.fdopen(master, "rb", buffering=0) as terminal:
+        proc = subprocess.Popen(
+            [*CLI, *args],
+            stdout=slave if stream == "stdout" else subprocess.PIPE,
+            stderr=slave if stream == "stderr" else subprocess.PIPE,
+            env=clean_env(),
+        )
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                data = terminal.read(4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            shown += data
+        out, err = proc.communicate(timeout=TIMEOUT)
+    other = err if stream == "stdout" else out
+    return proc.returncode, shown.decode(), other.decode()
+
+
+def test_live_output_on_a_terminal() -> None:
+    code, shown, err = run_with_terminal("transcribe", HELLO, "--pace", "0", stream="stdout")
+    assert code == 0, err
+    # Partials are rewritten in place (CR + clear line); the final is a line of its own.
+    assert "\r\x1b[2K" in shown
+    assert shown.replace("\r\n", "\n").endswith("\r\x1b[2Khello world\n")
+
+
+def test_progress_bar_on_a_terminal() -> None:
+    code, shown, out = run_with_terminal("transcribe", HELLO, "--pace", "0", stream="stderr")
+    assert code == 0
+    assert out == "hello world\n"
+    assert "] 100% sent" in shown and "\r" in shown
+    assert NOTICE.search(shown)
