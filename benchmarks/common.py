@@ -43,6 +43,11 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def system_cpu_seconds() -> float:
+    """System (kernel) CPU time of this process: mostly the socket system calls."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def rss_kib() -> int:
     """Current resident set size in KiB (Linux ``/proc/self/status``), 0 if unknown."""
     try:
@@ -90,12 +95,16 @@ class Clock:
     def __init__(self) -> None:
         self.wall0 = time.monotonic()
         self.cpu0 = cpu_seconds()
+        self.sys0 = system_cpu_seconds()
 
     def wall(self) -> float:
         return time.monotonic() - self.wall0
 
     def cpu(self) -> float:
         return cpu_seconds() - self.cpu0
+
+    def system_cpu(self) -> float:
+        return system_cpu_seconds() - self.sys0
 
 
 class SteadyCpu:
@@ -169,6 +178,9 @@ def client_result(
         "cpu_s": round(cpu, 3),
         "audio_s": round(audio_s, 3),
         "cpu_ms_per_audio_s": round(cpu * 1000 / audio_s, 4) if audio_s else None,
+        "system_cpu_ms_per_audio_s": (
+            round(clock.system_cpu() * 1000 / audio_s, 4) if audio_s else None
+        ),
         "steady_cpu_ms_per_audio_s": steady_cpu.result() if steady_cpu else None,
         "rss_base_kib": rss_base_kib,
         "rss_peak_kib": peak,

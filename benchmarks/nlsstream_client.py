@@ -30,6 +30,7 @@ from benchmarks.common import (
     Clock,
     SteadyCpu,
     client_result,
+    lag_summary,
     load_pcm,
     raise_nofile_limit,
     rss_kib,
@@ -42,7 +43,16 @@ def default_ramp(sessions: int) -> float:
 
 
 class _Record:
-    __slots__ = ("completed", "errors", "max_ms", "p99_ms", "sentence_ends", "started", "task_id")
+    __slots__ = (
+        "completed",
+        "delivery",
+        "errors",
+        "max_ms",
+        "p99_ms",
+        "sentence_ends",
+        "started",
+        "task_id",
+    )
 
     def __init__(self) -> None:
         self.task_id = ""
@@ -50,6 +60,8 @@ class _Record:
         self.completed = False
         self.errors: list[str] = []
         self.sentence_ends: list[int] = []
+        #: Seconds from the gateway sending each SentenceEnd to our callback running.
+        self.delivery: list[float] = []
         self.p99_ms = 0.0
         self.max_ms = 0.0
 
@@ -66,6 +78,9 @@ async def _session(
 
     def on_sentence_end(event: SentenceEnd) -> None:
         rec.sentence_ends.append(event.index)
+        sent_at = event.raw.get("payload", {}).get("gateway_sent_monotonic")
+        if sent_at is not None:  # the light gateway's stamp (same machine, same clock)
+            rec.delivery.append(time.monotonic() - sent_at)
 
     t = Transcriber(
         "benchmark-appkey",
@@ -134,7 +149,10 @@ async def run_async(url: str, sessions: int, seconds: float, ramp: float) -> dic
             "max_ms": round(max((r.max_ms for r in records), default=0.0), 3),
         },
         steady_cpu=steady,
-        extra={"loop": type(loop).__module__.split(".")[0]},
+        extra={
+            "loop": type(loop).__module__.split(".")[0],
+            "event_delivery": lag_summary([d for r in records for d in r.delivery]),
+        },
     )
 
 

@@ -1,4 +1,4 @@
-"""A tiny run of the scale benchmark through its harness functions (official SDK client)."""
+"""A tiny run of the scale benchmark through its harness functions (both clients)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,23 @@ def test_official_client_through_harness(tmp_path: Path) -> None:
     assert raw.exists()
     if png is not None:
         assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_nlsstream_client_through_harness() -> None:
+    gw = concurrency.start_gateway()
+    try:
+        row = concurrency.run_step(gw, "nlsstream", 3, 2.0, ramp=0.2)
+    finally:
+        concurrency.stop_gateway(gw)
+    assert row["sessions_started"] == 3
+    assert row["sessions_completed_at_server"] == 3
+    assert row["errors"] == 0, row["client_errors_sample"]
+    assert row["events_lost"] == 0 and row["frames_lost"] == 0
+    assert row["extra"]["loop"] in ("uvloop", "asyncio")
+    # Two SentenceEnds per session (one per second of audio), each with its delivery time.
+    delivery = row["event_delivery"]
+    assert 0.0 < delivery["p50_ms"] <= delivery["p99_ms"] <= delivery["max_ms"]
+    assert 0.0 < row["client_system_cpu_ms_per_audio_s"] < row["client_cpu_ms_per_audio_s"]
 
 
 def test_events_lost_matches_per_task() -> None:

@@ -294,3 +294,30 @@ async def test_send_binary_nowait_writes_and_refuses_when_it_must() -> None:
             conn.transport.abort()
             await conn.wait_closed()
             assert not send_binary_nowait(conn, b"\x00\x00")
+
+
+async def test_put_many_batches_and_stalls_are_counted(pacer: Pacer, clock: FakeClock) -> None:
+    sink = Sink(clock)
+    metrics = Metrics()
+    stream = pacer.open(sink, BPS_16K, metrics, max_ahead_bytes=4 * FRAME)
+    await stream.put_many(frames(4))
+    assert stream.buffered_bytes == 4 * FRAME
+    # The buffer is full: the next batch waits until the pacer frees half of it.
+    producer = asyncio.ensure_future(stream.put_many(frames(3)))
+    await asyncio.sleep(0)
+    assert not producer.done()
+    t0 = clock.now
+    sink.writable = False
+    pacer.run_due()
+    assert metrics.stalled_ticks == 1 and sink.sent == []
+    sink.writable = True
+    clock.now = t0 + 0.02
+    pacer.run_due()  # frames 0 and 1 are due: sent at once, the late one counted
+    await asyncio.wait_for(producer, 1)
+    assert len(sink.sent) == 2 and stream.buffered_bytes == 5 * FRAME
+    assert metrics.max_lateness_ms == pytest.approx(20.0) and metrics.paced_frames == 2
+    clock.now = t0 + 1
+    pacer.run_due()
+    await asyncio.wait_for(stream.finish(), 1)
+    assert [f for _, f in sink.sent] == frames(4) + frames(3)
+    assert pacer.pending == 0

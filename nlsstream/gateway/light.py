@@ -122,6 +122,7 @@ class SessionStats:
         "byte_rate",
         "closed_early",
         "completed",
+        "drift",
         "failed",
         "first",
         "last",
@@ -148,6 +149,9 @@ class SessionStats:
         self.received = 0
         self.first = -1.0
         self.last = -1.0
+        #: Signed lateness of the latest message (its arrival minus its ideal time): the
+        #: session's clock drift at the end of a long stream.
+        self.drift = 0.0
         #: Lateness in seconds of each audio message, in arrival order (clamped at 0).
         self.lateness = array("d")
         self.stopping = False
@@ -165,6 +169,7 @@ class SessionStats:
         else:
             # Ideal arrival: the session's first message plus the audio time before this one.
             late = now - self.first - self.received / self.byte_rate
+            self.drift = late
             self.lateness.append(late if late > 0.0 else 0.0)
         self.last = now
         self.received += size
@@ -182,6 +187,7 @@ class SessionStats:
             "bytes": self.received,
             "audio_s": round(self.received / self.byte_rate, 3),
             "span_s": round(self.last - self.first, 3) if self.first >= 0 else 0.0,
+            "last_frame_drift_ms": round(self.drift * 1000, 3),
             "sentence_end_sent": self.sentences_sent,
             "completed": self.completed,
             "failed": self.failed,
@@ -554,6 +560,10 @@ class _Connection(asyncio.Protocol):
                 "confidence": 1.0,
                 "words": [],
                 "status": 20000000,
+                # When the gateway sent it, on the machine's monotonic clock (Linux:
+                # perf_counter and time.monotonic are both CLOCK_MONOTONIC), so a client
+                # on the same machine can measure event delivery latency.
+                "gateway_sent_monotonic": _clock(),
             },
         )
 
@@ -800,6 +810,23 @@ def _raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _nap(seconds: float) -> None:
+    """Poll instead of sleeping in the kernel: nap ``seconds`` between loop iterations.
+
+    On loopback a client's ``send`` runs the receiver's TCP input in the client's own
+    system call, including waking the receiver if it sleeps in ``epoll_wait`` (an
+    inter-processor interrupt, costly in a VM). Over a real network that work is the
+    receiving machine's. While this task keeps a callback ready the loop polls with a
+    zero timeout and never sleeps in ``epoll_wait``, so clients are charged for their
+    sends only; arrival times are then read up to ``seconds`` late (same for every
+    frame of a session, so lateness is barely affected).
+    """
+    # A deliberate block of the loop, bounded by ``seconds`` per iteration: the sockets
+    # are polled between naps, so nothing waits longer than that.
+    time.sleep(seconds)
+    asyncio.get_running_loop().call_soon(_nap, seconds)
+
+
 async def _serve(args: argparse.Namespace) -> dict[str, Any]:
     gw = LightGateway(
         args.host,
@@ -810,6 +837,8 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
         reuse_port=args.reuse_port,
     )
     await gw.start()
+    if args.nap_us > 0:
+        asyncio.get_running_loop().call_soon(_nap, args.nap_us / 1e6)
     print(f"nlsstream-light listening on {gw.url} (loop: {_loop_name()})", flush=True)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -836,6 +865,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sentence-ms", type=int, default=1000, help="audio per SentenceEnd")
     parser.add_argument("--idle-timeout", type=float, default=10.0)
     parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT")
+    parser.add_argument(
+        "--nap-us",
+        type=int,
+        default=0,
+        help="poll the sockets, napping this long between loop iterations, instead of "
+        "sleeping in epoll (0: off); see _nap()",
+    )
     parser.add_argument(
         "--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop"
     )
