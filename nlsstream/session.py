@@ -18,6 +18,7 @@ WebSocket keepalive while streaming), and every failure ends as a typed
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import inspect
@@ -92,7 +93,7 @@ class Result:
     sentences: tuple[SentenceEnd, ...] = ()
 
 
-class Session:
+class Session(abc.ABC):
     """What :class:`Transcriber` and :class:`Recognizer` share; use one of those.
 
     Args:
@@ -761,8 +762,9 @@ class Session:
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
+    @abc.abstractmethod
     def _build_result(self) -> Result:
-        raise NotImplementedError
+        """The protocol's Result from what the task delivered."""
 
     def _lost_error(self, exc: ConnectionClosed) -> GatewayConnectionError:
         code = exc.rcvd.code if exc.rcvd is not None else None
