@@ -150,10 +150,16 @@ class Metrics:
 # --------------------------------------------------------------------------- the fast write
 
 
-class _MaskKeys:
-    """Client masking keys (RFC 6455 §5.3: fresh and unpredictable per frame), drawn from
-    ``os.urandom`` 1,024 at a time: one system call per 1,024 frames instead of one per
-    frame, with the same randomness as ``secrets.token_bytes(4)``."""
+_HEADER_640 = b"\x82\xfe\x02\x80"  # FIN + binary, masked, 16-bit length 640
+_pack_header16 = struct.Struct("!BBH").pack
+_pack_header64 = struct.Struct("!BBQ").pack
+
+
+class _ClientFramer:
+    """Frames client messages. Masking keys (RFC 6455 §5.3: fresh and unpredictable per
+    frame) are drawn from ``os.urandom`` 1,024 at a time: one system call per 1,024
+    frames instead of one per frame, with the same randomness as
+    ``secrets.token_bytes(4)``. One method does it all: it runs once per paced frame."""
 
     __slots__ = ("_pool", "_pos")
     _SIZE = 4 * 1024
@@ -162,35 +168,31 @@ class _MaskKeys:
         self._pool = b""
         self._pos = self._SIZE
 
-    def take(self) -> bytes:
+    def frame(self, data: bytes) -> bytes:
+        """``data`` as one masked binary WebSocket frame (client to server, no
+        extensions): what ``websockets``' ``Frame.serialize`` produces, minus its
+        generic machinery."""
         pos = self._pos
         if pos >= self._SIZE:
             self._pool = os.urandom(self._SIZE)
             pos = 0
         self._pos = pos + 4
-        return self._pool[pos : pos + 4]
+        key = self._pool[pos : pos + 4]
+        n = len(data)
+        if n == 640:  # the paced frame size at 16 kHz: skip the header arithmetic
+            header = _HEADER_640
+        elif n < 126:
+            header = bytes((0x82, 0x80 | n))
+        elif n < 65536:
+            header = _pack_header16(0x82, 0xFE, n)
+        else:
+            header = _pack_header64(0x82, 0xFF, n)
+        return b"".join((header, key, apply_mask(data, key)))  # one copy, unlike a + b + c
 
 
-_mask_keys = _MaskKeys()
-_HEADER_640 = b"\x82\xfe\x02\x80"  # FIN + binary, masked, 16-bit length 640
-_pack_header16 = struct.Struct("!BBH").pack
-_pack_header64 = struct.Struct("!BBQ").pack
-
-
-def client_frame(data: bytes) -> bytes:
-    """``data`` as one masked binary WebSocket frame (client to server, no extensions):
-    what ``websockets``' ``Frame.serialize`` produces, minus its generic machinery."""
-    n = len(data)
-    if n == 640:  # the paced frame size at 16 kHz: skip the header arithmetic
-        header = _HEADER_640
-    elif n < 126:
-        header = bytes((0x82, 0x80 | n))
-    elif n < 65536:
-        header = _pack_header16(0x82, 0xFE, n)
-    else:
-        header = _pack_header64(0x82, 0xFF, n)
-    key = _mask_keys.take()
-    return b"".join((header, key, apply_mask(data, key)))  # one copy, unlike a + b + c
+#: ``client_frame(data)``: ``data`` as one masked binary WebSocket frame (client to
+#: server, no extensions); see :meth:`_ClientFramer.frame`.
+client_frame = _ClientFramer().frame
 
 
 def ws_writable(conn: Connection) -> bool:
@@ -395,11 +397,12 @@ class PacedStream:
             if not sink.frame_writable():
                 metrics.stalled_ticks += 1
                 return
+            write = sink.write_frame
             due = self._next_due
             t0, bps = self._t0, self._bps
             while True:
                 frame = buf.popleft()
-                sink.write_frame(frame)
+                write(frame)
                 sent += len(frame)
                 lateness_ms = (now - due) * 1000.0
                 if lateness_ms < 1.0:  # the common case, kept to two increments

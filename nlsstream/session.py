@@ -21,15 +21,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State as WsState
 
 from . import audio
 from .auth import TokenProvider, TokenSource, as_provider
@@ -48,7 +52,7 @@ from .errors import (
     task_error,
 )
 from .events import EventHub, EventStream
-from .pacing import Metrics, PacedStream, Pacer, client_frame, send_binary_nowait, ws_writable
+from .pacing import Metrics, PacedStream, Pacer, client_frame, send_binary_nowait
 from .protocol import (
     RECOGNIZER,
     SAMPLE_RATES,
@@ -225,6 +229,11 @@ class Session(abc.ABC):
         self._raw_frames = False
         self._transport_write: Callable[[bytes], object] = _not_connected
         self._stop_sent_at: float | None = None
+        # Incoming messages (see _NlsConnection): each message websockets queues for the
+        # reader has one entry here, in order, saying what the reader is to do with it.
+        self._inbox: deque[_InboxEntry] = deque()
+        self._reader_busy = False  # the reader is handling a message (maybe awaiting)
+        self._fast_events = True  # off for good once a message needs the reader's parse
 
     # ------------------------------------------------------------------ properties
 
@@ -338,6 +347,7 @@ class Session(abc.ABC):
         try:
             self._conn = await connect(
                 self.url,
+                create_connection=cast(Any, functools.partial(_NlsConnection, session=self)),
                 additional_headers={"X-NLS-Token": token},
                 compression=None,
                 origin=None,
@@ -441,6 +451,8 @@ class Session(abc.ABC):
         try:
             if reader is not None:
                 await asyncio.wait([reader], timeout=self.stop_timeout)
+                if reader.done():
+                    self._drop_inbox()  # a cancelled reader did not get to do it
             if conn is not None:
                 await asyncio.wait_for(asyncio.shield(conn.wait_closed()), self.stop_timeout)
         except asyncio.TimeoutError:  # pragma: no cover - abort() closes at once
@@ -586,18 +598,26 @@ class Session(abc.ABC):
         # A connection that is closing is "not writable" too: the reader is about to
         # see the close and fail the stream with the session's error.
         conn = self._conn
-        if conn is None or not ws_writable(conn):
+        if conn is None:
+            return False
+        # ws_writable(conn), inlined.
+        protocol = conn.protocol
+        if (
+            protocol.state is not WsState.OPEN
+            or conn.paused
+            or conn.send_in_progress is not None
+            or protocol.writes
+            or conn.transport.is_closing()
+        ):
             return False
         if self._first_audio_at is None:
             self._first_audio_at = asyncio.get_running_loop().time()
         return True
 
     def write_frame(self, frame: bytes) -> None:
-        conn = self._conn
-        assert conn is not None
         if self._raw_frames:
             self._transport_write(client_frame(frame))
-        elif not send_binary_nowait(conn, frame):
+        elif self._conn is None or not send_binary_nowait(self._conn, frame):
             raise GatewayConnectionError(
                 f"connection to {self._display_url()} lost during task {self.task_id} "
                 "(while sending audio)"
@@ -639,14 +659,24 @@ class Session(abc.ABC):
         error: NlsError | None = None
         try:
             async for message in conn:
-                if isinstance(message, bytes):
-                    raise ProtocolError(
-                        f"gateway sent a binary frame ({len(message)} bytes) on an ASR task"
-                    )
-                event = self._proto.receive(message)
-                await self._dispatch(event)
+                self._reader_busy = True
+                entry = self._inbox.popleft() if self._inbox else _UNPARSED
+                if entry is _UNPARSED:
+                    if isinstance(message, bytes):
+                        raise ProtocolError(
+                            f"gateway sent a binary frame ({len(message)} bytes) on an ASR task"
+                        )
+                    entry = self._proto.receive(message)
+                if isinstance(entry, Event):
+                    await self._dispatch(entry)
+                elif isinstance(entry, BaseException):
+                    raise entry
+                elif isinstance(entry, list):  # callbacks of an event _on_frame() delivered
+                    for awaitable in entry:
+                        await awaitable
                 if self._finished:
                     break
+                self._reader_busy = False
             else:
                 if not self._finished:
                     error = GatewayConnectionError(
@@ -668,10 +698,94 @@ class Session(abc.ABC):
         if error is not None:
             self._proto.fail()
             await self._fail(error)
+        self._drop_inbox()
         # The task is over: close politely (code 1000, reference §3.1), bounded by
         # close_timeout, then tell the user.
         await conn.close()
         await self._call_on_close()
+
+    def _drop_inbox(self) -> None:
+        """The reader is done: messages that arrive from now on are left unread, and
+        callbacks still waiting to be awaited are closed (never left to the GC)."""
+        self._reader_busy = True
+        for entry in self._inbox:
+            if isinstance(entry, list):
+                for awaitable in entry:
+                    if inspect.iscoroutine(awaitable):
+                        awaitable.close()
+        self._inbox.clear()
+
+    # Events on the connection's data path. At 1,000 sessions the gateway sends 2,000
+    # events a second; taking each one through websockets' message queue and waking the
+    # reader task for it cost more than parsing it. So every message is parsed the
+    # moment it arrives (in arrival order, as the protocol state machine needs), and the
+    # frequent results (SentenceBegin/End, ResultChanged) are delivered right there when
+    # nothing is ahead of them: not while the reader is busy with an earlier message
+    # (e.g. awaiting a coroutine callback) nor while messages wait for it. The reader
+    # still handles everything else (Started, Completed, TaskFailed, protocol errors,
+    # the close) and awaits whatever a callback returned before the next event.
+
+    def _on_frame(self, frame: Frame) -> bool:
+        """The first frame of an incoming message: True if it was handled here, False
+        to let websockets queue the message for the reader (with its inbox entry)."""
+        if not self._fast_events or self._finished:
+            self._inbox.append(_UNPARSED)
+            return False
+        if frame.opcode is not Opcode.TEXT or not frame.fin:
+            # Binary (a protocol error) or fragmented: the reader reads and parses it,
+            # and every later message too, so that they stay in order.
+            self._fast_events = False
+            self._inbox.append(_UNPARSED)
+            return False
+        try:
+            event = self._proto.receive(str(frame.data, "utf-8"))
+        except UnicodeDecodeError:
+            self._fast_events = False
+            self._inbox.append(_UNPARSED)
+            return False
+        except ProtocolError as exc:
+            self._inbox.append(exc)
+            return False
+        if self._inbox or self._reader_busy or type(event) not in _FAST_EVENTS:
+            self._inbox.append(event)
+            return False
+        pending = self._deliver(event)
+        if pending:
+            self._inbox.append(pending)  # the reader awaits them before any later event
+            return False
+        return True
+
+    def _deliver(self, event: Event) -> list[Awaitable[object]]:
+        """What _dispatch() does with a result event, synchronously; returns what is
+        left to await (a coroutine callback, or reporting a failed callback)."""
+        if (
+            self.metrics.time_to_first_partial_ms is None
+            and self._first_audio_at
+            and isinstance(event, (ResultChanged, SentenceEnd))
+        ):
+            now = asyncio.get_running_loop().time()
+            self.metrics.time_to_first_partial_ms = (now - self._first_audio_at) * 1e3
+        if isinstance(event, SentenceEnd):
+            self._sentences.append(event)
+        self._hub.publish(event)
+        callback = self._callbacks.get(type(event))
+        if callback is None:
+            return []
+        try:
+            result = callback(event)
+        except Exception as exc:
+            return [self._report(_callback_error(callback, exc), exc)]
+        if inspect.isawaitable(result):
+            return [self._await_callback(callback, result)]
+        return []
+
+    async def _await_callback(
+        self, callback: Callable[[Any], object], result: Awaitable[object]
+    ) -> None:
+        try:
+            await result
+        except Exception as exc:
+            await self._report(_callback_error(callback, exc), exc)
 
     async def _dispatch(self, event: Event) -> None:
         loop = asyncio.get_running_loop()
@@ -709,10 +823,7 @@ class Session(abc.ABC):
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            name = getattr(callback, "__name__", repr(callback))
-            await self._report(
-                CallbackError(f"callback {name} raised {type(exc).__name__}: {exc}"), exc
-            )
+            await self._report(_callback_error(callback, exc), exc)
 
     async def _report(self, error: NlsError, cause: BaseException | None = None) -> None:
         if cause is not None:
@@ -777,6 +888,40 @@ class Session(abc.ABC):
 
 def _not_connected(data: bytes) -> None:
     raise InvalidStateError("the session is not connected")
+
+
+def _callback_error(callback: Callable[[Any], object], exc: Exception) -> CallbackError:
+    name = getattr(callback, "__name__", repr(callback))
+    return CallbackError(f"callback {name} raised {type(exc).__name__}: {exc}")
+
+
+class _Unparsed:
+    """Inbox entry: the reader reads and parses this message itself."""
+
+
+_UNPARSED = _Unparsed()
+#: An inbox entry: the parsed event, the error parsing it raised, what is left to await
+#: of an event _on_frame() delivered, or _UNPARSED.
+_InboxEntry = Event | ProtocolError | list[Awaitable[object]] | _Unparsed
+#: The events _on_frame() may deliver itself: results, which never end the task.
+_FAST_EVENTS = frozenset({SentenceBegin, SentenceEnd, ResultChanged})
+
+
+class _NlsConnection(ClientConnection):
+    """A client connection that offers each incoming message to its session first."""
+
+    def __init__(self, *args: Any, session: Session, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._session = session
+
+    def process_event(self, event: Any) -> None:
+        if (
+            isinstance(event, Frame)
+            and (event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY)
+            and self._session._on_frame(event)
+        ):
+            return
+        super().process_event(event)
 
 
 _S = TypeVar("_S", bound=Session)

@@ -532,3 +532,44 @@ async def test_clean_exit_leaves_no_task_or_socket(gw: Gateway) -> None:
     assert t.result is not None
     await settle(gw, before)
     assert gw.sessions[-1].outcome == "completed"
+
+
+async def test_iterator_sees_events_in_gateway_order_while_a_coroutine_callback_waits(
+    gw: Gateway,
+) -> None:
+    # Events are delivered from the connection's data path when the reader is idle and
+    # queued behind it when a coroutine callback is still running; either way every
+    # consumer must see the gateway's order.
+    seen_by_callbacks: list[tuple[str, int | None]] = []
+
+    async def slow_begin(e: SentenceBegin) -> None:
+        await asyncio.sleep(0.02)
+        seen_by_callbacks.append(("SentenceBegin", e.index))
+
+    t = Transcriber(
+        "app",
+        "tok",
+        enable_intermediate_result=True,
+        on_sentence_begin=slow_begin,
+        on_result_changed=lambda e: seen_by_callbacks.append(("ResultChanged", e.index)),
+        on_sentence_end=lambda e: seen_by_callbacks.append(("SentenceEnd", e.index)),
+        **session_kwargs(gw),
+    )
+    async with t:
+        stream = t.events()
+        await t.stream(THREE, pace=None)
+        await t.stop()
+        seen_by_iterator = [
+            (type(e).__name__, getattr(e, "index", None))
+            async for e in stream
+            if isinstance(e, (SentenceBegin, ResultChanged, SentenceEnd))
+        ]
+    wanted = {
+        "SentenceBegin": "SentenceBegin",
+        "TranscriptionResultChanged": "ResultChanged",
+        "SentenceEnd": "SentenceEnd",
+    }
+    sent = [wanted[name] for name in gw.sessions[-1].events if name in wanted]
+    assert seen_by_iterator == seen_by_callbacks
+    assert [name for name, _ in seen_by_iterator] == sent
+    assert [i for name, i in seen_by_iterator if name == "SentenceEnd"] == [1, 2, 3]
