@@ -204,3 +204,9 @@ def write_result(result: dict[str, Any], path: str | None) -> None:
         Path(path).write_text(text, encoding="utf-8")
     else:
         print(text, flush=True)
+
+
+def default_ramp(sessions: int) -> float:
+    """Seconds over which both clients spread their session starts, so the connect storm
+    does not dominate the measurement (documented in benchmarks/README.md)."""
+    return max(1.0, sessions / 400)

@@ -30,16 +30,13 @@ from benchmarks.common import (
     Clock,
     SteadyCpu,
     client_result,
+    default_ramp,
     lag_summary,
     load_pcm,
     raise_nofile_limit,
     rss_kib,
     write_result,
 )
-
-
-def default_ramp(sessions: int) -> float:
-    return max(1.0, sessions / 400)
 
 
 class _Record:

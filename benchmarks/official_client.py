@@ -34,6 +34,7 @@ from benchmarks.common import (
     Clock,
     SteadyCpu,
     client_result,
+    default_ramp,
     lag_summary,
     load_pcm,
     raise_nofile_limit,
@@ -41,10 +42,6 @@ from benchmarks.common import (
     split_frames,
     write_result,
 )
-
-
-def default_ramp(sessions: int) -> float:
-    return max(1.0, sessions / 400)
 
 
 class _Session:
