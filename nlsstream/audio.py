@@ -134,28 +134,31 @@ class Framer:
 
     def push(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add ``data``; return the frames it completes (possibly none)."""
+        block = self.take(data)
+        n = self._n
+        if len(block) == n:
+            return [block]
+        return [block[i : i + n] for i in range(0, len(block), n)]
+
+    def take(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Add ``data``; return the frames it completes as one block (a multiple of
+        ``frame_bytes``, possibly empty): no per-frame objects, no copy when ``data`` is
+        a bytes of whole frames and nothing is carried over."""
         if not isinstance(data, bytes):
             data = bytes(data)
         n = self._n
-        size = len(data)
-        start = 0
-        frames: list[bytes] = []
-        if self._buf:
-            need = n - len(self._buf)
-            if size < need:
-                self._buf += data
-                return frames
-            self._buf += data[:need]
-            frames.append(bytes(self._buf))
-            self._buf.clear()
-            start = need
-        elif size == n:
-            return [data]
-        end = start + (size - start) // n * n
-        frames.extend([data[i : i + n] for i in range(start, end, n)])
-        if end < size:
-            self._buf += data[end:]
-        return frames
+        buf = self._buf
+        if buf:
+            buf += data
+            end = len(buf) // n * n
+            block = bytes(buf[:end])
+            del buf[:end]
+            return block
+        end = len(data) // n * n
+        if end < len(data):
+            buf += data[end:]
+            return data[:end]
+        return data
 
     def flush(self) -> bytes:
         """Return the buffered remainder (maybe ``b""``, never dropped) and reset."""

@@ -33,7 +33,6 @@ from typing import Any, ClassVar, TypeVar, cast
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Frame, Opcode
-from websockets.protocol import State as WsState
 
 from . import audio
 from .auth import TokenProvider, TokenSource, as_provider
@@ -52,7 +51,7 @@ from .errors import (
     task_error,
 )
 from .events import EventHub, EventStream
-from .pacing import Metrics, PacedStream, Pacer, client_frame, send_binary_nowait
+from .pacing import Metrics, PacedStream, Pacer, client_frames, ws_writable
 from .protocol import (
     RECOGNIZER,
     SAMPLE_RATES,
@@ -224,9 +223,6 @@ class Session(abc.ABC):
         self._streaming = False
         self._close_called = False
         self._first_audio_at: float | None = None
-        # Paced frames are framed by nlsstream.pacing.client_frame and written straight
-        # to the transport unless an extension (compression) needs websockets' framing.
-        self._raw_frames = False
         self._transport_write: Callable[[bytes], object] = _not_connected
         self._stop_sent_at: float | None = None
         # Incoming messages (see _NlsConnection): each message websockets queues for the
@@ -380,7 +376,6 @@ class Session(abc.ABC):
             raise GatewayConnectionError(
                 f"cannot connect to {url}: {redact(str(exc), token)}"
             ) from exc
-        self._raw_frames = not self._conn.protocol.extensions
         self._transport_write = self._conn.transport.write  # bound once, not per frame
         logger.debug("connected to %s", url)
 
@@ -542,10 +537,10 @@ class Session(abc.ABC):
         if self._streaming:
             raise InvalidStateError("stream() is already running on this session")
         self._streaming = True
-        framer = audio.Framer(audio.FRAME_BYTES)
         try:
             async with contextlib.aclosing(audio.pcm_chunks(source, self.sample_rate)) as chunks:
                 if pace is None:
+                    framer = audio.Framer(audio.FRAME_BYTES)
                     async for chunk in chunks:
                         for frame in framer.push(chunk):
                             await self._send_frame_unpaced(frame)
@@ -556,7 +551,7 @@ class Session(abc.ABC):
                     if tail:
                         await self._send_frame_unpaced(tail)
                 else:
-                    await self._stream_paced(chunks, framer, pace)
+                    await self._stream_paced(chunks, pace)
         finally:
             self._streaming = False
 
@@ -564,21 +559,25 @@ class Session(abc.ABC):
         self._check_audio()
         await self._send_audio_now(frame)
 
-    async def _stream_paced(self, chunks: Any, framer: audio.Framer, pace: float) -> None:
+    async def _stream_paced(self, chunks: Any, pace: float) -> None:
         assert self._pacer is not None
         paced = self._pacer.open(
             self,
             2 * self.sample_rate * pace,
             self.metrics,
             max_ahead_bytes=self._max_ahead_bytes,
+            frame_bytes=audio.FRAME_BYTES,
         )
         self._paced = paced
         try:
+            # The task may have ended while the source was being opened; from now on
+            # _finish() aborts the stream.
+            self._check_audio()
+            self._sync_audio_gate()
             async for chunk in chunks:
-                await paced.put_many(framer.push(chunk))
-            tail = framer.flush()
-            if tail:
-                await paced.put(tail)
+                await paced.put(chunk)
+                if self._first_audio_at is None:
+                    self._first_audio_at = paced.start_time
             await paced.finish()
         except BaseException as exc:
             paced.abort(exc)
@@ -586,45 +585,24 @@ class Session(abc.ABC):
         finally:
             self._paced = None
 
-    # FrameSink, for the pacer. At 1,000 sessions these run 50,000 times a second, so
-    # they touch as few objects as they can: frame_writable() runs once per session per
-    # tick, write_frame() once per frame.
+    # FrameSink, for the pacer.
 
-    def frame_writable(self) -> bool:
-        # The session aborts its paced stream whenever the task stops taking audio
-        # (stop(), _finish()), so "finished" is the only task state to check here.
-        if self._finished:
-            self._check_audio()  # raises the task's error, failing the stream
-        # A connection that is closing is "not writable" too: the reader is about to
-        # see the close and fail the stream with the session's error.
-        conn = self._conn
-        if conn is None:
-            return False
-        # ws_writable(conn), inlined.
-        protocol = conn.protocol
-        if (
-            protocol.state is not WsState.OPEN
-            or conn.paused
-            or conn.send_in_progress is not None
-            or protocol.writes
-            or conn.transport.is_closing()
-        ):
-            return False
-        if self._first_audio_at is None:
-            self._first_audio_at = asyncio.get_running_loop().time()
-        return True
+    def _sync_audio_gate(self) -> None:
+        """Hold the paced stream while the connection cannot take a frame (see
+        nlsstream.pacing.ws_writable); called whenever that may have changed:
+        flow control, anything websockets writes (a close frame), the connection lost."""
+        paced = self._paced
+        if paced is not None:
+            conn = self._conn
+            paced.held = conn is None or not ws_writable(conn)
 
-    def write_frame(self, frame: bytes) -> None:
-        if self._raw_frames:
-            self._transport_write(client_frame(frame))
-        elif self._conn is None or not send_binary_nowait(self._conn, frame):
-            raise GatewayConnectionError(
-                f"connection to {self._display_url()} lost during task {self.task_id} "
-                "(while sending audio)"
-            )
-        metrics = self.metrics  # Metrics.record_audio, inlined
-        metrics.frames_sent += 1
-        metrics.bytes_sent += len(frame)
+    def frame_writer(self) -> Callable[[bytes], object]:
+        # compression=None: no extension can be negotiated (RFC 6455 §9.1), so frames
+        # made by client_frames() go straight to the transport.
+        return self._transport_write
+
+    def encode_frames(self, pcm: bytes, frame_bytes: int) -> list[bytes]:
+        return client_frames(pcm, frame_bytes)
 
     async def _send_text(self, text: str) -> None:
         conn = self._conn
@@ -908,7 +886,8 @@ _FAST_EVENTS = frozenset({SentenceBegin, SentenceEnd, ResultChanged})
 
 
 class _NlsConnection(ClientConnection):
-    """A client connection that offers each incoming message to its session first."""
+    """A client connection that offers each incoming message to its session first, and
+    tells it when the connection stops or starts taking audio."""
 
     def __init__(self, *args: Any, session: Session, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -922,6 +901,25 @@ class _NlsConnection(ClientConnection):
         ):
             return
         super().process_event(event)
+
+    # Every change of what ws_writable() checks passes through one of these: websockets
+    # writes every frame it makes (a close frame included) with send_data().
+
+    def send_data(self) -> None:
+        super().send_data()
+        self._session._sync_audio_gate()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._session._sync_audio_gate()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._session._sync_audio_gate()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._session._sync_audio_gate()
 
 
 _S = TypeVar("_S", bound=Session)

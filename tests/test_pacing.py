@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import random
+from collections.abc import Callable
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.speedups import apply_mask
 
-from nlsstream.pacing import LATE_THRESHOLD_MS, Metrics, Pacer, send_binary_nowait
+from nlsstream.pacing import (
+    LATE_THRESHOLD_MS,
+    Metrics,
+    Pacer,
+    client_frame,
+    client_frames,
+    ws_writable,
+)
 
 FRAME = 640
 BPS_16K = 32000.0  # bytes per second of 16 kHz PCM16 mono
@@ -28,11 +38,13 @@ class Sink:
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.sent: list[tuple[float, bytes]] = []
-        self.writable = True
         self.fail: Exception | None = None
 
-    def frame_writable(self) -> bool:
-        return self.writable
+    def frame_writer(self) -> Callable[[bytes], object]:
+        return self.write_frame
+
+    def encode_frames(self, pcm: bytes, frame_bytes: int) -> list[bytes]:
+        return [pcm[i : i + frame_bytes] for i in range(0, len(pcm), frame_bytes)]
 
     def write_frame(self, frame: bytes) -> None:
         if self.fail is not None:
@@ -78,7 +90,8 @@ async def test_frames_are_due_on_a_drift_free_schedule(pacer: Pacer, clock: Fake
         assert when >= due
         assert when - due < 0.0111 + 1e-9, f"frame {i} sent {when - due:.4f} s after due"
         assert frame == frames(50)[i]
-    assert metrics.frames_sent == 0  # the sink does the audio accounting, not the pacer
+    assert metrics.frames_sent == metrics.paced_frames == 50
+    assert metrics.bytes_sent == 50 * FRAME
     assert metrics.late_frames == sum(1 for i in range(50) if jitter[i % 5] * 1e3 > 5)
     assert metrics.max_lateness_ms == pytest.approx(11.0)
     assert stream.finished is False
@@ -170,13 +183,13 @@ async def test_backed_up_session_is_skipped_without_stalling_others(
     await fill(s1, frames(5))
     await fill(s2, frames(5))
     t0 = clock.now
-    slow.writable = False
+    s1.held = True  # what a session does from its transport's pause_writing()
     for i in range(5):
         clock.now = t0 + i * 0.02
         pacer.run_due()
     assert len(fast.sent) == 5 and slow.sent == []
     assert fast_m.late_frames == 0
-    slow.writable = True
+    s1.held = False
     clock.now = t0 + 0.2
     pacer.run_due()
     # Late frames are sent at once, never dropped, and their lateness is recorded.
@@ -262,12 +275,19 @@ async def test_other_loops_get_their_own_pacer() -> None:
 # --------------------------------------------------------------------------- fast path
 
 
-async def test_send_binary_nowait_writes_and_refuses_when_it_must() -> None:
+async def test_client_frames_are_what_websockets_receives() -> None:
+    """Frames made by client_frames()/client_frame() and written straight to the
+    transport arrive intact at a websockets server (which checks the masking), and
+    ws_writable() refuses once the transport is backed up or closed."""
     received: list[bytes] = []
     hold = asyncio.Event()
+    rng = random.Random(7)
+    pcm = rng.randbytes(640 * 30 + 100)
+    expected = [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
 
     async def handler(ws: ServerConnection) -> None:
-        received.append(await ws.recv())  # type: ignore[arg-type]
+        for _ in expected:
+            received.append(await ws.recv())  # type: ignore[arg-type]
         await hold.wait()  # then stop reading: the client's buffers fill up
 
     async with serve(
@@ -275,42 +295,64 @@ async def test_send_binary_nowait_writes_and_refuses_when_it_must() -> None:
     ) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         async with connect(f"ws://127.0.0.1:{port}", compression=None) as conn:
-            assert send_binary_nowait(conn, b"\x01\x02" * 320)
-            for _ in range(100):
-                if received:
+            assert ws_writable(conn)
+            frames = client_frames(pcm, 640)
+            assert len(frames) == len(expected)
+            assert len({f[4:8] for f in frames}) == len(frames)  # a fresh key per frame
+            for frame in frames:
+                conn.transport.write(frame)
+            for _ in range(200):
+                if len(received) == len(expected):
                     break
                 await asyncio.sleep(0.01)
-            assert received == [b"\x01\x02" * 320]
+            assert received == expected
             # Keep writing without awaiting until the transport crosses its high-water
-            # mark: from then on the fast path refuses instead of buffering more.
-            big = b"\x00" * 65536
+            # mark: from then on ws_writable() refuses instead of buffering more.
+            big = client_frame(b"\x00" * 65536)
             for _ in range(2000):
-                if not send_binary_nowait(conn, big):
+                if not ws_writable(conn):
                     break
+                conn.transport.write(big)
                 await asyncio.sleep(0)
-            assert conn.paused
-            assert not send_binary_nowait(conn, big)
+            assert conn.paused and not ws_writable(conn)
             hold.set()
             conn.transport.abort()
             await conn.wait_closed()
-            assert not send_binary_nowait(conn, b"\x00\x00")
+            assert not ws_writable(conn)
 
 
-async def test_put_many_batches_and_stalls_are_counted(pacer: Pacer, clock: FakeClock) -> None:
+@pytest.mark.parametrize("size", [640, 320, 100, 7, 65536])
+def test_client_frames_match_client_frame(size: int) -> None:
+    pcm = random.Random(size).randbytes(size * 9 + size // 2)
+    frames = client_frames(pcm, size)
+    assert len(frames) == 10
+    for i, frame in enumerate(frames):
+        piece = pcm[i * size : (i + 1) * size]
+        header = len(client_frame(piece)) - len(piece)
+        assert frame[: header - 4] == client_frame(piece)[: header - 4]
+        assert apply_mask(frame[header:], frame[header - 4 : header]) == piece
+
+
+def test_client_frames_rejects_bad_frame_size() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        client_frames(b"\x00" * 10, 0)
+
+
+async def test_put_batches_and_stalls_are_counted(pacer: Pacer, clock: FakeClock) -> None:
     sink = Sink(clock)
     metrics = Metrics()
     stream = pacer.open(sink, BPS_16K, metrics, max_ahead_bytes=4 * FRAME)
-    await stream.put_many(frames(4))
+    await stream.put(b"".join(frames(4)))
     assert stream.buffered_bytes == 4 * FRAME
     # The buffer is full: the next batch waits until the pacer frees half of it.
-    producer = asyncio.ensure_future(stream.put_many(frames(3)))
+    producer = asyncio.ensure_future(stream.put(b"".join(frames(3))))
     await asyncio.sleep(0)
     assert not producer.done()
     t0 = clock.now
-    sink.writable = False
+    stream.held = True
     pacer.run_due()
     assert metrics.stalled_ticks == 1 and sink.sent == []
-    sink.writable = True
+    stream.held = False
     clock.now = t0 + 0.02
     pacer.run_due()  # frames 0 and 1 are due: sent at once, the late one counted
     await asyncio.wait_for(producer, 1)
@@ -321,3 +363,28 @@ async def test_put_many_batches_and_stalls_are_counted(pacer: Pacer, clock: Fake
     await asyncio.wait_for(stream.finish(), 1)
     assert [f for _, f in sink.sent] == frames(4) + frames(3)
     assert pacer.pending == 0
+
+
+async def test_put_cuts_any_length_into_frames_and_finish_sends_the_rest(
+    pacer: Pacer, clock: FakeClock
+) -> None:
+    sink = Sink(clock)
+    metrics = Metrics()
+    stream = pacer.open(sink, BPS_16K, metrics, max_ahead_bytes=100 * FRAME)
+    pcm = random.Random(3).randbytes(5 * FRAME + 100)
+    for piece in (pcm[:1], pcm[1:1000], pcm[1000:1000], pcm[1000:]):
+        await stream.put(piece)
+    assert stream.buffered_bytes == len(pcm)  # 5 frames queued, 100 bytes not yet cut
+    assert stream.start_time == clock.now
+    t0 = clock.now
+    done = asyncio.ensure_future(stream.finish())
+    await asyncio.sleep(0)
+    for i in range(6):
+        clock.now = t0 + i * 0.02
+        pacer.run_due()
+    await asyncio.wait_for(done, 1)
+    assert b"".join(f for _, f in sink.sent) == pcm
+    assert [len(f) for _, f in sink.sent] == [FRAME] * 5 + [100]
+    assert [when for when, _ in sink.sent] == pytest.approx([t0 + i * 0.02 for i in range(6)])
+    assert metrics.bytes_sent == len(pcm) and metrics.frames_sent == 6
+    assert stream.buffered_bytes == 0 and stream.finished and pacer.pending == 0

@@ -4,12 +4,14 @@ typed errors, useful messages without the token, and nothing left behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from nlsstream import (
     AuthenticationError,
@@ -24,7 +26,7 @@ from nlsstream import (
     Transcriber,
 )
 from nlsstream.gateway import Faults, Gateway
-from nlsstream.protocol import State
+from nlsstream.protocol import TRANSCRIBER, State, build_event
 
 FIXTURES = Path(__file__).parent / "fixtures"
 THREE = str(FIXTURES / "three_sentences.wav")
@@ -345,3 +347,45 @@ async def test_exception_in_block_aborts_without_stop(gw: Gateway) -> None:
     record = gw.sessions[-1]
     assert "TranscriptionCompleted" not in record.events
     assert record.outcome in ("disconnected", "failed")
+
+
+async def test_backed_up_connection_holds_its_stream_without_stalling_others(
+    gw: Gateway,
+) -> None:
+    """A gateway that stops reading: TCP backs up, the transport pauses, the session
+    holds its paced stream (counted in stalled_ticks, nothing dropped) while another
+    session on the same pacer streams to completion."""
+    hold = asyncio.Event()
+
+    async def deaf_gateway(ws: ServerConnection) -> None:
+        start = json.loads(await ws.recv())
+        task_id = start["header"]["task_id"]
+        await ws.send(json.dumps(build_event(TRANSCRIBER.name, TRANSCRIBER.started, task_id)))
+        await hold.wait()  # never read again: with max_queue=1 the server stops reading
+
+    async with serve(
+        deaf_gateway, "127.0.0.1", 0, max_queue=1, compression=None, close_timeout=0.1
+    ) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        try:
+            slow = Transcriber("app", TOKEN, url=f"ws://127.0.0.1:{port}", stop_timeout=0.5)
+            await slow.start()
+            # 10 minutes of audio at 500x: more than the loopback socket buffers hold.
+            sending = asyncio.create_task(slow.stream(b"\x00\x01" * 16000 * 600, pace=500))
+            for _ in range(500):
+                if slow.metrics.stalled_ticks:
+                    break
+                await asyncio.sleep(0.01)
+            assert slow.metrics.stalled_ticks > 0
+            async with Transcriber("app", TOKEN, **kw(gw)) as fast:
+                await fast.stream(HELLO, pace=20)
+                result = await fast.stop()
+            assert fast.metrics.stalled_ticks == 0
+            assert fast.metrics.bytes_sent == gw.sessions[-1].audio_bytes > 0
+            assert result.duration > 0
+            assert not sending.done()
+            await slow.abort()
+            with pytest.raises(InvalidStateError, match="buffered bytes were not sent"):
+                await asyncio.wait_for(sending, 2)
+        finally:
+            hold.set()
