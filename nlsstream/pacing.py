@@ -447,44 +447,50 @@ class PacedStream:
                 # Consumers re-raise via _check(); don't let asyncio log it too.
                 fut.exception()
 
-    def _catch_up(self, now: float, horizon: float, lateness: float) -> None:
-        """The uncommon part of a tick, after :meth:`Pacer.run_due` wrote one frame: a
-        late frame's lateness, more frames due (a backlog), a short last frame, the
-        producer's wake-up, the end of the stream."""
-        metrics = self.metrics
+    def _catch_up(self, now: float, horizon: float) -> None:
+        """Write a late frame, or a backlog of frames due (after a stall, or a loop too
+        busy to tick on time) in **one** write: catching up then costs one system call
+        per session, not one per frame, so a loop that fell behind recovers fast."""
         buf = self._buf
+        metrics = self.metrics
+        t0, period = self._t0, self._period
+        index = self._index
+        due = self._next_due
+        frames: list[bytes] = []
+        while buf and due <= horizon:
+            frames.append(buf.popleft())
+            lateness_ms = (now - due) * 1000.0
+            if lateness_ms >= 1.0:
+                metrics._record_late(lateness_ms)
+            index += 1
+            due = t0 + index * period
         try:
-            while True:
-                if lateness >= 0.001:
-                    metrics._record_late(lateness * 1000.0)
-                if not buf:
-                    break
-                due = self._next_due
-                if due > horizon:
-                    break
-                if self.held:  # backed up in the middle of a backlog
-                    metrics.stalled_ticks += 1
-                    break
-                self._write(buf.popleft())
-                self._index += 1
-                self._next_due = self._t0 + self._index * self._period
-                metrics.frames_sent += 1
-                metrics.bytes_sent += self._frame_bytes
-                metrics._paced_frames += 1
-                lateness = now - due
+            self._write(frames[0] if len(frames) == 1 else b"".join(frames))
         except BaseException as exc:  # the sink refused: fail this stream only
             self.abort(exc)
             return
+        self._index = index
+        self._next_due = due
+        metrics.frames_sent += len(frames)
+        metrics.bytes_sent += len(frames) * self._frame_bytes
+        metrics._paced_frames += len(frames)
+        if len(buf) <= self._low_water:
+            self._drained()
+
+    def _drained(self) -> None:
+        """The buffer is at or below its low-water mark after a write: wake the producer;
+        if it is empty, wait for more (or end the stream after its last frame)."""
+        buf = self._buf
         if not buf:
             self._next_due = float("inf")
             if self._closed:
                 if self._tail:  # the last frame was the short one
-                    metrics.bytes_sent -= self._frame_bytes - self._tail
+                    self.metrics.bytes_sent -= self._frame_bytes - self._tail
                 self._pacer._detach(self)
                 if self._done is not None and not self._done.done():
                     self._done.set_result(None)
         space = self._space
-        if space is not None and len(buf) <= self._low_water and not space.done():
+        if space is not None and not space.done():
             space.set_result(None)
 
 
@@ -598,9 +604,10 @@ class Pacer:
             now = self.clock()
         horizon = now + early
         # At 1,000 sessions this loop runs 50,000 times a second: the common case (one
-        # frame due, written on time, buffer well filled) is inlined here and touches
-        # only the stream, its buffer, its metrics and the sink; PacedStream._catch_up
-        # does the rest. A copy of the streams: ending ones leave the dict meanwhile.
+        # frame due, on time) is inlined here and touches only the stream, its buffer,
+        # its metrics and the transport; late frames and backlogs go to _catch_up(),
+        # the producer's wake-up and the end of the stream to _drained(). A copy of the
+        # streams: ending ones leave the dict meanwhile.
         for stream in list(self._streams):
             due = stream._next_due
             if due > horizon:
@@ -608,19 +615,23 @@ class Pacer:
             if stream.held:
                 stream.metrics.stalled_ticks += 1
                 continue
+            index = stream._index + 1
+            next_due = stream._t0 + index * stream._period
+            if next_due <= horizon or now - due >= 0.001:
+                stream._catch_up(now, horizon)  # late, or more than one frame due
+                continue
             buf = stream._buf
             try:
                 stream._write(buf.popleft())
             except BaseException as exc:  # the sink refused: fail this stream only
                 stream.abort(exc)
                 continue
-            index = stream._index + 1
             stream._index = index
-            stream._next_due = next_due = stream._t0 + index * stream._period
+            stream._next_due = next_due
             metrics = stream.metrics
             metrics.frames_sent += 1
             metrics.bytes_sent += stream._frame_bytes
             metrics._paced_frames += 1
-            if now - due >= 0.001 or next_due <= horizon or len(buf) <= stream._low_water:
-                stream._catch_up(now, horizon, now - due)
+            if len(buf) <= stream._low_water:
+                stream._drained()
         return len(self._streams)

@@ -28,11 +28,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Frame, Opcode
+from websockets.proxy import get_proxy
+from websockets.uri import parse_uri
 
 from . import audio
 from .auth import TokenProvider, TokenSource, as_provider
@@ -121,6 +123,10 @@ class Session(abc.ABC):
         pacer: the :class:`~nlsstream.pacing.Pacer` for :meth:`stream` (default: the
             running loop's shared one).
         max_ahead_ms: how much audio :meth:`stream` buffers ahead of the pacer.
+        proxy: ``True`` (default) uses the system's proxy settings for the gateway's
+            address (``wss_proxy``/``https_proxy``/... environment variables, ``no_proxy``),
+            read once per address per process; a proxy URL uses that proxy; ``None``
+            connects directly.
         params: extra Start parameters (``max_sentence_silence``, ``enable_words``,
             ``vocabulary_id``, ...), sent as given; ``None`` values are left out.
 
@@ -156,6 +162,7 @@ class Session(abc.ABC):
         task_id: str | None = None,
         pacer: Pacer | None = None,
         max_ahead_ms: int = 1000,
+        proxy: str | Literal[True] | None = True,
         **params: Any,
     ) -> None:
         if not isinstance(appkey, str) or not appkey:
@@ -204,6 +211,7 @@ class Session(abc.ABC):
         self.ping_timeout = ping_timeout
         self.event_queue_size = event_queue_size
         self._pacer = pacer
+        self.proxy = proxy
         self._max_ahead_bytes = max(audio.FRAME_BYTES, 2 * sample_rate * max_ahead_ms // 1000)
         self.metrics = Metrics(sample_rate=sample_rate)
 
@@ -341,8 +349,13 @@ class Session(abc.ABC):
         url = self._display_url()
         logger.debug("connecting to %s for task %s", url, self.task_id)
         try:
+            proxy = self.proxy
+            if proxy is True:
+                uri = parse_uri(self.url)
+                proxy = _system_proxy(uri.secure, uri.host, uri.port)
             self._conn = await connect(
                 self.url,
+                proxy=proxy,
                 create_connection=cast(Any, functools.partial(_NlsConnection, session=self)),
                 additional_headers={"X-NLS-Token": token},
                 compression=None,
@@ -883,6 +896,13 @@ _UNPARSED = _Unparsed()
 _InboxEntry = Event | ProtocolError | list[Awaitable[object]] | _Unparsed
 #: The events _on_frame() may deliver itself: results, which never end the task.
 _FAST_EVENTS = frozenset({SentenceBegin, SentenceEnd, ResultChanged})
+
+
+@functools.lru_cache(maxsize=64)
+def _system_proxy(secure: bool, host: str, port: int) -> str | None:
+    """websockets' own proxy lookup, once per gateway address: it reads the whole
+    environment, which cost more than the rest of opening a connection."""
+    return get_proxy(parse_uri(f"{'wss' if secure else 'ws'}://{host}:{port}/"))
 
 
 class _NlsConnection(ClientConnection):

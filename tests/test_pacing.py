@@ -33,23 +33,33 @@ class FakeClock:
 
 
 class Sink:
-    """Records (time, frame) for every write; can refuse or fail on demand."""
+    """Records (time, frame) for every frame written, and the number of writes (a
+    backlog goes out in one); can fail on demand. Frames are length-prefixed, like
+    WebSocket frames, so that frames written together can be told apart."""
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.sent: list[tuple[float, bytes]] = []
+        self.writes = 0
         self.fail: Exception | None = None
 
     def frame_writer(self) -> Callable[[bytes], object]:
         return self.write_frame
 
     def encode_frames(self, pcm: bytes, frame_bytes: int) -> list[bytes]:
-        return [pcm[i : i + frame_bytes] for i in range(0, len(pcm), frame_bytes)]
+        return [
+            len(pcm[i : i + frame_bytes]).to_bytes(2, "big") + pcm[i : i + frame_bytes]
+            for i in range(0, len(pcm), frame_bytes)
+        ]
 
-    def write_frame(self, frame: bytes) -> None:
+    def write_frame(self, data: bytes) -> None:
         if self.fail is not None:
             raise self.fail
-        self.sent.append((self.clock(), frame))
+        self.writes += 1
+        while data:
+            size = int.from_bytes(data[:2], "big")
+            self.sent.append((self.clock(), data[2 : 2 + size]))
+            data = data[2 + size :]
 
 
 def frames(n: int, size: int = FRAME) -> list[bytes]:
@@ -192,8 +202,10 @@ async def test_backed_up_session_is_skipped_without_stalling_others(
     s1.held = False
     clock.now = t0 + 0.2
     pacer.run_due()
-    # Late frames are sent at once, never dropped, and their lateness is recorded.
-    assert len(slow.sent) == 5
+    # Late frames are sent at once, in one write, never dropped, and their lateness
+    # is recorded.
+    assert len(slow.sent) == 5 and slow.writes == 1
+    assert fast.writes == 5
     assert slow_m.late_frames == 5
     assert slow_m.max_lateness_ms == pytest.approx(200.0)
     assert slow_m.p99_lateness_ms == pytest.approx(200.0)
