@@ -164,7 +164,7 @@ def event_to_json(event: Event) -> dict[str, Any]:
         "task_id": event.task_id,
     }
     for f in dataclasses.fields(event):
-        if f.name in _BASE_FIELDS or f.name == "raw":
+        if f.name in _BASE_FIELDS or f.name == "raw_text":
             continue
         out[f.name] = _jsonable(getattr(event, f.name))
     if event.status != SUCCESS or isinstance(event, TaskFailed):

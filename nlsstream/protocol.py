@@ -242,7 +242,7 @@ def parse_directive(text: str | bytes) -> Directive:
 # --------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Word:
     """One recognised word with its times in ms from the start of the audio."""
 
@@ -251,9 +251,15 @@ class Word:
     end_time: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Event:
-    """A server event. ``raw`` is the whole decoded message, unknown keys included."""
+    """A server event. ``raw_text`` is the message as received, :attr:`raw` its decoding.
+
+    Events keep the message's text rather than its decoded dicts: a session keeps every
+    final sentence, and at thousands of sessions the dicts would add up to enough
+    objects to make the garbage collector's full passes pause the event loop for tens of
+    milliseconds.
+    """
 
     name: str
     namespace: str
@@ -261,15 +267,21 @@ class Event:
     message_id: str = ""
     status: int = SUCCESS
     status_text: str = SUCCESS_TEXT
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    raw_text: str = field(default="", repr=False, compare=False)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The whole message, unknown keys included, decoded afresh on each access
+        (``{}`` for an event not made from a message)."""
+        return json.loads(self.raw_text) if self.raw_text else {}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Started(Event):
     """``TranscriptionStarted`` / ``RecognitionStarted``: audio may be sent from now on."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SentenceBegin(Event):
     """A new sentence was detected (transcriber). ``time`` is where it starts, in ms."""
 
@@ -277,7 +289,7 @@ class SentenceBegin(Event):
     time: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ResultChanged(Event):
     """An intermediate result: the full current hypothesis, not a delta.
 
@@ -293,7 +305,7 @@ class ResultChanged(Event):
     duration: int | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SentenceEnd(Event):
     """A final sentence (transcriber): ``begin_time`` to ``time`` in ms, its text and words."""
 
@@ -305,7 +317,7 @@ class SentenceEnd(Event):
     words: tuple[Word, ...] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Completed(Event):
     """``TranscriptionCompleted`` / ``RecognitionCompleted``: the task ended normally.
 
@@ -317,12 +329,12 @@ class Completed(Event):
     duration: int | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TaskFailed(Event):
     """The task failed; ``status`` and ``status_text`` say why."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class UnknownEvent(Event):
     """An event this version does not know (e.g. ``SentenceSemantics``); kept, not dropped."""
 
@@ -405,7 +417,7 @@ def parse_event(text: str | bytes) -> Event:
         "message_id": str(header.get("message_id", "")),
         "status": status,
         "status_text": str(status_text or ""),
-        "raw": message,
+        "raw_text": text if isinstance(text, str) else text.decode("utf-8"),
     }
     if name == TASK_FAILED:
         return TaskFailed(**base)

@@ -149,6 +149,10 @@ def test_parse_sentence_end_ignores_unknown_keys() -> None:
     assert ev.words == (p.Word("北京", 630, 930),)
     assert ev.confidence == pytest.approx(0.872)
     assert ev.raw["payload"]["gender_score"] == 0.0
+    # The event keeps the text, not dicts; each access decodes a fresh copy.
+    assert json.loads(ev.raw_text)["payload"] == payload
+    assert ev.raw is not ev.raw and ev.raw == json.loads(ev.raw_text)
+    assert not hasattr(ev, "__dict__")  # slotted: a retained sentence is one small object
 
 
 @pytest.mark.parametrize("payload", [None, {}])
