@@ -900,8 +900,9 @@ _FAST_EVENTS = frozenset({SentenceBegin, SentenceEnd, ResultChanged})
 
 @functools.lru_cache(maxsize=64)
 def _system_proxy(secure: bool, host: str, port: int) -> str | None:
-    """websockets' own proxy lookup, once per gateway address: it reads the whole
-    environment, which cost more than the rest of opening a connection."""
+    """websockets' own proxy lookup, once per gateway address: it scans the whole
+    environment (and OS settings) on every call, which thousands of connects need not
+    repeat."""
     return get_proxy(parse_uri(f"{'wss' if secure else 'ws'}://{host}:{port}/"))
 
 
