@@ -29,6 +29,7 @@ __all__ = [
     "TokenError",
     "is_retryable",
     "redact",
+    "status_text",
     "task_error",
 ]
 
@@ -84,6 +85,23 @@ STATUS_CODES: dict[int, StatusCode] = _table(
     (52010001, "INSTANCE_POOL_EXHAUSTED", "Server capacity exhausted.", True),
     (50020003, "ROUTE_GROUP_NOT_FOUND", "Routing error on the server.", True),
 )
+
+
+#: Codes the cloud reports from its metadata service rather than the gateway proper: their
+#: texts start with ``Meta:`` (``Meta:APPKEY_NOT_EXIST:Appkey not exist!``).
+_META_CODES = frozenset({40020105, 40020106})
+
+
+def status_text(status: int, detail: str) -> str:
+    """A ``status_text`` as the gateway writes it: ``Gateway:<NAME>:<detail>``.
+
+    The one place a status code becomes its text, for every gateway of the project:
+    ``status_text(40010005, "Got stop directive while task is stopping!")``.
+    """
+    known = STATUS_CODES.get(status)
+    name = known.name if known is not None else "INJECTED_FAULT"
+    source = "Meta" if status in _META_CODES else "Gateway"
+    return f"{source}:{name}:{detail}"
 
 
 def is_retryable(status: int) -> bool:

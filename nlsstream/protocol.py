@@ -11,22 +11,25 @@ Wire format: ``shared/reference/nls-protocol.md`` §2 (envelope and ids), §3
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ._version import __version__
-from .errors import SUCCESS, InvalidStateError, ProtocolError
+from .errors import SUCCESS, InvalidStateError, ProtocolError, status_text
 
 __all__ = [
+    "MAX_SPEECH_MS",
     "RECOGNIZER",
     "SUCCESS",
     "SUCCESS_TEXT",
     "TRANSCRIBER",
+    "Accepted",
     "ClientProtocol",
     "Completed",
     "Directive",
@@ -36,6 +39,9 @@ __all__ = [
     "ResultChanged",
     "SentenceBegin",
     "SentenceEnd",
+    "ServerState",
+    "ServerTask",
+    "StartParams",
     "Started",
     "State",
     "TaskFailed",
@@ -49,6 +55,7 @@ __all__ = [
     "new_id",
     "parse_directive",
     "parse_event",
+    "parse_start_params",
     "sdk_context",
     "start_payload",
 ]
@@ -198,45 +205,50 @@ class Directive:
     raw: Mapping[str, Any] = field(repr=False)
 
 
+def _reject(status: int, detail: str, task_id: str | None = None) -> DirectiveError:
+    return DirectiveError(status, status_text(status, detail), task_id)
+
+
 def parse_directive(text: str | bytes) -> Directive:
     """Parse a client directive, raising :class:`DirectiveError` with the gateway's
     documented status (40000002 for a malformed message or bad ids) when it is invalid.
 
-    The directive *name* is not checked here; that depends on the task's state.
+    The directive *name* is not checked here; that depends on the task's state
+    (:class:`ServerTask`).
     """
     try:
         message = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DirectiveError(40000002, f"Gateway:MESSAGE_INVALID:Invalid json ({exc})!") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise _reject(40000002, f"Invalid json ({type(exc).__name__})!") from None
     if not isinstance(message, dict) or not isinstance(message.get("header"), dict):
-        raise DirectiveError(40000002, "Gateway:MESSAGE_INVALID:Missing message header!")
+        raise _reject(40000002, "Missing message header!")
     header = message["header"]
     task_id = header.get("task_id")
-    tid = task_id if isinstance(task_id, str) else None
+    tid = task_id if is_valid_id(task_id) else None
     message_id = header.get("message_id")
     if not is_valid_id(message_id):
-        raise DirectiveError(
-            40000002, f"Gateway:MESSAGE_INVALID:Invalid message id '{message_id}'!", tid
-        )
+        raise _reject(40000002, f"Invalid message id {_short(message_id)}!", tid)
     if not is_valid_id(task_id):
-        raise DirectiveError(40000002, f"Gateway:MESSAGE_INVALID:Invalid task id '{task_id}'!", tid)
+        raise _reject(40000002, f"Invalid task id {_short(task_id)}!", tid)
     namespace, name = header.get("namespace"), header.get("name")
     if not isinstance(name, str) or not name:
-        raise DirectiveError(40000002, "Gateway:MESSAGE_INVALID:Missing directive name!", tid)
-    if namespace not in NAMESPACES:
-        raise DirectiveError(
-            40010001, f"Gateway:NAMESPACE_NOT_FOUND:Namespace '{namespace}' not found!", tid
-        )
+        raise _reject(40000002, "Missing directive name!", tid)
+    if not isinstance(namespace, str) or namespace not in NAMESPACES:
+        raise _reject(40010001, f"Namespace {_short(namespace)} not found!", tid)
     appkey = header.get("appkey")
     if not isinstance(appkey, str) or not appkey:
-        raise DirectiveError(40000003, "Gateway:PARAMETER_INVALID:appkey not set", tid)
+        raise _reject(40000003, "appkey not set!", tid)
     payload = message.get("payload") or {}
     context = message.get("context") or {}
     if not isinstance(payload, dict) or not isinstance(context, dict):
-        raise DirectiveError(
-            40000002, "Gateway:MESSAGE_INVALID:payload and context must be objects!", tid
-        )
+        raise _reject(40000002, "payload and context must be objects!", tid)
     return Directive(namespace, name, message_id, task_id, appkey, payload, context, message)
+
+
+def _short(value: object, limit: int = 64) -> str:
+    """``value`` quoted for an error text, cut short: a client may send anything."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --------------------------------------------------------------------------- events
@@ -630,3 +642,263 @@ class ClientProtocol:
         elif isinstance(event, Completed):
             self.state = State.COMPLETED
         return event
+
+
+# --------------------------------------------------------------------------- server side
+
+#: A recognizer task holds at most this much audio (§4, §5.4), a transcriber sentence too.
+MAX_SPEECH_MS = 60_000
+#: Audio formats the local gateways decode: 16-bit mono PCM, raw or in a WAV container.
+GATEWAY_FORMATS = ("pcm", "wav")
+
+
+@dataclass(frozen=True)
+class StartParams:
+    """The payload of a Start directive, validated (what a gateway needs of it)."""
+
+    namespace: str
+    format: str = "pcm"
+    sample_rate: int = 16000
+    enable_intermediate_result: bool = False
+    enable_words: bool = False
+    max_sentence_silence: int = 800
+    enable_voice_detection: bool = False
+    max_start_silence: int | None = None
+    max_end_silence: int | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def _ms_param(payload: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _reject(
+            40000003, f"{key} must be an integer from {lo} to {hi} (ms), got {_short(value)}!"
+        )
+    return value
+
+
+def _flag_param(payload: Mapping[str, Any], key: str) -> bool:
+    value = payload.get(key, False)
+    if not isinstance(value, bool):
+        raise _reject(40000003, f"{key} must be a boolean, got {_short(value)}!")
+    return value
+
+
+def parse_start_params(namespace: str, payload: Mapping[str, Any]) -> StartParams:
+    """Validate a Start payload, raising :class:`DirectiveError` with the documented status:
+    40010003 for an unsupported ``format``, 41010101 for a sample rate other than 8000 or
+    16000 (§6), 40000003 for other bad parameters."""
+    fmt = payload.get("format", "pcm")
+    if fmt not in GATEWAY_FORMATS:
+        raise _reject(
+            40010003,
+            f"Invalid format {_short(fmt)}: this gateway accepts only 'pcm' and 'wav' "
+            "(16-bit mono PCM)!",
+        )
+    rate = payload.get("sample_rate", 16000)
+    if isinstance(rate, bool) or rate not in SAMPLE_RATES:
+        raise _reject(
+            41010101,
+            f"Unsupported sample rate {_short(rate)}: only 8000 and 16000 are supported!",
+        )
+    return StartParams(
+        namespace=namespace,
+        format=fmt,
+        sample_rate=int(rate),
+        enable_intermediate_result=_flag_param(payload, "enable_intermediate_result"),
+        enable_words=_flag_param(payload, "enable_words"),
+        max_sentence_silence=_ms_param(payload, "max_sentence_silence", 200, 6000) or 800,
+        enable_voice_detection=_flag_param(payload, "enable_voice_detection"),
+        max_start_silence=_ms_param(payload, "max_start_silence", 0, MAX_SPEECH_MS),
+        max_end_silence=_ms_param(payload, "max_end_silence", 0, MAX_SPEECH_MS),
+        raw=dict(payload),
+    )
+
+
+class ServerState(enum.Enum):
+    """A gateway connection's view of its task (§3.1, §4.1)."""
+
+    IDLE = "idle"  # no task yet, or the last one completed (another may start)
+    STARTED = "started"  # Start accepted: audio and Control allowed
+    STOPPING = "stopping"  # Stop accepted: the final events are being produced
+    FAILED = "failed"  # TaskFailed sent: the connection is finished
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A directive the task accepted; what the gateway must do is in ``kind``."""
+
+    kind: str  # "start", "stop" or "control"
+    directive: Directive
+    #: For a Start or a Control: the task's parameters from now on, validated.
+    params: StartParams | None = None
+
+
+class ServerTask:
+    """The gateway's side of one connection's tasks, without I/O: one rule book for
+    every gateway of the project (the full one and the light one), so they answer the
+    same input with the same events and status codes.
+
+    Feed it what the client sent; it either accepts (:meth:`receive` returns
+    :class:`Accepted`, :meth:`receive_audio` returns whether to process the audio) or
+    raises :class:`DirectiveError` with the status to answer with. Then build the reply
+    with :meth:`started`, :meth:`event`, :meth:`completed` or :meth:`failed` (all return
+    the message text). After a failure the connection is done (§3.5).
+
+    Transitions (what the client sends on the left, the gateway's reply on the right)::
+
+        IDLE      --Start-->           STARTED   (Started)   ... or TaskFailed:
+                                                 bad appkey 40020105, format 40010003,
+                                                 rate 41010101, parameter 40000003
+        STARTED   --audio, Control-->  STARTED
+        STARTED   --Stop-->            STOPPING  (final events, Completed)
+        STOPPING  --completed()-->     IDLE      (another task may start)
+        STARTED   --completed(early)-> IDLE      (voice detection ended it; a late Stop
+                                                  and late audio are ignored)
+        STARTED/STOPPING --Start-->    40010005
+        IDLE      --Stop, Control, audio--> 40010005   (Stop after Completed too)
+        STOPPING  --Stop, Control, audio--> 40010005
+        any       --unknown directive-->    40010002   (e.g. a recognizer directive in
+                                                        the transcriber namespace)
+        any       --malformed, bad ids-->   40000002
+    """
+
+    def __init__(self, appkeys: Collection[str] | None = None) -> None:
+        self.appkeys = appkeys
+        self.state = ServerState.IDLE
+        self.namespace: Namespace | None = None
+        self.task_id = ""
+        self.params: StartParams | None = None
+        #: The name of the last directive received ("None" before any), for IDLE_TIMEOUT.
+        self.last_directive = "None"
+        self._done_task_id: str | None = None  # the last task completed here
+        self._done_early = False  # ... by voice detection rather than by Stop
+
+    # ---------------------------------------------------------------- input
+
+    def receive(self, text: str | bytes) -> Accepted | None:
+        """Check one directive against the task's state.
+
+        Returns what to do, ``None`` for a directive to ignore (a late Stop after voice
+        detection completed the task); raises :class:`DirectiveError` (and the task is
+        FAILED) for anything the gateway must refuse.
+        """
+        try:
+            return self._receive(text)
+        except DirectiveError as exc:
+            self._refused(exc)
+            raise
+
+    def _receive(self, text: str | bytes) -> Accepted | None:
+        if self.state is ServerState.FAILED:
+            raise _reject(40010005, "The task has failed!", self.task_id)
+        d = parse_directive(text)
+        self.last_directive = d.name
+        ns = NAMESPACES[d.namespace]
+        if d.name not in ns.directives:
+            raise _reject(
+                40010002,
+                f"Directive {_short(d.name)} is not supported in namespace '{ns.name}'!",
+                d.task_id,
+            )
+        if d.name == ns.start:
+            return self._start(ns, d)
+        if self.state is ServerState.IDLE and d.task_id == self._done_task_id:
+            if d.name == ns.stop and self._done_early:
+                return None  # voice detection already completed it: a late Stop is a no-op
+            raise _reject(40010005, f"Got {d.name} after the task completed!", d.task_id)
+        what = "stop" if d.name == ns.stop else "control"
+        if self.state is ServerState.IDLE:
+            raise _reject(40010005, f"Got {what} directive before the task started!", d.task_id)
+        if d.task_id != self.task_id or ns is not self.namespace:
+            raise _reject(
+                40000002,
+                f"Task id '{d.task_id}' ({ns.name}) does not match the running task!",
+            )
+        if self.state is ServerState.STOPPING:
+            raise _reject(40010005, f"Got {what} directive while task is stopping!")
+        if what == "stop":
+            self.state = ServerState.STOPPING
+            return Accepted(what, d)
+        assert self.params is not None
+        silence = _ms_param(d.payload, "max_sentence_silence", 200, 6000)
+        if silence is not None:  # the one parameter a Control may change (§3.3)
+            self.params = dataclasses.replace(self.params, max_sentence_silence=silence)
+        return Accepted(what, d, self.params)
+
+    def _start(self, ns: Namespace, d: Directive) -> Accepted:
+        if self.state is not ServerState.IDLE:
+            raise _reject(40010005, "Got start directive while task is running!")
+        self.namespace, self.task_id = ns, d.task_id
+        self._done_task_id = None
+        if self.appkeys is not None and d.appkey not in self.appkeys:
+            raise _reject(40020105, "Appkey not exist!", d.task_id)
+        self.params = parse_start_params(ns.name, d.payload)
+        self.state = ServerState.STARTED
+        return Accepted("start", d, self.params)
+
+    def receive_audio(self) -> bool:
+        """Check that audio may arrive now: True to process it, False to ignore it (the
+        task was already completed by voice detection); raises :class:`DirectiveError`."""
+        if self.state is ServerState.STARTED:
+            return True
+        try:
+            if self.state is ServerState.IDLE and self._done_task_id is not None:
+                if self._done_early:
+                    return False  # the cloud ignores audio after an early Completed
+                raise _reject(40010005, "Got audio data after the stop directive!")
+            if self.state is ServerState.STOPPING:
+                raise _reject(40010005, "Got audio data after the stop directive!")
+            if self.state is ServerState.FAILED:
+                raise _reject(40010005, "The task has failed!")
+            raise _reject(40010005, "Got audio data before the task started!")
+        except DirectiveError as exc:
+            self._refused(exc)
+            raise
+
+    def _refused(self, exc: DirectiveError) -> None:
+        """Whose task a refusal names: the directive's own id before any task (when it
+        had a valid one), else the running task's."""
+        if not exc.task_id or self.state is not ServerState.IDLE:
+            exc.task_id = self.task_id or exc.task_id
+        self.state = ServerState.FAILED
+
+    # ---------------------------------------------------------------- output
+
+    def event(self, name: str, payload: Mapping[str, Any] | None = None) -> str:
+        """An event of the current task (e.g. ``SentenceEnd``), as text."""
+        assert self.namespace is not None, "no task has started"
+        return encode(build_event(self.namespace.name, name, self.task_id, payload))
+
+    def started(self) -> str:
+        """The ``*Started`` event for the task just accepted."""
+        assert self.namespace is not None, "no task has started"
+        return self.event(self.namespace.started)
+
+    def completed(self, payload: Mapping[str, Any] | None = None, *, early: bool = False) -> str:
+        """The ``*Completed`` event; the task is over and another may start.
+
+        ``early``: voice detection ended the task before any Stop; a late Stop and
+        late audio are then ignored, as the cloud does.
+        """
+        assert self.namespace is not None, "no task has started"
+        text = self.event(self.namespace.completed, payload)
+        self.state = ServerState.IDLE
+        self._done_task_id, self._done_early = self.task_id, early
+        return text
+
+    def failed(self, status: int, detail: str, task_id: str | None = None) -> str:
+        """A ``TaskFailed`` with ``status`` and its text; the task is over for good.
+
+        ``detail`` is the text after ``Gateway:<NAME>:`` (see
+        :func:`~nlsstream.errors.status_text`); use :meth:`refusal` for a
+        :class:`DirectiveError`.
+        """
+        return self.refusal(DirectiveError(status, status_text(status, detail), task_id))
+
+    def refusal(self, exc: DirectiveError) -> str:
+        """The ``TaskFailed`` answering a refused directive or audio."""
+        self.state = ServerState.FAILED
+        return encode(build_task_failed(exc.task_id or self.task_id, exc.status, exc.status_text))

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from ..errors import SUCCESS
-from ..protocol import RECOGNIZER, TRANSCRIBER, DirectiveError, Word
+from ..errors import SUCCESS, status_text
+from ..protocol import MAX_SPEECH_MS, RECOGNIZER, TRANSCRIBER, DirectiveError, StartParams, Word
 from .vad import FRAME_MS, EnergyVad
 
 __all__ = [
@@ -41,10 +41,8 @@ __all__ = [
     "SegmentDecoder",
     "SpanRecognizer",
     "SphinxRecognizer",
-    "TaskParams",
     "TranscriberTask",
     "Transcript",
-    "parse_params",
     "resolve_recognizer",
 ]
 
@@ -52,7 +50,6 @@ T = TypeVar("T")
 
 #: Longest audio a SpeechRecognizer task may carry, and longest transcriber sentence
 #: (a longer one is cut, as the cloud's multi-threshold mode does): this bounds memory.
-MAX_SPEECH_MS = 60_000
 #: Consecutive voiced 20 ms frames that open a sentence (debounces clicks).
 START_FRAMES = 3
 #: Audio before the detected start that is still given to the recogniser.
@@ -62,81 +59,6 @@ PARTIAL_MS = 200
 DEFAULT_END_SILENCE_MS = 800
 #: RMS of the noise floor added to upsampled 8 kHz audio before PocketSphinx.
 NARROWBAND_NOISE = 60.0
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-@dataclass(frozen=True)
-class TaskParams:
-    """The Start payload, validated."""
-
-    namespace: str
-    format: str = "pcm"
-    sample_rate: int = 16000
-    enable_intermediate_result: bool = False
-    enable_words: bool = False
-    max_sentence_silence: int = 800
-    enable_voice_detection: bool = False
-    max_start_silence: int | None = None
-    max_end_silence: int | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-
-def _invalid(text: str) -> DirectiveError:
-    return DirectiveError(40010003, f"Gateway:DIRECTIVE_INVALID:{text}")
-
-
-def _ms(payload: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
-    value = payload.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise DirectiveError(
-            40000003,
-            f"Gateway:PARAMETER_INVALID:{key} must be an integer from {lo} to {hi} (ms), "
-            f"got {value!r}!",
-        )
-    return value
-
-
-def _flag(payload: Mapping[str, Any], key: str) -> bool:
-    value = payload.get(key, False)
-    if not isinstance(value, bool):
-        raise DirectiveError(
-            40000003, f"Gateway:PARAMETER_INVALID:{key} must be a boolean, got {value!r}!"
-        )
-    return value
-
-
-def parse_params(namespace: str, payload: Mapping[str, Any]) -> TaskParams:
-    """Validate a Start payload, raising :class:`DirectiveError` with the documented status:
-    40010003 for an unsupported ``format``, 41010101 for a sample rate other than 8000 or
-    16000, 40000003 for other bad parameters."""
-    fmt = payload.get("format", "pcm")
-    if fmt not in ("pcm", "wav"):
-        raise _invalid(
-            f"Invalid format {fmt!r}: this gateway accepts only 'pcm' and 'wav' (16-bit mono PCM)!"
-        )
-    rate = payload.get("sample_rate", 16000)
-    if isinstance(rate, bool) or rate not in (8000, 16000):
-        raise DirectiveError(
-            41010101,
-            f"Gateway:UNSUPPORTED_SAMPLE_RATE:Unsupported sample rate {rate!r}: "
-            "only 8000 and 16000 are supported!",
-        )
-    return TaskParams(
-        namespace=namespace,
-        format=fmt,
-        sample_rate=int(rate),
-        enable_intermediate_result=_flag(payload, "enable_intermediate_result"),
-        enable_words=_flag(payload, "enable_words"),
-        max_sentence_silence=_ms(payload, "max_sentence_silence", 200, 6000) or 800,
-        enable_voice_detection=_flag(payload, "enable_voice_detection"),
-        max_start_silence=_ms(payload, "max_start_silence", 0, MAX_SPEECH_MS),
-        max_end_silence=_ms(payload, "max_end_silence", 0, MAX_SPEECH_MS),
-        raw=dict(payload),
-    )
 
 
 # --------------------------------------------------------------------------- recognisers
@@ -418,7 +340,9 @@ Emit = Callable[[str, "dict[str, Any] | None"], Awaitable[None]]
 
 
 class _Base:
-    def __init__(self, params: TaskParams, recognizer: Recognizer, run: Runner, emit: Emit) -> None:
+    def __init__(
+        self, params: StartParams, recognizer: Recognizer, run: Runner, emit: Emit
+    ) -> None:
         self.params = params
         self.recognizer = recognizer
         self.run = run
@@ -457,7 +381,9 @@ class TranscriberTask(_Base):
     SentenceBegin / TranscriptionResultChanged / SentenceEnd. The caller sends Started,
     Completed and TaskFailed."""
 
-    def __init__(self, params: TaskParams, recognizer: Recognizer, run: Runner, emit: Emit) -> None:
+    def __init__(
+        self, params: StartParams, recognizer: Recognizer, run: Runner, emit: Emit
+    ) -> None:
         super().__init__(params, recognizer, run, emit)
         self.max_silence = params.max_sentence_silence
         self.index = 0
@@ -470,11 +396,9 @@ class TranscriberTask(_Base):
         self.sentences: list[str] = []
         self.offset = 0
 
-    def control(self, payload: Mapping[str, Any]) -> None:
-        """Apply a ControlTranscriber payload (``max_sentence_silence``; others ignored)."""
-        value = _ms(payload, "max_sentence_silence", 200, 6000)
-        if value is not None:
-            self.max_silence = value
+    def control(self, params: StartParams) -> None:
+        """Apply the parameters a ControlTranscriber changed (``max_sentence_silence``)."""
+        self.max_silence = params.max_sentence_silence
 
     async def audio(self, pcm: bytes) -> None:
         self.audio_bytes += len(pcm)
@@ -577,7 +501,9 @@ class RecognizerTask(_Base):
     :meth:`stop`, or from :meth:`audio` when voice detection ended the task early.
     Raises :class:`DirectiveError` for too long (41010104) or silent (41010105) speech."""
 
-    def __init__(self, params: TaskParams, recognizer: Recognizer, run: Runner, emit: Emit) -> None:
+    def __init__(
+        self, params: StartParams, recognizer: Recognizer, run: Runner, emit: Emit
+    ) -> None:
         super().__init__(params, recognizer, run, emit)
         self.speech = False
         self.run_len = 0
@@ -594,8 +520,11 @@ class RecognizerTask(_Base):
         if self.duration_ms + len(pcm) * 1000 // (2 * self.rate) > MAX_SPEECH_MS:
             raise DirectiveError(
                 41010104,
-                f"Gateway:TOO_LONG_SPEECH:Speech is longer than {MAX_SPEECH_MS // 1000} s, "
-                "the limit of sentence recognition!",
+                status_text(
+                    41010104,
+                    f"Speech is longer than {MAX_SPEECH_MS // 1000} s, "
+                    "the limit of sentence recognition!",
+                ),
             )
         self.audio_bytes += len(pcm)
         if self.decoder is None:
@@ -617,7 +546,9 @@ class RecognizerTask(_Base):
             if not self.speech and limit is not None and self.now_ms >= limit:
                 raise DirectiveError(
                     41010105,
-                    f"Gateway:SILENT_SPEECH:No speech in the first {limit} ms (max_start_silence)!",
+                    status_text(
+                        41010105, f"No speech in the first {limit} ms (max_start_silence)!"
+                    ),
                 )
             end_now = self.speech and self.silence >= self.end_silence
         if end_now:

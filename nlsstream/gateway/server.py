@@ -34,17 +34,19 @@ from ..protocol import (
     NAMESPACES,
     DirectiveError,
     Namespace,
+    ServerState,
+    ServerTask,
     build_event,
     build_task_failed,
     encode,
     parse_directive,
+    parse_start_params,
 )
 from .engine import (
     RecognizerSpec,
     RecognizerTask,
     SphinxRecognizer,
     TranscriberTask,
-    parse_params,
     resolve_recognizer,
 )
 from .faults import MALFORMED_TEXT, FaultPoint, Faults
@@ -494,7 +496,12 @@ class _Connection:
         elif d.name == ns.control:
             self._check_task(ns, d.task_id, "control")
             assert isinstance(self.task, TranscriberTask)
-            self.task.control(d.payload)
+            task = ServerTask()
+            task.state, task.namespace, task.task_id = ServerState.STARTED, ns, d.task_id
+            task.params = self.task.params
+            accepted = task.receive(text)
+            assert accepted is not None and accepted.params is not None
+            self.task.control(accepted.params)
         else:
             raise DirectiveError(
                 40010002,
@@ -535,7 +542,7 @@ class _Connection:
         self.done_task_id = None
         if self.gw.appkeys is not None and appkey not in self.gw.appkeys:
             raise DirectiveError(40020105, "Meta:APPKEY_NOT_EXIST:Appkey not exist!", task_id)
-        params = parse_params(ns.name, payload)
+        params = parse_start_params(ns.name, payload)
         cls = TranscriberTask if ns.name == "SpeechTranscriber" else RecognizerTask
         self.task = cls(params, self.gw.recognizer, self.gw._run, self._emit)
         self.record.sentences = self.task.sentences
