@@ -1,7 +1,7 @@
 """Token providers: where a session gets the token it sends as ``X-NLS-Token``.
 
 Besides a fixed token (:class:`StaticTokenProvider`), :class:`AccessKeyTokenProvider` fetches
-tokens with an AccessKey through the CreateToken POP RPC (reference §8), caches them and
+tokens with an AccessKey through the CreateToken POP RPC (docs/protocol.md §8), caches them and
 refreshes them before they expire. The request signing (§8.2, signature v1.0, HMAC-SHA1) is
 implemented here directly; no Alibaba Cloud SDK is needed.
 """
@@ -45,7 +45,7 @@ __all__ = [
 logger = logging.getLogger("nlsstream.auth")
 
 DEFAULT_REGION = "cn-shanghai"
-#: The CreateToken API version documented for every region (reference §8.1).
+#: The CreateToken API version documented for every region (docs/protocol.md §8.1).
 CREATE_TOKEN_VERSION = "2019-02-28"
 
 # Largest CreateToken answer we read; real ones are ~200 bytes.
@@ -103,7 +103,7 @@ def as_provider(token: TokenSource) -> TokenProvider:
 
 
 # --------------------------------------------------------------------------------------
-# POP RPC signature v1.0 (reference §8.2)
+# POP RPC signature v1.0 (docs/protocol.md §8.2)
 
 
 def percent_encode(text: str) -> str:
@@ -137,7 +137,7 @@ def pop_signature(method: str, params: Mapping[str, str], access_key_secret: str
 
 
 def token_endpoint(region: str = DEFAULT_REGION) -> str:
-    """The CreateToken endpoint of ``region`` (Singapore uses ``nlsmeta.``, reference §8.1)."""
+    """The CreateToken endpoint of ``region`` (Singapore uses ``nlsmeta.``; §8.1)."""
     if region == "ap-southeast-1":
         return "https://nlsmeta.ap-southeast-1.aliyuncs.com/"
     return f"https://nls-meta.{region}.aliyuncs.com/"

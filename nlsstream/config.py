@@ -4,7 +4,7 @@ Variables (empty values count as unset):
 
 ``NLS_URL``
     Gateway URL. Default :data:`DEFAULT_URL`, or ``wss://nls-gateway-<region>.aliyuncs.com/ws/v1``
-    when ``NLS_REGION`` names another region (reference §1.1).
+    when ``NLS_REGION`` names another region (docs/protocol.md §1.1).
 ``NLS_APPKEY``
     The project appkey sent in every directive.
 ``NLS_TOKEN``
@@ -28,7 +28,7 @@ from .errors import NlsError
 
 __all__ = ["DEFAULT_URL", "ConfigurationError", "Settings", "gateway_url"]
 
-#: The gateway every official SDK connects to by default (reference §1.1).
+#: The gateway every official SDK connects to by default (docs/protocol.md §1.1).
 DEFAULT_URL = "wss://nls-gateway.cn-shanghai.aliyuncs.com/ws/v1"
 
 

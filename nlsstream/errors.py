@@ -38,7 +38,7 @@ SUCCESS = 20000000
 
 @dataclass(frozen=True)
 class StatusCode:
-    """One documented gateway status code (reference §6)."""
+    """One documented gateway status code (docs/protocol.md §6)."""
 
     code: int
     name: str

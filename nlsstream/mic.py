@@ -27,7 +27,7 @@ __all__ = [
 
 logger = logging.getLogger("nlsstream.mic")
 
-#: Sample rates the gateway accepts (reference §5).
+#: Sample rates the gateway accepts (docs/protocol.md §5).
 SUPPORTED_RATES = (8000, 16000)
 # Opening/closing a PortAudio device normally takes milliseconds; this only bounds a hang.
 _DEVICE_TIMEOUT = 10.0

@@ -16,9 +16,9 @@ Design (sized for thousands of concurrent sessions in one process):
   (``pace=1.5``) frames go out up to one tick late: use a smaller ``tick`` for those.
 * Each ``stream()`` call owns a :class:`PacedStream`: a bounded buffer (about one second
   of audio ahead) that the caller's task fills and the pacer drains. The producer cuts
-  and frames its audio in batches ahead of time (:func:`client_frames`: masking, in
-  one vectorised pass per batch) and is woken only once the buffer is half empty, so it
-  runs about twice per second, not per frame.
+  and frames its audio in batches ahead of time (the sink's ``encode_frames``: for a
+  connection, masking in one vectorised pass per batch) and is woken only once the
+  buffer is half empty, so it runs about twice per second, not per frame.
 * Scheduling is drift-free: frame *k* is due at ``t0 + k * frame_bytes /
   bytes_per_second``, so rounding and timer jitter never accumulate. A late frame is
   sent at once and counted, never dropped.
@@ -32,46 +32,23 @@ Design (sized for thousands of concurrent sessions in one process):
 
 The clock is injectable: ``Pacer(clock=..., autorun=False)`` never touches a timer and is
 driven by calling :meth:`Pacer.run_due` with a fake time, which is how pacing accuracy is
-tested. The writing itself goes through a :class:`FrameSink`; :func:`client_frames` and
-:func:`client_frame` make masked binary WebSocket frames, :func:`ws_writable` says when
-a ``websockets`` connection can take one.
+tested. The writing itself goes through a :class:`FrameSink` (a session's
+:class:`~nlsstream.connection.Connection`, which also sets :attr:`PacedStream.held`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import struct
 import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
-
-import numpy as np
-from websockets.protocol import State as WsState
+from typing import ClassVar, Protocol
 
 from .audio import FRAME_BYTES, Framer
 
-try:  # websockets' C helper; its pure-Python fallback is far slower per frame
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - the wheel ships the extension
-    from websockets.utils import apply_mask
-
-if TYPE_CHECKING:
-    from websockets.asyncio.connection import Connection
-
-__all__ = [
-    "LATE_THRESHOLD_MS",
-    "FrameSink",
-    "Metrics",
-    "PacedStream",
-    "Pacer",
-    "client_frame",
-    "client_frames",
-    "ws_writable",
-]
+__all__ = ["LATE_THRESHOLD_MS", "FrameSink", "Metrics", "PacedStream", "Pacer"]
 
 logger = logging.getLogger("nlsstream.pacing")
 
@@ -162,126 +139,26 @@ class Metrics:
         return self.max_lateness_ms  # pragma: no cover - counts always reach rank
 
 
-# --------------------------------------------------------------------------- the fast write
-
-
-_HEADER_640 = b"\x82\xfe\x02\x80"  # FIN + binary, masked, 16-bit length 640
-_pack_header16 = struct.Struct("!BBH").pack
-_pack_header64 = struct.Struct("!BBQ").pack
-
-
-class _ClientFramer:
-    """Frames client messages. Masking keys (RFC 6455 §5.3: fresh and unpredictable per
-    frame) are drawn from ``os.urandom`` 1,024 at a time: one system call per 1,024
-    frames instead of one per frame, with the same randomness as
-    ``secrets.token_bytes(4)``. One method does it all: it runs once per paced frame."""
-
-    __slots__ = ("_pool", "_pos")
-    _SIZE = 4 * 1024
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._pos = self._SIZE
-
-    def frame(self, data: bytes) -> bytes:
-        """``data`` as one masked binary WebSocket frame (client to server, no
-        extensions): what ``websockets``' ``Frame.serialize`` produces, minus its
-        generic machinery."""
-        pos = self._pos
-        if pos >= self._SIZE:
-            self._pool = os.urandom(self._SIZE)
-            pos = 0
-        self._pos = pos + 4
-        key = self._pool[pos : pos + 4]
-        n = len(data)
-        if n == 640:  # the paced frame size at 16 kHz: skip the header arithmetic
-            header = _HEADER_640
-        elif n < 126:
-            header = bytes((0x82, 0x80 | n))
-        elif n < 65536:
-            header = _pack_header16(0x82, 0xFE, n)
-        else:
-            header = _pack_header64(0x82, 0xFF, n)
-        return b"".join((header, key, apply_mask(data, key)))  # one copy, unlike a + b + c
-
-
-#: ``client_frame(data)``: ``data`` as one masked binary WebSocket frame (client to
-#: server, no extensions); see :meth:`_ClientFramer.frame`.
-client_frame = _ClientFramer().frame
-
-
-def client_frames(pcm: bytes, frame_bytes: int) -> list[bytes]:
-    """``pcm`` cut into ``frame_bytes`` pieces (the last may be shorter), each as one masked
-    binary WebSocket frame, as :func:`client_frame` would make them one by one.
-
-    For 16 kHz and 8 kHz frames (a multiple of 4 bytes, 126 to 65,535 long) the whole
-    block is masked in one vectorised pass, each frame with its own key (one
-    ``os.urandom`` call for all of them): the framing then costs a fraction of a
-    microsecond per frame, done by the producer ahead of time rather than by the pacer.
-    """
-    if frame_bytes <= 0:
-        raise ValueError(f"frame_bytes must be positive, got {frame_bytes}")
-    count, rest = divmod(len(pcm), frame_bytes)
-    if count < 4 or frame_bytes % 4 or not 126 <= frame_bytes < 65536:
-        return [client_frame(pcm[i : i + frame_bytes]) for i in range(0, len(pcm), frame_bytes)]
-    words = frame_bytes // 4
-    # One row per frame, in 32-bit words: header (4 bytes), key (4 bytes), masked data.
-    # XOR-ing a word with the key read as a word masks its 4 bytes as RFC 6455 §5.3 says.
-    rows = np.empty((count, 2 + words), dtype=np.uint32)
-    rows[:, 0] = np.frombuffer(_pack_header16(0x82, 0xFE, frame_bytes), dtype=np.uint32)[0]
-    keys = np.frombuffer(os.urandom(4 * count), dtype=np.uint32)
-    rows[:, 1] = keys
-    data = np.frombuffer(pcm, dtype=np.uint32, count=count * words).reshape(count, words)
-    np.bitwise_xor(data, keys[:, None], out=rows[:, 2:])
-    blob = rows.tobytes()
-    size = frame_bytes + 8
-    frames = [blob[i : i + size] for i in range(0, len(blob), size)]
-    if rest:
-        frames.append(client_frame(pcm[count * frame_bytes :]))
-    return frames
-
-
-def ws_writable(conn: Connection) -> bool:
-    """Whether one binary frame can be written on ``conn`` right now, synchronously.
-
-    No when the connection is not OPEN (``send`` would raise ConnectionClosed), while
-    another coroutine is sending a fragmented message (interleaving would corrupt it),
-    while websockets itself has bytes not yet handed to the transport, and while the
-    transport is paused above its write high-water mark (``send`` would wait in
-    ``drain``): the pacer then retries at its next tick instead of growing the buffer
-    without bound.
-    """
-    return (
-        conn.protocol.state is WsState.OPEN
-        and conn.send_in_progress is None
-        and not conn.paused
-        and not conn.protocol.writes
-        and not conn.transport.is_closing()
-    )
-
-
 # --------------------------------------------------------------------------- pacer
 
 
 class FrameSink(Protocol):
-    """Where a paced stream writes its frames (a session).
+    """Where a paced stream writes its frames (a session's connection).
 
     Flow control is pushed, not polled, as in asyncio's ``pause_writing()``: a sink that
     cannot take frames for a while (its socket is backed up, its connection is closing)
-    sets :attr:`PacedStream.held` until it can again; to stop for good it calls
+    sets :attr:`PacedStream.held` until it can again; to stop for good the session calls
     :meth:`PacedStream.abort`.
     """
 
-    def frame_writer(self) -> Callable[[bytes], object]:
-        """The function each encoded frame is written with (once per frame; may raise to
-        fail the stream). Asked once, when the stream opens, so that a sink can hand
-        out a transport's own ``write``."""
-        ...
+    #: Writes one or more encoded frames, concatenated (may raise to fail the stream).
+    #: Read once, when the stream opens, so that a sink can hand out a transport's own
+    #: ``write``.
+    write_frames: Callable[[bytes], object]
 
     def encode_frames(self, pcm: bytes, frame_bytes: int) -> list[bytes]:
         """``pcm`` cut into ``frame_bytes`` frames (the last may be shorter), each in the
-        form :meth:`frame_writer` takes: e.g. :func:`client_frames`. Runs in the
-        producer, ahead of time."""
+        form :attr:`write_frames` takes. Runs in the producer, ahead of time."""
         ...
 
 
@@ -334,7 +211,7 @@ class PacedStream:
         self._pacer = pacer
         self.sink = sink
         self.metrics = metrics
-        self._write = sink.frame_writer()
+        self._write = sink.write_frames
         #: While true the pacer skips this stream: its frames wait (and count in
         #: :attr:`Metrics.stalled_ticks` at every tick one is due), then go out at once,
         #: late, when it is cleared. Set by the sink (flow control).
@@ -446,6 +323,41 @@ class PacedStream:
                 fut.set_exception(error)
                 # Consumers re-raise via _check(); don't let asyncio log it too.
                 fut.exception()
+
+    def run_due(self, now: float, horizon: float) -> None:
+        """Write what is due by ``horizon`` (the pacer's tick, ``now`` plus its tolerance);
+        called by the :class:`Pacer` at each tick.
+
+        At 1,000 sessions this runs 50,000 times a second, so the common case (one frame
+        due, on time) is inlined here and touches only the buffer, the metrics and the
+        transport; late frames and backlogs go to :meth:`_catch_up`, the producer's
+        wake-up and the end of the stream to :meth:`_drained`.
+        """
+        due = self._next_due
+        if due > horizon:
+            return
+        if self.held:
+            self.metrics.stalled_ticks += 1
+            return
+        index = self._index + 1
+        next_due = self._t0 + index * self._period
+        if next_due <= horizon or now - due >= 0.001:
+            self._catch_up(now, horizon)  # late, or more than one frame due
+            return
+        buf = self._buf
+        try:
+            self._write(buf.popleft())
+        except BaseException as exc:  # the sink refused: fail this stream only
+            self.abort(exc)
+            return
+        self._index = index
+        self._next_due = next_due
+        metrics = self.metrics
+        metrics.frames_sent += 1
+        metrics.bytes_sent += self._frame_bytes
+        metrics._paced_frames += 1
+        if len(buf) <= self._low_water:
+            self._drained()
 
     def _catch_up(self, now: float, horizon: float) -> None:
         """Write a late frame, or a backlog of frames due (after a stall, or a loop too
@@ -603,35 +515,7 @@ class Pacer:
         if now is None:
             now = self.clock()
         horizon = now + early
-        # At 1,000 sessions this loop runs 50,000 times a second: the common case (one
-        # frame due, on time) is inlined here and touches only the stream, its buffer,
-        # its metrics and the transport; late frames and backlogs go to _catch_up(),
-        # the producer's wake-up and the end of the stream to _drained(). A copy of the
-        # streams: ending ones leave the dict meanwhile.
+        # A copy of the streams: ending ones leave the dict meanwhile.
         for stream in list(self._streams):
-            due = stream._next_due
-            if due > horizon:
-                continue
-            if stream.held:
-                stream.metrics.stalled_ticks += 1
-                continue
-            index = stream._index + 1
-            next_due = stream._t0 + index * stream._period
-            if next_due <= horizon or now - due >= 0.001:
-                stream._catch_up(now, horizon)  # late, or more than one frame due
-                continue
-            buf = stream._buf
-            try:
-                stream._write(buf.popleft())
-            except BaseException as exc:  # the sink refused: fail this stream only
-                stream.abort(exc)
-                continue
-            stream._index = index
-            stream._next_due = next_due
-            metrics = stream.metrics
-            metrics.frames_sent += 1
-            metrics.bytes_sent += stream._frame_bytes
-            metrics._paced_frames += 1
-            if len(buf) <= stream._low_water:
-                stream._drained()
+            stream.run_due(now, horizon)
         return len(self._streams)

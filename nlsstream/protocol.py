@@ -4,7 +4,7 @@ No sockets and no asyncio here: this module turns directives into JSON text, JSO
 into typed events, and keeps the client's task state. The client session and the local
 gateway both build on it, so the two sides cannot drift apart.
 
-Wire format: ``shared/reference/nls-protocol.md`` §2 (envelope and ids), §3
+Wire format: ``docs/protocol.md`` §2 (envelope and ids), §3
 (SpeechTranscriber), §4 (SpeechRecognizer). Directives are serialised with
 ``json.dumps`` defaults, byte-for-byte the way the official Python SDK does (§2.1).
 """
@@ -516,7 +516,7 @@ def build_task_failed(task_id: str, status: int, status_text: str) -> dict[str, 
 
 
 class State(enum.Enum):
-    """The client's view of one task (reference §10)."""
+    """The client's view of one task (docs/protocol.md §10)."""
 
     IDLE = "idle"  # nothing sent yet
     STARTING = "starting"  # Start sent, waiting for Started

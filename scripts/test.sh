@@ -18,3 +18,11 @@ pip install 'aliyun-python-sdk-core>=2.13.3'
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
+# The lowest versions the project declares: the client and the audio path against them.
+[ -x .venv-lowest/bin/python ] || "$PY" -m venv .venv-lowest
+.venv-lowest/bin/python -m pip --disable-pip-version-check -q install \
+    -c scripts/lowest-versions.txt -e '.[local,proxy]' 'pytest>=8' 'pytest-asyncio>=0.24'
+.venv-lowest/bin/python -m pip list 2>/dev/null | grep -E '^(websockets|numpy|soundfile|soxr) '
+.venv-lowest/bin/python -m pytest -q -p no:cacheprovider tests/test_connection.py \
+    tests/test_session.py tests/test_session_errors.py tests/test_pacing.py \
+    tests/test_protocol.py tests/test_audio.py

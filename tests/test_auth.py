@@ -73,7 +73,7 @@ def test_vector_signatures_get_and_post() -> None:
         "hHq4yNsPitlfDJ2L0nQPdugdEzM%3D"
     )
     assert pop_signature("POST", VECTOR, "my_access_key_secret") == "X4/yeE8FUchC5Wv7AZJybEuDWzw="
-    # aliyunsdkcore adds an empty SignatureType (reference §8.3)
+    # aliyunsdkcore adds an empty SignatureType (docs/protocol.md §8.3)
     with_type = {**VECTOR, "SignatureType": ""}
     assert (
         pop_signature("POST", with_type, "my_access_key_secret") == "k6vIw2kExUY35EBusdXUa73pzzQ="

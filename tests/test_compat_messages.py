@@ -1,4 +1,4 @@
-"""Byte compatibility with the official Python SDK (reference §3.2, §3.4, §4.1).
+"""Byte compatibility with the official Python SDK (docs/protocol.md §3.2, §3.4, §4.1).
 
 The real official SDK (``import nls``, blocking, run in a thread) and our sessions talk to
 the same tiny recording server; for the same parameters, the directives must have the
@@ -58,7 +58,7 @@ class Recorder:
     @staticmethod
     def first_key(connection: ServerConnection, request: Request) -> Response | None:
         # The official SDK sends two Sec-WebSocket-Key/Version headers and validates
-        # the answer against the first (reference §1.3): keep only the first.
+        # the answer against the first (docs/protocol.md §1.3): keep only the first.
         for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version"):
             values = request.headers.get_all(name)
             if len(values) > 1:

@@ -155,7 +155,7 @@ def test_recognizer_voice_detection_ends_task(nls_gateway: Gateway) -> None:
 def test_bad_token_only_closes(nls_gateway: Gateway) -> None:
     calls = Calls()
     sdk = transcriber(nls_gateway, calls, token="not-the-token")
-    assert sdk.start() is None  # the SDK's documented silent failure (reference §7.4)
+    assert sdk.start() is None  # the SDK's documented silent failure (docs/protocol.md §7.4)
     assert calls.closed.wait(5)
     assert "on_start" not in calls.names()
     assert nls_gateway.sessions == []  # rejected at the handshake

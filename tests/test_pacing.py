@@ -7,18 +7,8 @@ import random
 from collections.abc import Callable
 
 import pytest
-from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.speedups import apply_mask
 
-from nlsstream.pacing import (
-    LATE_THRESHOLD_MS,
-    Metrics,
-    Pacer,
-    client_frame,
-    client_frames,
-    ws_writable,
-)
+from nlsstream.pacing import LATE_THRESHOLD_MS, Metrics, Pacer
 
 FRAME = 640
 BPS_16K = 32000.0  # bytes per second of 16 kHz PCM16 mono
@@ -42,9 +32,7 @@ class Sink:
         self.sent: list[tuple[float, bytes]] = []
         self.writes = 0
         self.fail: Exception | None = None
-
-    def frame_writer(self) -> Callable[[bytes], object]:
-        return self.write_frame
+        self.write_frames: Callable[[bytes], object] = self.write_frame
 
     def encode_frames(self, pcm: bytes, frame_bytes: int) -> list[bytes]:
         return [
@@ -282,72 +270,6 @@ async def test_other_loops_get_their_own_pacer() -> None:
 
     there = await asyncio.to_thread(other)
     assert there is not here
-
-
-# --------------------------------------------------------------------------- fast path
-
-
-async def test_client_frames_are_what_websockets_receives() -> None:
-    """Frames made by client_frames()/client_frame() and written straight to the
-    transport arrive intact at a websockets server (which checks the masking), and
-    ws_writable() refuses once the transport is backed up or closed."""
-    received: list[bytes] = []
-    hold = asyncio.Event()
-    rng = random.Random(7)
-    pcm = rng.randbytes(640 * 30 + 100)
-    expected = [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
-
-    async def handler(ws: ServerConnection) -> None:
-        for _ in expected:
-            received.append(await ws.recv())  # type: ignore[arg-type]
-        await hold.wait()  # then stop reading: the client's buffers fill up
-
-    async with serve(
-        handler, "127.0.0.1", 0, max_queue=1, max_size=None, close_timeout=0.1
-    ) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        async with connect(f"ws://127.0.0.1:{port}", compression=None) as conn:
-            assert ws_writable(conn)
-            frames = client_frames(pcm, 640)
-            assert len(frames) == len(expected)
-            assert len({f[4:8] for f in frames}) == len(frames)  # a fresh key per frame
-            for frame in frames:
-                conn.transport.write(frame)
-            for _ in range(200):
-                if len(received) == len(expected):
-                    break
-                await asyncio.sleep(0.01)
-            assert received == expected
-            # Keep writing without awaiting until the transport crosses its high-water
-            # mark: from then on ws_writable() refuses instead of buffering more.
-            big = client_frame(b"\x00" * 65536)
-            for _ in range(2000):
-                if not ws_writable(conn):
-                    break
-                conn.transport.write(big)
-                await asyncio.sleep(0)
-            assert conn.paused and not ws_writable(conn)
-            hold.set()
-            conn.transport.abort()
-            await conn.wait_closed()
-            assert not ws_writable(conn)
-
-
-@pytest.mark.parametrize("size", [640, 320, 100, 7, 65536])
-def test_client_frames_match_client_frame(size: int) -> None:
-    pcm = random.Random(size).randbytes(size * 9 + size // 2)
-    frames = client_frames(pcm, size)
-    assert len(frames) == 10
-    for i, frame in enumerate(frames):
-        piece = pcm[i * size : (i + 1) * size]
-        header = len(client_frame(piece)) - len(piece)
-        assert frame[: header - 4] == client_frame(piece)[: header - 4]
-        assert apply_mask(frame[header:], frame[header - 4 : header]) == piece
-
-
-def test_client_frames_rejects_bad_frame_size() -> None:
-    with pytest.raises(ValueError, match="positive"):
-        client_frames(b"\x00" * 10, 0)
 
 
 async def test_put_batches_and_stalls_are_counted(pacer: Pacer, clock: FakeClock) -> None:

@@ -1,0 +1,274 @@
+"""The event router of a session: the one path every server event and every failure
+takes to the user.
+
+For each event, :meth:`EventRouter.deliver` does everything, in this order: metrics,
+the task's record (final sentences, the Completed event), every iterator's bounded queue
+(:mod:`nlsstream.events`), the user's callback, then the task's lifecycle (Started
+confirms the start, Completed and TaskFailed end the task). A failure that is not an event
+(a lost connection, a timeout) takes the same path through :meth:`EventRouter.fail`.
+
+Events are delivered synchronously, on the connection's data path, in arrival order;
+at 1,000 sessions the gateway sends 2,000 events a second, and a task per event would
+cost more than the parsing. A coroutine callback is awaited by one drain task of the
+session, and events arriving meanwhile wait behind it, so callbacks always see events in
+order and a slow one delays only its own session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import CallbackError, NlsError, ProtocolError, redact, task_error
+from .events import EventHub
+from .pacing import Metrics
+from .protocol import (
+    ClientProtocol,
+    Completed,
+    Event,
+    ResultChanged,
+    SentenceEnd,
+    Started,
+    TaskFailed,
+)
+
+__all__ = ["Callback", "EventRouter"]
+
+logger = logging.getLogger("nlsstream.session")
+
+#: A user callback: a plain function or a coroutine function.
+Callback = Callable[[Any], object]
+
+
+class _Failure:
+    """A queued report of a failure that is not an event (see :meth:`EventRouter.fail`)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: NlsError) -> None:
+        self.error = error
+
+
+class EventRouter:
+    """Routes one task's events to iterators, callbacks, the result and the metrics, and
+    decides when the task has ended (and why).
+
+    ``callbacks`` maps event classes to user callbacks; ``on_error`` receives every
+    :class:`~nlsstream.errors.NlsError` (the task's failure, and a
+    :class:`~nlsstream.errors.CallbackError` for each callback that raised);
+    ``on_end(error)`` is called once, synchronously, when the task ends.
+    """
+
+    def __init__(
+        self,
+        proto: ClientProtocol,
+        metrics: Metrics,
+        *,
+        callbacks: dict[type[Event], Callback | None],
+        on_error: Callable[[NlsError], object] | None,
+        on_end: Callable[[NlsError | None], None],
+        hub: EventHub | None = None,
+    ) -> None:
+        self.proto = proto
+        self.metrics = metrics
+        self.hub = hub if hub is not None else EventHub()
+        self.callbacks = callbacks
+        self._on_error = on_error
+        self._on_end = on_end
+        #: Every final sentence, in order; the Completed event once it came.
+        self.sentences: list[SentenceEnd] = []
+        self.completed: Completed | None = None
+        #: Set once the task ended: why (``None`` after Completed).
+        self.error: NlsError | None = None
+        self.ended = False
+        #: Secrets to hide from the server's texts (the session's token).
+        self.secrets: tuple[str, ...] = ()
+        #: When the first audio was sent and when Stop was, on the loop's clock.
+        self.first_audio_at: float | None = None
+        self.stop_sent_at: float | None = None
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.started_future: asyncio.Future[None] = loop.create_future()
+        self.ended_future: asyncio.Future[None] = loop.create_future()
+        self._queue: deque[Event | _Failure] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- input
+
+    def message(self, text: str) -> None:
+        """A text message from the gateway (the connection's ``on_message``)."""
+        if self.ended:
+            return  # the task is over: what still arrives is not read
+        try:
+            event = self.proto.receive(text)
+        except ProtocolError as exc:
+            error = ProtocolError(f"task {self.proto.task_id}: {exc}; connection aborted")
+            error.__cause__ = exc
+            self.fail(error)
+            return
+        self.deliver(event)
+
+    def deliver(self, event: Event) -> None:
+        """Deliver ``event`` now, or after the coroutine callbacks ahead of it."""
+        if self._drainer is not None:
+            self._queue.append(event)
+            return
+        pending = self._route(event)
+        if pending is not None:
+            self._drain(pending)
+
+    def fail(self, error: NlsError) -> None:
+        """End the task with ``error`` (if it has not ended) and report it to
+        ``on_error``, after any callback still running."""
+        if self.ended:
+            return
+        self._end(error)
+        if self._drainer is not None:
+            self._queue.append(_Failure(error))
+            return
+        pending = self._report(error)
+        if pending is not None:
+            self._drain(pending)
+
+    async def settle(self) -> None:
+        """Wait until every queued event and report has been handled (what a caller
+        does before raising the task's error, so that ``on_error`` has run)."""
+        drainer = self._drainer
+        if drainer is not None and drainer is not asyncio.current_task():
+            await asyncio.shield(drainer)
+
+    def close(self) -> None:
+        """The session is done: coroutine callbacks not yet awaited are dropped."""
+        self._queue.clear()
+        if self._drainer is not None and not self._drainer.done():
+            self._drainer.cancel()
+
+    # ---------------------------------------------------------------- the one path
+
+    def _route(self, event: Event) -> Awaitable[None] | None:
+        """Everything delivering ``event`` means; returns what is left to await."""
+        metrics = self.metrics
+        if metrics.time_to_first_partial_ms is None and self.first_audio_at is not None:
+            has_text = isinstance(event, (ResultChanged, SentenceEnd)) or (
+                isinstance(event, Completed) and bool(event.text)
+            )
+            if has_text:
+                metrics.time_to_first_partial_ms = (self._loop.time() - self.first_audio_at) * 1e3
+        if isinstance(event, SentenceEnd):
+            self.sentences.append(event)
+        elif isinstance(event, Completed):
+            self.completed = event
+            if self.stop_sent_at is not None:
+                metrics.stop_to_completed_ms = (self._loop.time() - self.stop_sent_at) * 1e3
+        self.hub.publish(event)
+        if isinstance(event, TaskFailed):
+            error = task_error(
+                event.status, redact(event.status_text, *self.secrets), event.task_id
+            )
+            self._end(error)
+            return self._report(error)
+        callback = self.callbacks.get(type(event))
+        pending = self._call(callback, event) if callback is not None else None
+        if pending is None:
+            self._lifecycle(event)
+            return None
+        return self._then(pending, event)
+
+    def _lifecycle(self, event: Event) -> None:
+        if isinstance(event, Started):
+            if not self.started_future.done():
+                self.started_future.set_result(None)
+        elif isinstance(event, Completed):
+            self._end(None)
+
+    async def _then(self, pending: Awaitable[None], event: Event) -> None:
+        await pending
+        self._lifecycle(event)
+
+    def _end(self, error: NlsError | None) -> None:
+        """The one place the task ends."""
+        if self.ended:
+            return
+        self.ended = True
+        self.error = error
+        if error is not None:
+            self.proto.fail()
+        self.hub.close(error)
+        for future in (self.started_future, self.ended_future):
+            if not future.done():
+                future.set_result(None)
+        self._on_end(error)
+
+    # ---------------------------------------------------------------- callbacks
+
+    def _call(self, callback: Callback, arg: object) -> Awaitable[None] | None:
+        try:
+            result = callback(arg)
+        except Exception as exc:
+            return self._report(_callback_error(callback, exc), exc)
+        if inspect.isawaitable(result):
+            return self._await_callback(callback, result)
+        return None
+
+    async def _await_callback(self, callback: Callback, result: Awaitable[object]) -> None:
+        try:
+            await result
+        except Exception as exc:
+            pending = self._report(_callback_error(callback, exc), exc)
+            if pending is not None:
+                await pending
+
+    def _report(
+        self, error: NlsError, cause: BaseException | None = None
+    ) -> Awaitable[None] | None:
+        """Tell ``on_error`` about ``error``; a failing callback without an ``on_error``
+        is logged, since nobody else would hear of it."""
+        if cause is not None:
+            error.__cause__ = cause
+        if self._on_error is None:
+            if isinstance(error, CallbackError):
+                logger.error("task %s: %s", self.proto.task_id, error, exc_info=cause)
+            return None
+        try:
+            result = self._on_error(error)
+        except Exception:
+            logger.exception("task %s: on_error callback raised", self.proto.task_id)
+            return None
+        if inspect.isawaitable(result):
+            return self._await_on_error(result)
+        return None
+
+    async def _await_on_error(self, result: Awaitable[object]) -> None:
+        try:
+            await result
+        except Exception:
+            logger.exception("task %s: on_error callback raised", self.proto.task_id)
+
+    def _drain(self, first: Awaitable[None]) -> None:
+        self._drainer = self._loop.create_task(
+            self._run_queue(first), name=f"nlsstream-callbacks-{self.proto.task_id}"
+        )
+
+    async def _run_queue(self, first: Awaitable[None]) -> None:
+        """Await ``first``, then deliver what queued up behind it, in order."""
+        try:
+            await first
+            while self._queue:
+                item = self._queue.popleft()
+                if isinstance(item, _Failure):
+                    pending = self._report(item.error)
+                else:
+                    pending = self._route(item)
+                if pending is not None:
+                    await pending
+        finally:
+            self._drainer = None
+
+
+def _callback_error(callback: Callback, exc: Exception) -> CallbackError:
+    name = getattr(callback, "__name__", repr(callback))
+    return CallbackError(f"callback {name} raised {type(exc).__name__}: {exc}")
