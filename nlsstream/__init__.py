@@ -1,4 +1,11 @@
-"""nlsstream: asyncio SDK for Alibaba Cloud NLS real-time speech recognition."""
+"""nlsstream: asyncio SDK for Alibaba Cloud NLS real-time speech recognition.
+
+What a user needs is here: the sessions (:class:`Transcriber`, :class:`Recognizer`), their
+events, :class:`State` (what ``session.state`` returns), :class:`Result` and
+:class:`Metrics` (``session.metrics``), token providers, settings, the error tree, and
+:class:`Pacer` for sharing or driving the real-time clock. The local gateway lives in
+:mod:`nlsstream.gateway`, the pytest fixture in :mod:`nlsstream.testing`.
+"""
 
 from ._version import __version__
 from .auth import AccessKeyTokenProvider, StaticTokenProvider, TokenProvider
@@ -29,6 +36,7 @@ from .protocol import (
     SentenceBegin,
     SentenceEnd,
     Started,
+    State,
     TaskFailed,
     UnknownEvent,
     Word,
@@ -63,6 +71,7 @@ __all__ = [
     "Settings",
     "StartTimeoutError",
     "Started",
+    "State",
     "StaticTokenProvider",
     "StatusCode",
     "StopTimeoutError",

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from nlsstream import protocol as p
-from nlsstream.errors import InvalidStateError, ProtocolError
+from nlsstream.errors import STATUS_CODES, InvalidStateError, ProtocolError
 
 TID = "0123456789abcdef0123456789abcdef"
 
@@ -366,3 +366,97 @@ def test_fail_is_idempotent_and_keeps_completed() -> None:
     other.fail()
     other.fail()
     assert other.state is p.State.FAILED
+
+
+# --------------------------------------------------------------------------- server side
+
+
+def directive(name: str, task_id: str, ns: p.Namespace = p.TRANSCRIBER, **payload: Any) -> str:
+    return p.encode(
+        p.build_directive(ns.name, name, task_id=task_id, appkey="key", payload=payload or None)
+    )
+
+
+def test_server_task_runs_tasks_one_after_another() -> None:
+    task = p.ServerTask(appkeys=["key"])
+    first, second = p.new_id(), p.new_id()
+    accepted = task.receive(directive("StartTranscription", first, sample_rate=8000))
+    assert accepted is not None and accepted.kind == "start"
+    assert accepted.params is not None and accepted.params.sample_rate == 8000
+    assert json.loads(task.started())["header"]["name"] == "TranscriptionStarted"
+    assert task.receive_audio() is True
+    control = task.receive(directive("ControlTranscriber", first, max_sentence_silence=300))
+    assert control is not None and control.params is not None
+    assert control.params.max_sentence_silence == 300 == task.params.max_sentence_silence  # type: ignore[union-attr]
+    stop = task.receive(directive("StopTranscription", first))
+    assert stop is not None and stop.kind == "stop" and task.state is p.ServerState.STOPPING
+    completed = json.loads(task.completed())
+    assert completed["header"]["task_id"] == first and task.state is p.ServerState.IDLE
+    assert task.receive(directive("StartTranscription", second)) is not None
+
+
+def test_server_task_ignores_late_stop_and_audio_after_voice_detection() -> None:
+    task = p.ServerTask()
+    tid = p.new_id()
+    task.receive(directive("StartRecognition", tid, p.RECOGNIZER))
+    task.completed({"result": "hi"}, early=True)
+    assert task.receive_audio() is False
+    assert task.receive(directive("StopRecognition", tid, p.RECOGNIZER)) is None
+
+
+@pytest.mark.parametrize(
+    ("steps", "status"),
+    [
+        (["start", "start"], 40010005),
+        (["start", "stop", "stop"], 40010005),
+        (["start", "stop", "completed", "stop"], 40010005),
+        (["start", "stop", "audio"], 40010005),
+        (["audio"], 40010005),
+        (["stop"], 40010005),
+        (["control"], 40010005),
+        (["unknown"], 40010002),
+        (["recognizer-in-transcriber"], 40010002),
+        (["bad-appkey"], 40020105),
+        (["bad-format"], 40010003),
+        (["bad-rate"], 41010101),
+        (["bad-silence"], 40000003),
+        (["bad-message-id"], 40000002),
+        (["not-json"], 40000002),
+        (["deep"], 40000002),
+    ],
+)
+def test_server_task_refuses_with_the_documented_status(steps: list[str], status: int) -> None:
+    task = p.ServerTask(appkeys=["key"])
+    tid = p.new_id()
+    texts = {
+        "start": directive("StartTranscription", tid),
+        "stop": directive("StopTranscription", tid),
+        "control": directive("ControlTranscriber", tid),
+        "unknown": directive("Dance", tid),
+        "recognizer-in-transcriber": directive("StartRecognition", tid),
+        "bad-format": directive("StartTranscription", tid, format="mp3"),
+        "bad-rate": directive("StartTranscription", tid, sample_rate=44100),
+        "bad-silence": directive("StartTranscription", tid, max_sentence_silence=True),
+        "bad-appkey": directive("StartTranscription", tid).replace('"key"', '"other"'),
+        "bad-message-id": directive("StartTranscription", tid).replace(
+            '"message_id": "', '"message_id": "X'
+        ),
+        "not-json": "{not json",
+        "deep": "[" * 100_000 + "]" * 100_000,
+    }
+    with pytest.raises(p.DirectiveError) as info:
+        for step in steps:
+            if step == "audio":
+                task.receive_audio()
+            elif step == "completed":
+                task.completed()
+            else:
+                task.receive(texts[step])
+    assert info.value.status == status
+    assert task.state is p.ServerState.FAILED
+    failed = json.loads(task.refusal(info.value))
+    assert failed["header"]["name"] == "TaskFailed"
+    assert failed["header"]["status"] == status
+    assert failed["header"]["status_text"].split(":")[1] == STATUS_CODES[status].name
+    if steps[0] not in ("not-json", "deep", "audio"):  # these name no task
+        assert failed["header"]["task_id"] == tid
