@@ -121,12 +121,14 @@ class EventRouter:
         if pending is not None:
             self._drain(pending)
 
-    def fail(self, error: NlsError) -> None:
-        """End the task with ``error`` (if it has not ended) and report it to
+    def fail(self, error: NlsError, *, report: bool = True) -> None:
+        """End the task with ``error`` (if it has not ended) and, if ``report``, tell
         ``on_error``, after any callback still running."""
         if self.ended:
             return
         self._end(error)
+        if not report:
+            return
         if self._drainer is not None:
             self._queue.append(_Failure(error))
             return
@@ -139,7 +141,7 @@ class EventRouter:
         does before raising the task's error, so that ``on_error`` has run)."""
         drainer = self._drainer
         if drainer is not None and drainer is not asyncio.current_task():
-            await asyncio.shield(drainer)
+            await asyncio.wait([drainer])
 
     def close(self) -> None:
         """The session is done: coroutine callbacks not yet awaited are dropped."""

@@ -222,6 +222,7 @@ class Session(abc.ABC):
         self._result: Result | None = None
         self._error_raised = False  # the task's error reached the user (raised or aborted)
         self._closed = False  # on_close was called
+        self._closer: asyncio.Task[None] | None = None  # closes the connection at the end
 
     # ------------------------------------------------------------------ properties
 
@@ -420,21 +421,30 @@ class Session(abc.ABC):
         """Close the connection now, without Stop; pending iterators and ``stream()``
         calls raise InvalidStateError. Safe to call at any time, any number of times."""
         router, conn = self._router, self._conn
-        if router is not None and not router.ended:
-            router.fail(InvalidStateError(f"session for task {self.task_id} was aborted"))
-            self._error_raised = True  # the caller chose to abort; nothing to re-raise
+        if router is not None:
+            if not router.ended:
+                # The caller chose to abort: nothing to report or to re-raise.
+                error = InvalidStateError(f"session for task {self.task_id} was aborted")
+                router.fail(error, report=False)
+                self._error_raised = True
+            router.close()  # callbacks still waiting to run are dropped
         if conn is not None:
             conn.abort()
-            await conn.wait_closed(self.stop_timeout)
-        if router is not None:
-            router.close()
-        await self._call_on_close()
+        await self._close()
 
     async def _close(self) -> None:
-        """After the task ended: the closing handshake (code 1000, §1.4), bounded by
-        ``stop_timeout``, then ``on_close``."""
-        if self._conn is not None:
-            await self._conn.close()
+        """After the task ended: wait (bounded) for the closing of the connection that
+        the end of the task began, and for ``on_close``."""
+        closer = self._closer
+        if closer is not None:
+            await asyncio.wait([closer])
+        else:
+            await self._call_on_close()
+
+    async def _close_connection(self, conn: Connection) -> None:
+        """The task is over: the closing handshake (code 1000, §1.4), bounded by
+        ``stop_timeout``, then ``on_close`` once what is left to report has been."""
+        await conn.close()
         if self._router is not None:
             await self._router.settle()
         await self._call_on_close()
@@ -465,10 +475,6 @@ class Session(abc.ABC):
         """Called once by the router when the task ends, however it ended."""
         if isinstance(error, AuthenticationError):
             self._invalidate_token()
-        unresponsive = (StartTimeoutError, StopTimeoutError, ProtocolError)
-        if isinstance(error, unresponsive) and self._conn is not None:
-            # The gateway is unresponsive or broken: don't wait for a closing handshake.
-            self._conn.abort()
         if self._paced is not None:
             self._paced.abort(
                 error
@@ -478,9 +484,13 @@ class Session(abc.ABC):
                     f"{self._paced.buffered_bytes} buffered bytes were not sent"
                 )
             )
-        if error is None and self._conn is not None:
-            # Completed: close politely now (§1.4); nobody needs to wait for it.
-            asyncio.get_running_loop().create_task(self._conn.close())
+        conn = self._conn
+        if conn is not None:
+            if isinstance(error, (StartTimeoutError, StopTimeoutError, ProtocolError)):
+                conn.abort()  # the gateway is unresponsive or broken: no closing handshake
+            self._closer = asyncio.get_running_loop().create_task(
+                self._close_connection(conn), name=f"nlsstream-close-{self.task_id}"
+            )
 
     def _on_connection_lost(self) -> None:
         router, conn = self._router, self._conn
