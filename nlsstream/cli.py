@@ -608,8 +608,11 @@ def _serve(args: argparse.Namespace) -> int:
         if args.light:
             if args.recognizer is not None:
                 raise ValueError("--recognizer applies to the full gateway, not --light")
-            from .gateway.light import LightGateway
-
+            try:
+                from .gateway.light import LightGateway
+            except ImportError as exc:
+                missing = f"--light needs the 'light' extra ({exc.name} is missing)"
+                raise ValueError(missing) from None
             light = LightGateway(
                 args.host,
                 args.port,
