@@ -19,6 +19,9 @@ FIXTURE = ROOT / "tests" / "fixtures" / "three_sentences.wav"
 SAMPLE_RATE = 16000
 FRAME_BYTES = 640  # 20 ms of 16 kHz 16-bit mono PCM
 FRAME_S = FRAME_BYTES / (SAMPLE_RATE * 2)
+#: The token the benchmark clients send and the light gateway requires (its control
+#: endpoints too); a benchmark runs on loopback only.
+BENCH_TOKEN = "benchmark-token"
 
 
 def load_pcm(seconds: float, path: Path = FIXTURE) -> bytes:

@@ -36,7 +36,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT
+from benchmarks.common import BENCH_TOKEN, ROOT
 
 #: Benchmark clients; "nlsstream-asyncio" is nlsstream on the stdlib event loop (the
 #: plain "nlsstream" uses uvloop when it is installed).
@@ -57,6 +57,13 @@ class Gateway:
     @property
     def http(self) -> str:
         return self.url.replace("ws://", "http://", 1).rsplit("/ws/", 1)[0]
+
+    def control(self, path: str, timeout: float) -> dict[str, Any]:
+        """GET a control endpoint (``--control``: the gateway's token is required)."""
+        request = urllib.request.Request(self.http + path, headers={"X-NLS-Token": BENCH_TOKEN})
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+        return data
 
 
 def _cpus() -> list[int]:
@@ -95,7 +102,10 @@ def start_gateway(
     timeout: float = 15,
     nap_us: int = DEFAULT_NAP_US,
 ) -> Gateway:
-    """Start ``python -m nlsstream.gateway.light`` on a free port and wait until it listens."""
+    """Start ``python -m nlsstream.gateway.light`` on a free port and wait until it listens.
+
+    Its stats come over its control endpoints, which need its token (``BENCH_TOKEN``, the
+    token the benchmark clients send)."""
     cmd = [
         sys.executable,
         "-m",
@@ -110,8 +120,10 @@ def start_gateway(
         "30",
         "--nap-us",
         str(nap_us),
+        "--control",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "NLS_LIGHT_TOKEN": BENCH_TOKEN}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     _pin(proc.pid, cpu)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -134,15 +146,11 @@ def stop_gateway(gw: Gateway) -> None:
 
 def fetch_stats(gw: Gateway, *, reset: bool = False, timeout: float = 30) -> dict[str, Any]:
     """The gateway's statistics since its last reset (``GET /stats``), optionally resetting."""
-    url = gw.http + "/stats" + ("?reset=1" if reset else "")
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        data: dict[str, Any] = json.loads(resp.read())
-    return data
+    return gw.control("/stats" + ("?reset=1" if reset else ""), timeout)
 
 
 def reset_stats(gw: Gateway, timeout: float = 10) -> None:
-    with urllib.request.urlopen(gw.http + "/reset", timeout=timeout) as resp:
-        resp.read()
+    gw.control("/reset", timeout)
 
 
 def run_client(

@@ -1,19 +1,22 @@
-"""How much server CPU does one audio frame cost? The light gateway vs a ``websockets`` server.
+"""How much server CPU does one audio frame cost? The light gateway vs other WebSocket servers.
 
 Why this exists: the light gateway (``nlsstream.gateway.light``) must absorb 50k-100k
 frames/s on one core without becoming the bottleneck of the scale benchmark. This script
-measures the server-side CPU per 640-byte frame for
+measures the server-side CPU per 640-byte frame, one row per candidate server, all under
+the same load in one run:
 
-* ``light``: ``python -m nlsstream.gateway.light`` (asyncio.Protocol, bulk frame parsing,
-  audio never unmasked), and
-* ``websockets``: the smallest useful ``websockets`` server doing the same job (answer
-  Start with Started, timestamp every audio message in ``async for message in ws``),
+* ``light``: ``python -m nlsstream.gateway.light`` (picows, the one the benchmarks use;
+  it also sends the SentenceBegin/SentenceEnd events the others do not),
+* ``aiohttp``: the smallest useful ``aiohttp.web`` WebSocket server doing the same job
+  (answer Start with Started, timestamp every audio message in ``async for msg in ws``),
+* ``websockets``: the same with the ``websockets`` library.
 
-under the same load: ``--connections`` raw-socket clients in this process, each sending
-one pre-masked frame every 20 ms from one shared ticker. Server CPU comes from
-``/proc/<pid>/stat`` over a steady window of ``--seconds``.
+The load: ``--connections`` raw-socket clients in this process, each sending one
+pre-masked frame every 20 ms from one shared ticker. Server CPU comes from
+``/proc/<pid>/stat`` over a steady window of ``--seconds``. With ``--rounds`` above 1 the
+servers take turns, round after round, and the summary gives each one's median.
 
-    python -m benchmarks.gateway_overhead --connections 200 --seconds 5
+    python -m benchmarks.gateway_overhead --connections 300 --seconds 5 --rounds 3
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import base64
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +39,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import FRAME_BYTES, FRAME_S, ROOT, raise_nofile_limit
 
-SERVERS = ("light", "websockets")
+SERVERS = ("light", "aiohttp", "websockets")
 
 
 # --------------------------------------------------------------------------- websockets server
@@ -63,6 +67,40 @@ async def _serve_websockets() -> None:
         port = server.sockets[0].getsockname()[1]
         print(f"websockets listening on ws://127.0.0.1:{port}/ws/v1", flush=True)
         await asyncio.Future()
+
+
+# --------------------------------------------------------------------------- aiohttp server
+
+
+async def _serve_aiohttp() -> None:
+    from aiohttp import WSMsgType, web
+
+    from nlsstream.protocol import build_event, encode, parse_directive
+
+    arrivals: list[float] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False, autoping=True)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                arrivals.append(time.perf_counter())
+            elif msg.type is WSMsgType.TEXT:
+                d = parse_directive(msg.data)
+                if d.name.startswith("Start"):
+                    await ws.send_str(
+                        encode(build_event(d.namespace, "TranscriptionStarted", d.task_id))
+                    )
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws/v1", handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, backlog=4096).start()
+    port = runner.addresses[0][1]
+    print(f"aiohttp listening on ws://127.0.0.1:{port}/ws/v1", flush=True)
+    await asyncio.Future()
 
 
 # --------------------------------------------------------------------------- load generator
@@ -174,8 +212,10 @@ def _start_server(kind: str) -> tuple[subprocess.Popen[str], str]:
             "--idle-timeout",
             "60",
         ]
+    elif kind in ("aiohttp", "websockets"):
+        cmd = [sys.executable, "-m", "benchmarks.gateway_overhead", f"--serve-{kind}"]
     else:
-        cmd = [sys.executable, "-m", "benchmarks.gateway_overhead", "--serve-websockets"]
+        raise ValueError(f"unknown server {kind!r}; expected one of {SERVERS}")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -206,15 +246,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every server, in turn")
     parser.add_argument("--serve-websockets", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-aiohttp", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve_websockets:
+    if args.serve_websockets or args.serve_aiohttp:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve_websockets())
+            asyncio.run(_serve_websockets() if args.serve_websockets else _serve_aiohttp())
         return 0
     raise_nofile_limit()
-    for kind in args.servers.split(","):
-        print(json.dumps(measure(kind.strip(), args.connections, args.seconds)), flush=True)
+    kinds = [kind.strip() for kind in args.servers.split(",")]
+    per_frame: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for _ in range(args.rounds):
+        for kind in kinds:
+            result = measure(kind, args.connections, args.seconds)
+            print(json.dumps(result), flush=True)
+            per_frame[kind].append(result["server_us_per_frame"])
+    base = statistics.median(per_frame[kinds[0]])
+    for kind in kinds:
+        median = statistics.median(per_frame[kind])
+        summary = {
+            "server": kind,
+            "median_us_per_frame": round(median, 2),
+            f"vs_{kinds[0]}": round(median / base, 2),
+        }
+        print(json.dumps(summary), flush=True)
     return 0
 
 

@@ -27,6 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
+    BENCH_TOKEN,
     Clock,
     SteadyCpu,
     client_result,
@@ -81,7 +82,7 @@ async def _session(
 
     t = Transcriber(
         "benchmark-appkey",
-        "benchmark-token",
+        BENCH_TOKEN,
         url=url,
         on_sentence_end=on_sentence_end,
     )

@@ -30,6 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
+    BENCH_TOKEN,
     FRAME_S,
     Clock,
     SteadyCpu,
@@ -77,7 +78,7 @@ class _Session:
         try:
             tr = nls.NlsSpeechTranscriber(
                 url=url,
-                token="benchmark-token",
+                token=BENCH_TOKEN,
                 appkey="benchmark-appkey",
                 on_start=self.on_start,
                 on_sentence_end=self.on_sentence_end,

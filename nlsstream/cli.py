@@ -33,6 +33,7 @@ from .config import Settings
 from .errors import NlsError, redact
 
 if TYPE_CHECKING:
+    from .gateway.light import LightGateway
     from .output import ProgressBar, Renderer
     from .protocol import Event
     from .session import Session
@@ -569,8 +570,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--recognizer",
         choices=("auto", "sphinx", "span"),
-        default="auto",
-        help="auto: PocketSphinx if installed, else span (default %(default)s)",
+        help="auto: PocketSphinx if installed, else span (default auto; full gateway only)",
+    )
+    p.add_argument(
+        "--light",
+        action="store_true",
+        help="run the light load-gateway instead: no recognition, one numbered sentence "
+        "per second of audio, per-frame lateness measured (needs the 'light' extra)",
     )
     p.add_argument(
         "--idle-timeout",
@@ -593,24 +599,43 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # websockets' own INFO lines (every handshake) are noise next to our session lines.
-    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.root.level))
+    # websockets' and picows' INFO lines (every handshake) are noise next to our session lines.
+    for noisy in ("websockets", "picows"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     from .gateway import Gateway
 
     try:
-        gateway = Gateway(
-            args.host,
-            args.port,
-            tokens=args.token,
-            appkeys=args.appkey,
-            recognizer=args.recognizer,
-            idle_timeout=args.idle_timeout,
-        )
+        if args.light:
+            if args.recognizer is not None:
+                raise ValueError("--recognizer applies to the full gateway, not --light")
+            try:
+                from .gateway.light import LightGateway
+            except ImportError as exc:
+                missing = f"--light needs the 'light' extra ({exc.name} is missing)"
+                raise ValueError(missing) from None
+            light = LightGateway(
+                args.host,
+                args.port,
+                token=args.token,
+                appkeys=args.appkey,
+                idle_timeout=args.idle_timeout,
+            )
+            run = _run_light(light)
+        else:
+            gateway = Gateway(
+                args.host,
+                args.port,
+                tokens=args.token,
+                appkeys=args.appkey,
+                recognizer=args.recognizer or "auto",
+                idle_timeout=args.idle_timeout,
+            )
+            run = _run_gateway(gateway)
     except ValueError as exc:
         print(f"nlsstream serve: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_run_gateway(gateway))
+        asyncio.run(run)
     except KeyboardInterrupt:  # platforms without loop signal handlers
         pass
     except OSError as exc:
@@ -623,14 +648,32 @@ async def _run_gateway(gateway: object) -> None:
     from .gateway import Gateway
 
     assert isinstance(gateway, Gateway)
+    async with gateway:
+        print(f"NLS gateway listening on {gateway.url}", flush=True)
+        await _signalled()
+        log.info("shutting down")
+    done = sum(1 for s in gateway.sessions if s.outcome == "completed")
+    log.info("gateway stopped after %d sessions (%d completed)", len(gateway.sessions), done)
+
+
+async def _run_light(gateway: LightGateway) -> None:
+    async with gateway:
+        print(f"NLS light gateway listening on {gateway.url}", flush=True)
+        await _signalled()
+        log.info("shutting down")
+        overall = gateway.stats()["overall"]
+    log.info(
+        "light gateway stopped after %d sessions (%d completed)",
+        overall["sessions"],
+        overall["completed"],
+    )
+
+
+async def _signalled() -> None:
+    """Return on SIGINT or SIGTERM (where the loop supports signal handlers)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    async with gateway:
-        print(f"NLS gateway listening on {gateway.url}", flush=True)
-        await stop.wait()
-        log.info("shutting down")
-    done = sum(1 for s in gateway.sessions if s.outcome == "completed")
-    log.info("gateway stopped after %d sessions (%d completed)", len(gateway.sessions), done)
+    await stop.wait()

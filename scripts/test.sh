@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
-pip install -e '.[dev,local]'
+pip install -e '.[dev,local,light]'
 # The official SDK is installed for the compatibility tests only. Its matplotlib/oss2
 # requirements are never imported, so it goes in without them; the one module it does
 # import (aliyunsdkcore) is installed explicitly.

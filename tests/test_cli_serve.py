@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 from conftest import read_pcm
+from helpers import FRAME, directive, events_until, recv_json, start
 from test_gateway import RawTask, names
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from nlsstream.cli import main
+from nlsstream.protocol import TRANSCRIBER, new_id
 
 SECRET = "cli-secret-token-42"
 
@@ -101,3 +103,35 @@ def test_serve_help(capsys: Any) -> None:
         main(["serve", "--help"])
     assert info.value.code == 0
     assert "--idle-timeout" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_serve_light_checks_token_and_appkey_and_stops_cleanly(sig: int) -> None:
+    proc, url = start_server("--light", "--appkey", "cli-app", "--idle-timeout", "5")
+    try:
+        headers = {"X-NLS-Token": SECRET}
+        async with connect(url, additional_headers=headers) as ws:
+            task_id = new_id()
+            await ws.send(start(task_id, appkey="cli-app"))
+            assert (await recv_json(ws))["header"]["name"] == "TranscriptionStarted"
+            for _ in range(60):  # 1.2 s: one whole sentence and a tail
+                await ws.send(FRAME)
+            await ws.send(directive(TRANSCRIBER.name, TRANSCRIBER.stop, task_id, appkey="cli-app"))
+            events = await events_until(ws, "TranscriptionCompleted")
+        assert names(events) == ["SentenceBegin", "SentenceEnd"] * 2 + ["TranscriptionCompleted"]
+        async with connect(url, additional_headers=headers) as ws:
+            await ws.send(start(new_id(), appkey="other-app"))
+            assert (await recv_json(ws))["header"]["status"] == 40020105
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url, additional_headers={"X-NLS-Token": "wrong"}):
+                pass
+        assert info.value.response.status_code == 403
+    finally:
+        out, err = finish(proc, sig)
+    assert SECRET not in out + err
+    assert "light gateway stopped after 1 sessions (1 completed)" in err
+
+
+def test_serve_light_refuses_a_recognizer(capsys: Any) -> None:
+    assert main(["serve", "--light", "--recognizer", "span", "--port", "0"]) == 2
+    assert "--recognizer" in capsys.readouterr().err

@@ -4,52 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
 import os
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from helpers import (
+    FRAME,
+    client_frame,
+    close_code_after,
+    directive,
+    events_until,
+    http_request,
+    raw_upgrade,
+    read_server_frame,
+    recv_json,
+    start,
+    upgrade_request,
+)
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from nlsstream.gateway.light import LightGateway, SessionStats
-from nlsstream.protocol import RECOGNIZER, TRANSCRIBER, build_directive, encode, new_id
-
-FRAME = b"\x01\x00" * 320  # 640 bytes = 20 ms at 16 kHz
+from nlsstream.protocol import RECOGNIZER, TRANSCRIBER, new_id
 
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[LightGateway]:
     async with LightGateway(sentence_ms=200, idle_timeout=5.0, close_timeout=1.0) as gw:
         yield gw
-
-
-def directive(ns: str, name: str, task_id: str, payload: dict[str, Any] | None = None) -> str:
-    return encode(build_directive(ns, name, task_id=task_id, appkey="app", payload=payload))
-
-
-def start(task_id: str, ns: str = TRANSCRIBER.name, **payload: Any) -> str:
-    name = TRANSCRIBER.start if ns == TRANSCRIBER.name else RECOGNIZER.start
-    return directive(ns, name, task_id, {"format": "pcm", "sample_rate": 16000, **payload})
-
-
-async def recv_json(ws: Any) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
-    return data
-
-
-async def events_until(ws: Any, last: str) -> list[dict[str, Any]]:
-    out = []
-    while True:
-        event = await recv_json(ws)
-        out.append(event)
-        if event["header"]["name"] in (last, "TaskFailed"):
-            return out
 
 
 # --------------------------------------------------------------------------- lateness maths
@@ -197,63 +185,18 @@ async def test_official_sdk_works(gateway: LightGateway) -> None:
 # --------------------------------------------------------------------------- raw-socket checks
 
 
-def client_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
-    mask = os.urandom(4)
-    n = len(payload)
-    b0 = (0x80 if fin else 0) | opcode
-    mbit = 0x80 if masked else 0
-    if n < 126:
-        head = bytes((b0, mbit | n))
-    elif n < 65536:
-        head = bytes((b0, mbit | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((b0, mbit | 127)) + n.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + body
-
-
-async def raw_upgrade(
-    gw: LightGateway, extra: str = ""
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET /ws/v1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    expected = base64.b64encode(
-        hashlib.sha1(key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    )
-    assert head.startswith(b"HTTP/1.1 101"), head
-    assert b"Sec-WebSocket-Accept: " + expected in head
-    return reader, writer, head
-
-
-async def read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
-    n = b1 & 0x7F
-    if n == 126:
-        n = int.from_bytes(await reader.readexactly(2), "big")
-    elif n == 127:
-        n = int.from_bytes(await reader.readexactly(8), "big")
-    return b0 & 0x0F, await reader.readexactly(n)
-
-
 async def test_duplicate_handshake_headers_first_key_wins(gateway: LightGateway) -> None:
-    # The exact duplicate the official SDK appends after the real key and version.
-    _, writer, _ = await raw_upgrade(
-        gateway, "Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSocket-Version: 13\r\n"
+    # The exact duplicate the official SDK appends after its own key and version
+    # (reference §1.3): picows answers for the first key, the one the SDK checks.
+    await raw_upgrade(
+        gateway.host,
+        gateway.port,
+        "Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSocket-Version: 13\r\n",
     )
-    writer.close()
 
 
 async def test_frames_split_across_reads_and_fragmented(gateway: LightGateway) -> None:
-    reader, writer, _ = await raw_upgrade(gateway)
+    reader, writer = await raw_upgrade(gateway.host, gateway.port)
     task = new_id()
     writer.write(client_frame(0x1, start(task).encode()))
     opcode, body = await read_server_frame(reader)
@@ -269,7 +212,10 @@ async def test_frames_split_across_reads_and_fragmented(gateway: LightGateway) -
     writer.write(client_frame(0x2, b"\x00" * 640, fin=False))
     writer.write(client_frame(0x9, b"p"))
     writer.write(client_frame(0x0, b"\x00" * 640))
-    writer.write(client_frame(0x1, directive(TRANSCRIBER.name, TRANSCRIBER.stop, task).encode()))
+    # A directive in two fragments.
+    stop = directive(TRANSCRIBER.name, TRANSCRIBER.stop, task).encode()
+    writer.write(client_frame(0x1, stop[:10], fin=False))
+    writer.write(client_frame(0x0, stop[10:]))
     await writer.drain()
     seen = []
     while not seen or seen[-1] != "TranscriptionCompleted":
@@ -289,71 +235,208 @@ async def test_frames_split_across_reads_and_fragmented(gateway: LightGateway) -
     [
         (b"not json", 40000002),
         (json.dumps({"header": {"name": "StartTranscription"}}).encode(), 40000002),
-        (directive(TRANSCRIBER.name, "Bogus", new_id()).encode(), 40000002),
+        (directive(TRANSCRIBER.name, "Bogus", new_id()).encode(), 40010002),
         (start(new_id(), sample_rate=44100).encode(), 41010101),
+        (start(new_id(), format="mp3").encode(), 40010003),
     ],
 )
-async def test_bad_directive_gets_task_failed(
+async def test_bad_directive_gets_task_failed_then_close_1000(
     gateway: LightGateway, payload: bytes, status: int
 ) -> None:
-    reader, writer, _ = await raw_upgrade(gateway)
+    reader, writer = await raw_upgrade(gateway.host, gateway.port)
     writer.write(client_frame(0x1, payload))
-    opcode, body = await read_server_frame(reader)
+    _, body = await read_server_frame(reader)
     event = json.loads(body)
     assert event["header"]["name"] == "TaskFailed"
     assert event["header"]["namespace"] == "Default"
     assert event["header"]["status"] == status
-    opcode, _ = await read_server_frame(reader)
-    assert opcode == 0x8  # then the gateway closes
+    assert await close_code_after(reader) == 1000
     writer.close()
+    assert gateway.stats()["task_failures"] == 1
 
 
-async def test_audio_before_start_and_protocol_errors_do_not_crash(
-    gateway: LightGateway,
-) -> None:
-    reader, writer, _ = await raw_upgrade(gateway)
+async def test_audio_before_start_is_a_task_state_error(gateway: LightGateway) -> None:
+    reader, writer = await raw_upgrade(gateway.host, gateway.port)
     writer.write(client_frame(0x2, FRAME))
     _, body = await read_server_frame(reader)
-    assert json.loads(body)["header"]["status"] == 40000002
+    assert json.loads(body)["header"]["status"] == 40010005
+    assert await close_code_after(reader) == 1000
     writer.close()
 
-    reader, writer, _ = await raw_upgrade(gateway)
-    writer.write(client_frame(0x2, FRAME, masked=False))  # clients must mask
-    opcode, body = await read_server_frame(reader)
-    assert opcode == 0x8 and int.from_bytes(body[:2], "big") == 1002
-    writer.close()
 
-    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
-    writer.write(b"BLAH\r\n\r\n")
-    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 400")
-    writer.close()
+async def test_appkey_checked_when_configured() -> None:
+    async with LightGateway(appkeys=["good"]) as gw:
+        async with connect(gw.url) as ws:
+            await ws.send(start(new_id(), appkey="good"))
+            assert (await recv_json(ws))["header"]["name"] == "TranscriptionStarted"
+        async with connect(gw.url) as ws:
+            await ws.send(start(new_id(), appkey="bad"))
+            failed = await recv_json(ws)
+            assert failed["header"]["status"] == 40020105
 
-    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
-    writer.write(b"GET /ws/v1 HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Key: short\r\n\r\n")
-    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 400")
-    writer.close()
 
-    # Still serving.
-    async with connect(gateway.url) as ws:
+# --------------------------------------------------------------------------- RFC 6455 probes
+# Each probe names who enforces it: picows itself, or this gateway's listener / factory.
+
+
+async def _probe_close_code(gw: LightGateway, *frames: bytes) -> int:
+    reader, writer = await raw_upgrade(gw.host, gw.port)
+    for frame in frames:
+        writer.write(frame)
+    try:
+        return await close_code_after(reader)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        # picows: control frames carry at most 125 bytes (§5.5).
+        ([client_frame(0x9, b"x" * 126)], 1002),
+        # picows: control frames must not be fragmented (§5.5).
+        ([client_frame(0x9, b"ping", fin=False)], 1002),
+        # picows: a close payload is empty or at least a 2-byte code (§5.5.1).
+        ([client_frame(0x8, b"\x03")], 1002),
+        # picows: client frames must be masked (§5.1).
+        ([client_frame(0x2, FRAME, masked=False)], 1002),
+        # this gateway: text messages must be UTF-8 (§8.1).
+        ([client_frame(0x1, b'{"header": "\xff\xfe"}')], 1007),
+        # this gateway: a UTF-8 sequence split over fragments is fine, a broken one is not.
+        ([client_frame(0x1, b"\xc3", fin=False), client_frame(0x0, b"(")], 1007),
+        # this gateway: a continuation needs a message to continue (§5.4).
+        ([client_frame(0x0, FRAME)], 1002),
+        # this gateway: no new message inside a fragmented one (§5.4).
+        ([client_frame(0x2, FRAME, fin=False), client_frame(0x2, FRAME)], 1002),
+        ([client_frame(0x1, b"{", fin=False), client_frame(0x1, b"{}")], 1002),
+    ],
+    ids=[
+        "ping-126-bytes",
+        "fragmented-ping",
+        "close-1-byte",
+        "unmasked",
+        "invalid-utf8",
+        "invalid-utf8-fragmented",
+        "lone-continuation",
+        "binary-inside-fragmented",
+        "text-inside-fragmented",
+    ],
+)
+async def test_protocol_violations_fail_the_connection(
+    gateway: LightGateway, frames: list[bytes], code: int
+) -> None:
+    assert await _probe_close_code(gateway, *frames) == code
+    async with connect(gateway.url) as ws:  # still serving
         await ws.send(start(new_id()))
         assert (await recv_json(ws))["header"]["name"] == "TranscriptionStarted"
+
+
+async def test_protocol_errors_are_counted(gateway: LightGateway) -> None:
+    assert await _probe_close_code(gateway, client_frame(0x9, b"x" * 126)) == 1002
+    assert await _probe_close_code(gateway, client_frame(0x1, b"\xff")) == 1007
+    for _ in range(100):  # on_ws_disconnected runs when the server side has closed
+        if gateway.stats()["protocol_errors"] == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert gateway.stats()["protocol_errors"] == 2
+
+
+async def test_valid_utf8_split_across_fragments_is_accepted(gateway: LightGateway) -> None:
+    reader, writer = await raw_upgrade(gateway.host, gateway.port)
+    text = start(new_id(), extra="é").replace("\\u00e9", "é").encode()  # raw UTF-8
+    cut = text.index("é".encode()) + 1  # inside the 2-byte sequence
+    writer.write(client_frame(0x1, text[:cut], fin=False))
+    writer.write(client_frame(0x0, text[cut:]))
+    _, body = await read_server_frame(reader)
+    assert json.loads(body)["header"]["name"] == "TranscriptionStarted"
+    writer.close()
+
+
+def _key() -> str:
+    return base64.b64encode(os.urandom(16)).decode()
+
+
+@pytest.mark.parametrize(
+    ("request_text", "status"),
+    [
+        # this gateway: only /ws/v1 (picows answers 404 when the factory returns None).
+        (upgrade_request(_key(), path="/other"), 404),
+        (upgrade_request(_key(), path="/ws/v1/x"), 404),
+        # picows: HTTP/1.1 only.
+        (upgrade_request(_key(), version="HTTP/1.0"), 400),
+        # picows: Upgrade: websocket and Connection: Upgrade required.
+        (upgrade_request(_key()).replace("Upgrade: websocket\r\n", ""), 400),
+        (upgrade_request(_key()).replace("Connection: Upgrade\r\n", ""), 400),
+        (upgrade_request(_key()).replace("Connection: Upgrade", "Connection: keep-alive"), 400),
+        (upgrade_request("short"), 400),
+        (upgrade_request(_key()).replace("GET", "POST"), 400),
+        (b"BLAH\r\n\r\n".decode(), 400),
+    ],
+    ids=[
+        "path",
+        "subpath",
+        "http-1.0",
+        "no-upgrade",
+        "no-connection",
+        "connection-keep-alive",
+        "bad-key",
+        "post",
+        "garbage",
+    ],
+)
+async def test_upgrade_refused(gateway: LightGateway, request_text: str, status: int) -> None:
+    _, writer, head = await http_request(gateway.host, gateway.port, request_text)
+    assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+    writer.close()
+
+
+async def test_handshake_errors_are_counted(gateway: LightGateway) -> None:
+    for request_text in (upgrade_request(_key(), path="/x"), upgrade_request("short")):
+        _, writer, _ = await http_request(gateway.host, gateway.port, request_text)
+        writer.close()
+    async with connect(gateway.url) as ws:  # still serving
+        await ws.send(start(new_id()))
+        await recv_json(ws)
     assert gateway.stats()["handshake_errors"] == 2
 
 
 async def test_token_required_when_configured() -> None:
     async with LightGateway(token="sekrit") as gw:
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(gw.url, additional_headers={"X-NLS-Token": "wrong"}):
-                pass
-        assert info.value.response.status_code == 403
-        assert b"sekrit" not in (info.value.response.body or b"")
-        async with connect(gw.url, additional_headers={"X-NLS-Token": "sekrit"}) as ws:
-            await ws.send(start(new_id()))
-            assert (await recv_json(ws))["header"]["name"] == "TranscriptionStarted"
+        for headers, url in [
+            ({"X-NLS-Token": "wrong"}, gw.url),
+            ({}, gw.url),
+            ({}, gw.url + "?token=wrong"),
+        ]:
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(url, additional_headers=headers):
+                    pass
+            assert info.value.response.status_code == 403
+            body = info.value.response.body or b""
+            assert b"ACCESS_DENIED" in body
+            assert b"sekrit" not in body and b"wrong" not in body
+        for headers, url in [({"X-NLS-Token": "sekrit"}, gw.url), ({}, gw.url + "?token=sekrit")]:
+            async with connect(url, additional_headers=headers) as ws:
+                await ws.send(start(new_id()))
+                assert (await recv_json(ws))["header"]["name"] == "TranscriptionStarted"
 
 
-async def test_stats_and_reset_over_http(gateway: LightGateway) -> None:
-    async with connect(gateway.url) as ws:
+# --------------------------------------------------------------------------- stats and control
+
+
+def _get(gw: LightGateway, path: str, token: str | None) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://{gw.host}:{gw.port}{path}")
+    if token is not None:
+        request.add_header("X-NLS-Token", token)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def _one_session(gw: LightGateway, token: str | None = None) -> None:
+    headers = {"X-NLS-Token": token} if token else {}
+    async with connect(gw.url, additional_headers=headers) as ws:
         task = new_id()
         await ws.send(start(task))
         await recv_json(ws)
@@ -361,18 +444,35 @@ async def test_stats_and_reset_over_http(gateway: LightGateway) -> None:
         await ws.send(directive(TRANSCRIBER.name, TRANSCRIBER.stop, task))
         await events_until(ws, "TranscriptionCompleted")
 
-    def get(path: str) -> dict[str, Any]:
-        url = f"http://{gateway.host}:{gateway.port}{path}"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
 
-    stats = await asyncio.to_thread(get, "/stats?reset=1")
-    assert stats["overall"]["sessions"] == 1
-    assert {"cpu_s", "cpu_share", "wall_s", "loop_lag", "overall", "sessions"} <= set(stats)
-    again = await asyncio.to_thread(get, "/stats")
-    assert again["overall"]["sessions"] == 0
-    assert (await asyncio.to_thread(get, "/reset")) == {"reset": True}
+async def test_no_control_endpoints_unless_asked(gateway: LightGateway) -> None:
+    for path in ("/stats", "/reset", "/health"):
+        status, _ = await asyncio.to_thread(_get, gateway, path, "t")
+        assert status == 404
+
+
+def test_control_requires_a_token() -> None:
+    with pytest.raises(ValueError, match="token"):
+        LightGateway(control=True)
+
+
+async def test_stats_and_reset_with_control_and_token() -> None:
+    async with LightGateway(token="sekrit", control=True) as gw:
+        await _one_session(gw, "sekrit")
+        for token in (None, "wrong"):
+            status, body = await asyncio.to_thread(_get, gw, "/stats", token)
+            assert status == 403 and b"sekrit" not in body
+        status, body = await asyncio.to_thread(_get, gw, "/stats?token=sekrit", None)
+        assert status == 403  # the header only: URLs end up in logs
+        status, body = await asyncio.to_thread(_get, gw, "/stats?reset=1", "sekrit")
+        assert status == 200
+        stats = json.loads(body)
+        assert stats["overall"]["sessions"] == 1
+        assert {"cpu_s", "cpu_share", "wall_s", "loop_lag", "overall", "sessions"} <= set(stats)
+        status, body = await asyncio.to_thread(_get, gw, "/stats", "sekrit")
+        assert json.loads(body)["overall"]["sessions"] == 0
+        status, body = await asyncio.to_thread(_get, gw, "/reset", "sekrit")
+        assert (status, json.loads(body)) == (200, {"reset": True})
 
 
 async def test_idle_connection_gets_idle_timeout() -> None:
@@ -383,4 +483,15 @@ async def test_idle_connection_gets_idle_timeout() -> None:
         t0 = time.monotonic()
         event = await recv_json(ws)
         assert event["header"]["status"] == 40000004
+        assert "the last directive is 'None'" in event["header"]["status_text"]
         assert time.monotonic() - t0 < 4
+
+
+def test_main_refuses_control_without_token(capsys: Any, monkeypatch: Any) -> None:
+    from nlsstream.gateway.light import main
+
+    monkeypatch.delenv("NLS_LIGHT_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["--control"])
+    assert info.value.code == 2
+    assert "NLS_LIGHT_TOKEN" in capsys.readouterr().err

@@ -5,39 +5,47 @@ gateway. It answers SpeechTranscriber (and SpeechRecognizer) tasks with the real
 sequence (reference ``nls-protocol.md`` §3, §4): Started, then during streaming one
 SentenceBegin/SentenceEnd pair per ``sentence_ms`` of audio received (numbered, with
 ``time``/``begin_time``, so a client can prove that no event was lost), a SentenceEnd
-for the tail on Stop, then Completed.
+for the tail on Stop, then Completed. Which directive is allowed when, and the status of
+every refusal, come from :class:`~nlsstream.protocol.ServerTask`, the rule book the full
+gateway uses too; after a TaskFailed the gateway closes the connection (1000).
 
 For every binary (audio) message it records the arrival time and its lateness against
 the ideal schedule of that session: message *k* starting at byte offset ``b_k`` should
 arrive at ``t_first + b_k / byte_rate`` (for 640-byte frames at 16 kHz: ``t_first +
 k * 20 ms``), lateness ``= max(0, arrival - ideal)``. ``t_first`` is the arrival of
 the session's first audio message. Statistics (per session and pooled p50/p99/max,
-the gateway's own CPU time and event-loop lag) come from :meth:`LightGateway.stats`,
-over plain HTTP ``GET /stats`` on the same port, or in a JSON file on SIGINT/SIGTERM.
+the gateway's own CPU time and event-loop lag) come from :meth:`LightGateway.stats`
+in-process, or in a JSON file on SIGINT/SIGTERM (``--stats-file``). Nothing
+unauthenticated listens: only ``/ws/v1`` is served (404 elsewhere), and the HTTP
+control endpoints ``GET /stats`` (``?reset=1``) and ``GET /reset`` exist only when the
+gateway is started with ``control=True`` (``--control``), which requires a token; they
+answer only requests carrying it in ``X-NLS-Token``.
 
-Why not the ``websockets`` library: at 1,000-2,000 sessions x 50 frames/s the gateway
-must handle 50k-100k frames/s on one core. ``websockets`` parses, unmasks and queues
-every frame through its sans-I/O core and an ``async for`` in a task per connection;
-measured on this machine (``benchmarks/gateway_overhead.py``) that costs several times
-more CPU per frame than this module, which is the difference between having headroom
-and being the bottleneck. So this is a minimal RFC 6455 server on ``asyncio.Protocol``:
-``data_received`` parses frames in bulk from one buffer, takes one clock reading per
-read, never unmasks audio (only its header and length are needed), unmasks only text
-frames (directives), answers pings and does the close handshake. Only what a load
-gateway needs: no extensions, no subprotocols, no TLS.
+The WebSocket layer is picows: its Cython parser reads frames, so the per-frame cost
+in Python is one callback. The fast path of an audio frame is one clock reading, a
+check that the task is STARTED and :meth:`SessionStats.record` (arrival time and
+size); the payload is never copied into a Python object. picows unmasks every payload
+in place (SIMD; there is no option to skip it), which costs far less than the callback.
+``benchmarks/gateway_overhead.py`` measures the CPU per frame against other servers.
+
+RFC 6455 duties: picows itself refuses HTTP/1.0 and non-GET requests, a handshake
+without ``Upgrade: websocket`` / ``Connection: Upgrade`` or with a bad key or version
+(400), unmasked client frames, control frames over 125 bytes or fragmented, and close
+frames with a 1-byte payload or a bad code (1002); it answers pings. This module adds
+what is about messages rather than frames: UTF-8 of text messages (1007), a
+continuation without a message or a new message inside a fragmented one (1002), the
+size of a whole message (1009); and the path and token checks of the upgrade.
 
 Handshake quirk (§1.3): the official Python SDK sends ``Sec-WebSocket-Key`` and
-``Sec-WebSocket-Version`` twice; the client checks the accept value against the *first*
-key, so the first occurrence of every header wins here.
+``Sec-WebSocket-Version`` twice; picows reads the first occurrence, the key the SDK
+checks the accept value against.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -46,60 +54,52 @@ import signal
 import sys
 import time
 from array import array
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Collection, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
 
+from ..errors import status_text
 from ..protocol import (
     NAMESPACES,
     TRANSCRIBER,
     DirectiveError,
     Namespace,
-    build_event,
-    build_task_failed,
-    encode,
-    parse_directive,
+    ServerState,
+    ServerTask,
 )
 
-__all__ = ["LightGateway", "SessionStats", "main"]
+__all__ = ["PATH", "LightGateway", "SessionStats", "main"]
 
 logger = logging.getLogger("nlsstream.gateway.light")
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_MAX_HEADER = 16 * 1024
+PATH = "/ws/v1"
+_CONTROL_PATHS = ("/stats", "/reset")
 _MAX_TEXT = 64 * 1024
 
-# Opcodes (RFC 6455 §5.2).
-_CONT, _TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_BINARY = WSMsgType.BINARY
+_TEXT = WSMsgType.TEXT
+_CONTINUATION = WSMsgType.CONTINUATION
+_CLOSE = WSMsgType.CLOSE
+_STARTED = ServerState.STARTED
+#: Close codes that mean the gateway failed the connection (counted as protocol errors).
+_ERROR_CODES = frozenset(
+    {WSCloseCode.PROTOCOL_ERROR, WSCloseCode.INVALID_TEXT, WSCloseCode.MESSAGE_TOO_BIG}
+)
 
 _clock = time.perf_counter
-
-
-def _accept_key(key: str) -> str:
-    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
-
-
-def _unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
-    """XOR ``payload`` with the 4-byte ``mask`` using one big-integer operation."""
-    n = len(payload)
-    if n == 0:
-        return b""
-    key = (bytes(mask) * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-
-
-def _frame(opcode: int, payload: bytes) -> bytes:
-    """A server frame (unmasked, final)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, n))
-    elif n < 65536:
-        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
-    return head + payload
 
 
 def _percentiles_ms(values: np.ndarray[Any, Any]) -> dict[str, float]:
@@ -117,7 +117,6 @@ class SessionStats:
     """What the gateway recorded for one task."""
 
     __slots__ = (
-        "accepting",
         "begin_sent",
         "byte_rate",
         "closed_early",
@@ -132,7 +131,6 @@ class SessionStats:
         "received",
         "sentence_bytes",
         "sentences_sent",
-        "stopping",
         "task_id",
     )
 
@@ -154,9 +152,6 @@ class SessionStats:
         self.drift = 0.0
         #: Lateness in seconds of each audio message, in arrival order (clamped at 0).
         self.lateness = array("d")
-        self.stopping = False
-        #: Audio is welcome: started, not stopping, not failed, not disconnected.
-        self.accepting = True
         self.completed = False
         self.failed: str | None = None
         self.closed_early = False
@@ -197,244 +192,161 @@ class SessionStats:
         return out
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: HTTP upgrade (or a control request), then WebSocket frames."""
+class _Connection(WSListener):
+    """One upgraded client connection: its task (a :class:`ServerTask`) and statistics."""
 
     def __init__(self, gateway: LightGateway) -> None:
+        super().__init__()
         self.gw = gateway
-        self.transport: asyncio.Transport | None = None
-        self.upgraded = False
-        self.closing = False
-        self.buf = bytearray()
-        self.skip = 0  # bytes of a binary payload still to come (skipped, never copied)
-        self.skip_fin = False
-        self.msg_bytes = 0  # bytes of the binary message in progress (fragmented messages)
-        self.frag_opcode = 0  # opcode of the fragmented message in progress, 0 if none
-        self.text_parts: list[bytes] = []
+        self.task = ServerTask(gateway.appkeys)
+        self.transport: WSTransport | None = None
         self.session: SessionStats | None = None
+        #: The session whose whole binary frames take the fast path: the current one
+        #: while no fragmented message is open and the connection is not closing.
+        self.streaming: SessionStats | None = None
+        self.partial: WSMsgType | None = None  # type of the fragmented message in progress
+        self.msg_bytes = 0  # bytes of the fragmented binary message so far
+        self.text_parts: list[bytes] = []
+        self.closing = False
         self.last_activity = _clock()
 
-    # ------------------------------------------------------------------ asyncio callbacks
+    # ------------------------------------------------------------------ picows callbacks
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement the interface without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
         self.gw._connections.add(self)
+        self.gw.connections_total += 1
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.gw._connections.discard(self)
+        handshake = transport.close_handshake
+        sent = handshake.sent if handshake is not None else None
+        if sent is not None and sent.code in _ERROR_CODES:
+            self.gw.protocol_errors += 1
         s = self.session
         if s is not None and s.active:
             s.closed_early = True  # the cloud would say 40010004 CLIENT_DISCONNECT
-            s.accepting = False
-        self.session = None
-        self.transport = None
+        self.session = self.streaming = None
 
-    def data_received(self, data: bytes) -> None:
-        now = _clock()  # one clock reading per read: the arrival time of every frame in it
-        self.last_activity = now
-        # Fast path, the common case under load: the read is exactly one final, masked
-        # binary frame with a 16-bit length (a 640-byte audio frame), nothing pending.
-        s = self.session
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        now = _clock()
+        # Fast path, the common case under load: a whole audio frame of a started task.
+        s = self.streaming
         if (
             s is not None
-            and s.accepting
-            and len(data) >= 8
-            and data[0] == 0x82
-            and data[1] == 0xFE
-            and len(data) == 8 + ((data[2] << 8) | data[3])
-            and not self.buf
-            and not self.skip
-            and not self.frag_opcode
+            and frame.msg_type is _BINARY
+            and frame.fin
+            and self.task.state is _STARTED
         ):
-            s.record(len(data) - 8, now)
+            s.record(frame.payload_size, now)
             if s.sentence_bytes and (not s.begin_sent or s.received >= s.next_sentence):
                 self._sentences(s)
             return
-        if not self.upgraded:
-            self.buf += data
-            self._http(now)
-            return
-        self._frames(data, now)
+        self.last_activity = now
+        self._frame(transport, frame, now)
 
-    # ------------------------------------------------------------------ HTTP
+    # ------------------------------------------------------------------ messages
 
-    def _http(self, now: float) -> None:
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buf) > _MAX_HEADER:
-                self._http_reply(431, "Request Header Fields Too Large", b"header too large\n")
+    def _frame(self, transport: WSTransport, frame: WSFrame, now: float) -> None:
+        kind = frame.msg_type
+        if kind is _CLOSE:
+            if not self.closing:  # echo the client's code (RFC 6455 §5.5.1)
+                code = frame.get_close_code()
+                transport.send_close(WSCloseCode.OK if code is WSCloseCode.NO_INFO else code)
+                self.closing = True
+            self.streaming = None
+            transport.disconnect()
             return
-        head = bytes(self.buf[:end]).decode("latin-1")
-        rest = bytes(self.buf[end + 4 :])
-        self.buf.clear()
-        lines = head.split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            self._http_reply(400, "Bad Request", b"bad request line\n")
-            return
-        method, target = parts[0], parts[1]
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                self._http_reply(400, "Bad Request", b"bad header line\n")
+        if kind is _CONTINUATION:
+            if self.partial is None:
+                self._fail(WSCloseCode.PROTOCOL_ERROR, "continuation without a message")
                 return
-            # First occurrence wins: the official Python SDK repeats the key (§1.3).
-            headers.setdefault(name.strip().lower(), value.strip())
-        url = urlsplit(target)
-        if method == "GET" and url.path in ("/stats", "/reset", "/health"):
-            self._control(url.path, parse_qs(url.query))
+            kind = self.partial
+        elif kind is _TEXT or kind is _BINARY:
+            if self.partial is not None:
+                self._fail(WSCloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
+                return
+        else:
+            return  # a pong (picows answers pings itself)
+        if self.closing:
             return
-        if method != "GET" or "websocket" not in headers.get("upgrade", "").lower():
-            self._http_reply(400, "Bad Request", b"expected a WebSocket upgrade\n")
+        if kind is _BINARY:
+            self._binary(frame, now)
+        else:
+            self._text(frame)
+
+    def _binary(self, frame: WSFrame, now: float) -> None:
+        self.msg_bytes += frame.payload_size
+        if self.msg_bytes > self.gw.max_message:
+            self._fail(WSCloseCode.MESSAGE_TOO_BIG, "audio message too big")
             return
-        key = headers.get("sec-websocket-key", "")
+        if not frame.fin:
+            self.partial, self.streaming = _BINARY, None
+            return
+        size, self.msg_bytes, self.partial = self.msg_bytes, 0, None
         try:
-            valid_key = len(base64.b64decode(key, validate=True)) == 16
-        except ValueError:
-            valid_key = False
-        if not valid_key or headers.get("sec-websocket-version") != "13":
-            self._http_reply(400, "Bad Request", b"invalid Sec-WebSocket-Key or version\n")
+            if not self.task.receive_audio():
+                return  # voice detection already completed the task: ignored
+        except DirectiveError as exc:
+            self._task_failed(exc)
             return
-        if self.gw.token is not None:
-            query_token = parse_qs(url.query).get("token", [""])[0]
-            if self.gw.token not in (headers.get("x-nls-token"), query_token):
-                # Never echo the token back (the cloud does; we do not log or repeat secrets).
-                self._http_reply(403, "Forbidden", b"Meta:ACCESS_DENIED:The token is invalid!")
-                return
-        assert self.transport is not None
-        self.transport.write(
-            (
-                "HTTP/1.1 101 Switching Protocols\r\n"
-                "Upgrade: websocket\r\n"
-                "Connection: Upgrade\r\n"
-                f"Sec-WebSocket-Accept: {_accept_key(key)}\r\n"
-                "Server: nlsstream-light\r\n\r\n"
-            ).encode("ascii")
-        )
-        self.upgraded = True
-        self.gw.connections_total += 1
-        if rest:
-            self._frames(rest, now)
-
-    def _http_reply(self, status: int, reason: str, body: bytes, ctype: str = "text/plain") -> None:
-        if status >= 400:
-            self.gw.handshake_errors += 1
-        assert self.transport is not None
-        self.transport.write(
-            (
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            ).encode("ascii")
-            + body
-        )
-        self.transport.close()
-        self.closing = True
-
-    def _control(self, path: str, query: dict[str, list[str]]) -> None:
-        if path == "/health":
-            self._http_reply(200, "OK", b"ok\n")
-            return
-        if path == "/stats":
-            body = self.gw.stats()
-            if query.get("reset", ["0"])[0] in ("1", "true"):
-                self.gw.reset()
-        else:
-            self.gw.reset()
-            body = {"reset": True}
-        self._http_reply(200, "OK", json.dumps(body).encode(), "application/json")
-
-    # ------------------------------------------------------------------ WebSocket frames
-
-    def _frames(self, data: bytes, now: float) -> None:
-        buf: bytes | bytearray
-        if self.buf:
-            self.buf += data
-            buf = self.buf
-        else:
-            buf = data  # fast path: parse the read itself, no copy
-        end = len(buf)
-        pos = 0
-        if self.skip:
-            if end < self.skip:
-                self.skip -= end
-                return
-            pos = self.skip
-            self.skip = 0
-            self._binary_frame(self.skip_fin, now)
-        while end - pos >= 2:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
-            if b0 & 0x70 or not b1 & 0x80:
-                # Reserved bits without an extension, or an unmasked client frame.
-                self._fail_connection(1002, "protocol error")
-                return
-            opcode = b0 & 0x0F
-            fin = b0 & 0x80
-            n = b1 & 0x7F
-            head = 6
-            if n == 126:
-                head = 8
-                if end - pos < head:
-                    break
-                n = (buf[pos + 2] << 8) | buf[pos + 3]
-            elif n == 127:
-                head = 14
-                if end - pos < head:
-                    break
-                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-            elif end - pos < head:
-                break
-            if opcode == _BINARY or (opcode == _CONT and self.frag_opcode == _BINARY):
-                if opcode == _BINARY and self.frag_opcode:
-                    self._fail_connection(1002, "new message inside a fragmented one")
-                    return
-                if self.msg_bytes + n > self.gw.max_message:
-                    self._fail_connection(1009, "audio message too big")
-                    return
-                start = pos + head
-                self.msg_bytes += n
-                if start + n > end:
-                    # Partial payload: skip the rest as it arrives; record at its last byte.
-                    self.skip = start + n - end
-                    self.skip_fin = bool(fin)
-                    self.frag_opcode = _BINARY
-                    pos = end
-                    break
-                pos = start + n
-                self._binary_frame(bool(fin), now)
-                continue
-            if n > _MAX_TEXT:
-                self._fail_connection(1009, "message too big")
-                return
-            if end - pos < head + n:
-                break
-            payload = _unmask(buf[pos + head : pos + head + n], buf[pos + head - 4 : pos + head])
-            pos += head + n
-            if not self._other_frame(opcode, bool(fin), payload):
-                return
-        if pos >= end:
-            self.buf.clear()
-        elif buf is self.buf:
-            del self.buf[:pos]
-        else:
-            self.buf = bytearray(buf[pos:])
-
-    def _binary_frame(self, fin: bool, now: float) -> None:
-        if not fin:
-            self.frag_opcode = _BINARY
-            return
-        size = self.msg_bytes
-        self.msg_bytes = 0
-        self.frag_opcode = 0
         s = self.session
-        if s is None or not s.accepting:
-            self._task_failed(40000002, "Gateway:MESSAGE_INVALID:Audio outside a started task!")
-            return
+        assert s is not None
+        self.streaming = s
         s.record(size, now)
         if s.sentence_bytes:
             self._sentences(s)
+
+    def _text(self, frame: WSFrame) -> None:
+        self.text_parts.append(frame.get_payload_as_bytes())
+        if sum(map(len, self.text_parts)) > _MAX_TEXT:
+            self._fail(WSCloseCode.MESSAGE_TOO_BIG, "text message too big")
+            return
+        if not frame.fin:
+            self.partial, self.streaming = _TEXT, None
+            return
+        data = b"".join(self.text_parts)
+        self.text_parts, self.partial = [], None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(WSCloseCode.INVALID_TEXT, "invalid UTF-8 in a text message")
+            return
+        self._directive(text)
+        if self.task.state is _STARTED and not self.closing:
+            self.streaming = self.session
+
+    # ------------------------------------------------------------------ NLS protocol
+
+    def _directive(self, text: str) -> None:
+        try:
+            accepted = self.task.receive(text)
+        except DirectiveError as exc:
+            self._task_failed(exc)
+            return
+        if accepted is None or accepted.kind == "control":
+            return  # a late Stop to ignore; a Control is not acknowledged (§3.3)
+        if accepted.kind == "start":
+            assert accepted.params is not None
+            d = accepted.directive
+            new = SessionStats(
+                NAMESPACES[d.namespace], d.task_id, accepted.params.sample_rate, self.gw.sentence_ms
+            )
+            self.session = new
+            self.gw._sessions.append(new)
+            self._send(self.task.started())
+            return
+        s = self.session  # a Stop
+        assert s is not None
+        self.streaming = None
+        if s.namespace is TRANSCRIBER:
+            if s.begin_sent:  # the tail of the audio is one more sentence
+                self._sentence_end(s, s.received)
+            payload = None
+        else:
+            payload = {"result": "", "duration": _ms(s, s.received)}
+        self._send(self.task.completed(payload))
+        s.completed = True
 
     def _sentences(self, s: SessionStats) -> None:
         """Emit the SentenceBegin/SentenceEnd events the audio received so far calls for."""
@@ -446,193 +358,93 @@ class _Connection(asyncio.Protocol):
             if s.received > s.next_sentence - s.sentence_bytes:
                 self._sentence_begin(s)
 
-    def _other_frame(self, opcode: int, fin: bool, payload: bytes) -> bool:
-        """Handle a text or control frame; False when the connection is being failed."""
-        if opcode == _TEXT or (opcode == _CONT and self.frag_opcode == _TEXT):
-            if opcode == _TEXT and self.frag_opcode:
-                self._fail_connection(1002, "new message inside a fragmented one")
-                return False
-            self.text_parts.append(payload)
-            if sum(map(len, self.text_parts)) > _MAX_TEXT:
-                self._fail_connection(1009, "message too big")
-                return False
-            if not fin:
-                self.frag_opcode = _TEXT
-                return True
-            self.frag_opcode = 0
-            text = b"".join(self.text_parts)
-            self.text_parts = []
-            self._directive(text)
-            return True
-        if opcode == _PING:
-            self._write(_frame(_PONG, payload))
-            return True
-        if opcode == _PONG:
-            return True
-        if opcode == _CLOSE:
-            if not self.closing:
-                # Echo the client's code (RFC 6455 §5.5.1), then the server closes TCP.
-                self._write(_frame(_CLOSE, payload[:2]))
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
-            return False
-        self._fail_connection(1002, f"unexpected opcode {opcode:#x}")
-        return False
-
-    # ------------------------------------------------------------------ NLS protocol
-
-    def _directive(self, text: bytes) -> None:
-        if self.closing:
-            return
-        try:
-            d = parse_directive(text)
-        except DirectiveError as exc:
-            self._task_failed(exc.status, exc.status_text, exc.task_id)
-            return
-        ns = NAMESPACES[d.namespace]
-        s = self.session
-        if d.name == ns.start:
-            if s is not None and s.active:
-                self._task_failed(
-                    40000002, "Gateway:MESSAGE_INVALID:Task already started!", d.task_id
-                )
-                return
-            rate = d.payload.get("sample_rate", 16000)
-            if rate not in (8000, 16000):
-                self._task_failed(
-                    41010101, f"UNSUPPORTED_SAMPLE_RATE:sample rate {rate!r}", d.task_id
-                )
-                return
-            s = SessionStats(ns, d.task_id, rate, self.gw.sentence_ms)
-            self.session = s
-            self.gw._sessions.append(s)
-            self._event(ns.started)
-            return
-        if s is None or not s.active or s.task_id != d.task_id or s.namespace is not ns:
-            self._task_failed(
-                40000002, f"Gateway:MESSAGE_INVALID:No started task for {d.name}!", d.task_id
-            )
-            return
-        if d.name == ns.stop:
-            if s.stopping:
-                self._task_failed(
-                    40010005, "Gateway:TASK_STATE_ERROR:Got stop directive while task is stopping!"
-                )
-                return
-            s.stopping = True
-            s.accepting = False
-            if ns is TRANSCRIBER:
-                if s.begin_sent:  # the tail of the audio is one more sentence
-                    self._sentence_end(s, s.received)
-                self._event(ns.completed)
-            else:
-                duration = int(s.received * 1000 / s.byte_rate)
-                self._event(ns.completed, {"result": "", "duration": duration})
-            s.completed = True
-            return
-        if d.name == ns.control:
-            return  # accepted, no acknowledgement (reference §3.3)
-        self._task_failed(
-            40010003, f"Gateway:DIRECTIVE_INVALID:Unknown directive '{d.name}'!", d.task_id
-        )
-
-    def _ms(self, s: SessionStats, offset: int) -> int:
-        return int(offset * 1000 / s.byte_rate)
-
     def _sentence_begin(self, s: SessionStats) -> None:
         s.begin_sent = True
         begin = s.next_sentence - s.sentence_bytes
-        self._event("SentenceBegin", {"index": s.sentences_sent + 1, "time": self._ms(s, begin)})
+        index = s.sentences_sent + 1
+        self._send(self.task.event("SentenceBegin", {"index": index, "time": _ms(s, begin)}))
 
     def _sentence_end(self, s: SessionStats, offset: int) -> None:
         s.begin_sent = False
         s.sentences_sent += 1
         begin = s.next_sentence - s.sentence_bytes
         index = s.sentences_sent
-        self._event(
-            "SentenceEnd",
-            {
-                "index": index,
-                "time": self._ms(s, offset),
-                "begin_time": self._ms(s, begin),
-                "result": f"sentence {index}",
-                "confidence": 1.0,
-                "words": [],
-                "status": 20000000,
-                # When the gateway sent it, on the machine's monotonic clock (Linux:
-                # perf_counter and time.monotonic are both CLOCK_MONOTONIC), so a client
-                # on the same machine can measure event delivery latency.
-                "gateway_sent_monotonic": _clock(),
-            },
-        )
+        payload = {
+            "index": index,
+            "time": _ms(s, offset),
+            "begin_time": _ms(s, begin),
+            "result": f"sentence {index}",
+            "confidence": 1.0,
+            "words": [],
+            "status": 20000000,
+            # When the gateway sent it, on the machine's monotonic clock (Linux:
+            # perf_counter and time.monotonic are both CLOCK_MONOTONIC), so a client
+            # on the same machine can measure event delivery latency.
+            "gateway_sent_monotonic": _clock(),
+        }
+        self._send(self.task.event("SentenceEnd", payload))
 
-    def _event(self, name: str, payload: dict[str, Any] | None = None) -> None:
-        s = self.session
-        assert s is not None
-        text = encode(build_event(s.namespace.name, name, s.task_id, payload))
-        self._write(_frame(_TEXT, text.encode()))
-
-    def _task_failed(self, status: int, status_text: str, task_id: str | None = None) -> None:
+    def _task_failed(self, exc: DirectiveError) -> None:
+        """Answer ``exc`` with TaskFailed, then close the connection (§3.5)."""
         if self.closing:
             return  # one TaskFailed per connection, and nothing after our close frame
         s = self.session
         if s is not None and s.active:
-            s.failed = f"{status} {status_text}"
-            s.accepting = False
+            s.failed = f"{exc.status} {exc.status_text}"
         self.gw.task_failures += 1
-        tid = task_id or (s.task_id if s is not None else "")
-        self._write(_frame(_TEXT, encode(build_task_failed(tid, status, status_text)).encode()))
-        self._close(1000, "")
+        self._send(self.task.refusal(exc))
+        self._close(WSCloseCode.OK, "")
 
-    # ------------------------------------------------------------------ closing
+    # ------------------------------------------------------------------ output, closing
 
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+    def _send(self, text: str) -> None:
+        if self.transport is not None:
+            self.transport.send(_TEXT, text.encode())
 
-    def _close(self, code: int, reason: str) -> None:
-        """Start the close handshake; abort if the client does not answer in time."""
-        if self.closing:
+    def _close(self, code: WSCloseCode, reason: str) -> None:
+        """Start the close handshake; drop the connection if the client does not answer."""
+        if self.closing or self.transport is None:
             return
         self.closing = True
-        self._write(_frame(_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120]))
-        asyncio.get_running_loop().call_later(self.gw.close_timeout, self._abort)
+        self.streaming = None
+        self.transport.send_close(code, reason.encode())
+        asyncio.get_running_loop().call_later(
+            self.gw.close_timeout, self.transport.disconnect, False
+        )
 
-    def _fail_connection(self, code: int, reason: str) -> None:
-        self.gw.protocol_errors += 1
-        logger.debug("failing connection: %d %s", code, reason)
+    def _fail(self, code: WSCloseCode, reason: str) -> None:
+        logger.debug("failing connection: %d %s", code.value, reason)
         self._close(code, reason)
-        if self.transport is not None:
-            self.transport.close()
-
-    def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
 
     def idle_check(self, now: float) -> None:
-        if now - self.last_activity <= self.gw.idle_timeout or self.closing:
+        """TaskFailed 40000004 when nothing arrived for ``idle_timeout`` seconds."""
+        last = self.last_activity
+        if self.streaming is not None:
+            last = max(last, self.streaming.last)
+        if self.closing or now - last <= self.gw.idle_timeout:
             return
-        if self.upgraded:
-            s = self.session
-            last = s.namespace.start if s is not None else "None"
-            self._task_failed(
-                40000004,
-                "Gateway:IDLE_TIMEOUT:Websocket session is idle for too long time, "
-                f"the last directive is '{last}'!",
-            )
-        else:
-            self._abort()
+        detail = (
+            "Websocket session is idle for too long time, "
+            f"the last directive is '{self.task.last_directive}'!"
+        )
+        self._task_failed(DirectiveError(40000004, status_text(40000004, detail)))
+
+
+def _ms(s: SessionStats, offset: int) -> int:
+    return int(offset * 1000 / s.byte_rate)
 
 
 class LightGateway:
     """A measuring NLS gateway without recognition (see the module docstring).
 
     ``async with LightGateway() as gw:`` serves on ``gw.url`` (``port=0`` picks a free
-    port). ``sentence_ms`` sets how much audio makes one SentenceEnd; ``token``, when
-    given, is required as ``X-NLS-Token`` (or ``?token=``), else any token is accepted;
-    connections silent for ``idle_timeout`` seconds get TaskFailed 40000004.
-    Audio messages over ``max_message`` bytes fail the connection (close 1009).
+    port). ``sentence_ms`` sets how much audio makes one SentenceEnd; ``token`` (one
+    token or several), when given, is required as ``X-NLS-Token`` (or ``?token=``), else
+    any token is accepted; ``appkeys``, when given, are the accepted appkeys (else any);
+    connections silent for ``idle_timeout`` seconds get TaskFailed 40000004. Messages
+    over ``max_message`` bytes fail the connection (close 1009). ``control=True`` serves
+    ``GET /stats`` and ``GET /reset`` to requests carrying a valid ``X-NLS-Token``; it
+    requires a token.
     """
 
     def __init__(
@@ -641,31 +453,40 @@ class LightGateway:
         port: int = 0,
         *,
         sentence_ms: int = 1000,
-        token: str | None = None,
+        token: str | Collection[str] | None = None,
+        appkeys: Collection[str] | None = None,
         idle_timeout: float = 10.0,
         close_timeout: float = 3.0,
         max_message: int = 1 << 20,
         lag_interval: float = 0.01,
         reuse_port: bool = False,
+        control: bool = False,
     ) -> None:
         if sentence_ms <= 0:
             raise ValueError("sentence_ms must be positive")
+        self.tokens = frozenset((token,) if isinstance(token, str) else token or ())
+        if token is not None and not all(self.tokens):
+            raise ValueError("tokens must not be empty")
+        if control and not self.tokens:
+            raise ValueError("the control endpoints require a token")
         self.host = host
         self.port = port
         self.sentence_ms = sentence_ms
-        self.token = token
+        self.appkeys = None if appkeys is None else frozenset(appkeys)
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
         self.max_message = max_message
         self.lag_interval = lag_interval
         self.reuse_port = reuse_port
+        self.control = control
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._sessions: list[SessionStats] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._lag = array("d")
         self.connections_total = 0
-        self.handshake_errors = 0
+        self.upgrades_accepted = 0  # upgrade requests that passed the path and token checks
+        self.handshakes_refused = 0  # by this gateway: wrong path or token
         self.protocol_errors = 0
         self.task_failures = 0
         self._t0 = _clock()
@@ -674,15 +495,22 @@ class LightGateway:
     @property
     def url(self) -> str:
         """The WebSocket URL clients connect to."""
-        return f"ws://{self.host}:{self.port}/ws/v1"
+        return f"ws://{self.host}:{self.port}{PATH}"
+
+    @property
+    def handshake_errors(self) -> int:
+        """Upgrades refused: by this gateway (path, token), or by picows after passing
+        those checks (bad upgrade headers; it answers those within the same call)."""
+        rejected_by_picows = self.upgrades_accepted - self.connections_total
+        return self.handshakes_refused + max(0, rejected_by_picows)
 
     async def start(self) -> None:
         """Listen; ``self.port`` is the bound port afterwards."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self),
+        self._server = await ws_create_server(
+            self._route,
             self.host,
             self.port,
+            max_frame_size=self.max_message,
             backlog=4096,
             reuse_port=self.reuse_port or None,
         )
@@ -703,7 +531,8 @@ class LightGateway:
         if self._server is not None:
             self._server.close()
             for conn in list(self._connections):
-                conn._abort()
+                if conn.transport is not None:
+                    conn.transport.disconnect(False)
             await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
 
@@ -713,6 +542,53 @@ class LightGateway:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # ------------------------------------------------------------------ the upgrade
+
+    def _route(
+        self, request: WSUpgradeRequest
+    ) -> _Connection | WSUpgradeResponseWithListener | None:
+        """picows' listener factory: a listener for ``/ws/v1``, an HTTP answer otherwise
+        (picows then checks the upgrade headers of a request given a listener)."""
+        url = urlsplit(request.path.decode("latin-1"))
+        header_token = request.headers.get("X-NLS-Token")
+        if url.path == PATH:
+            query_token = parse_qs(url.query).get("token", [None])[0]
+            if self.tokens and not self.tokens.intersection((header_token, query_token)):
+                return self._refuse(403, status_text(40000001, "The token is invalid!"))
+            self.upgrades_accepted += 1
+            return _Connection(self)
+        if self.control and url.path in _CONTROL_PATHS:
+            # The token in a header only: a URL can end up in logs.
+            if header_token not in self.tokens:
+                return self._refuse(403, status_text(40000001, "The token is invalid!"))
+            body = self._control(url.path, parse_qs(url.query))
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_ok_response(
+                    json.dumps(body).encode(), extra_headers={"Content-Type": "application/json"}
+                ),
+                None,
+            )
+        self.handshakes_refused += 1
+        return None  # picows answers 404
+
+    def _refuse(self, status: int, body: str) -> WSUpgradeResponseWithListener:
+        # Never echo the token (the cloud does; we do not repeat secrets).
+        self.handshakes_refused += 1
+        return WSUpgradeResponseWithListener(
+            WSUpgradeResponse.create_error_response(status, body.encode()), None
+        )
+
+    def _control(self, path: str, query: dict[str, list[str]]) -> dict[str, Any]:
+        if path == "/reset":
+            self.reset()
+            return {"reset": True}
+        body = self.stats()
+        if query.get("reset", ["0"])[0] in ("1", "true"):
+            self.reset()
+        return body
+
+    # ------------------------------------------------------------------ measurements
 
     async def _measure_lag(self) -> None:
         # How late the loop wakes up: if this grows, lateness is the gateway's fault.
@@ -725,7 +601,7 @@ class LightGateway:
 
     async def _sweep_idle(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self.idle_timeout / 2))
             now = _clock()
             for conn in list(self._connections):
                 conn.idle_check(now)
@@ -734,7 +610,7 @@ class LightGateway:
         """Forget finished sessions and restart the CPU, wall-clock and lag counters."""
         self._sessions = [s for s in self._sessions if s.active]
         self._lag = array("d")
-        self.connections_total = self.handshake_errors = 0
+        self.connections_total = self.upgrades_accepted = self.handshakes_refused = 0
         self.protocol_errors = self.task_failures = 0
         self._t0 = _clock()
         self._cpu0 = time.process_time()
@@ -833,8 +709,10 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
         args.port,
         sentence_ms=args.sentence_ms,
         token=os.environ.get("NLS_LIGHT_TOKEN") or None,
+        appkeys=args.appkey,
         idle_timeout=args.idle_timeout,
         reuse_port=args.reuse_port,
+        control=args.control,
     )
     await gw.start()
     if args.nap_us > 0:
@@ -855,9 +733,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m nlsstream.gateway.light``: serve until SIGINT/SIGTERM, then write stats."""
     parser = argparse.ArgumentParser(
         prog="python -m nlsstream.gateway.light",
-        description="Light NLS load-gateway: no recognition, measures per-frame lateness. "
-        "GET /stats (?reset=1) and /reset on the same port. A required token can be set "
-        "with the NLS_LIGHT_TOKEN environment variable (default: any token is accepted).",
+        description="Light NLS load-gateway: no recognition, measures per-frame lateness; "
+        "the stats go to --stats-file on SIGINT/SIGTERM. A required token can be set with "
+        "the NLS_LIGHT_TOKEN environment variable (default: any token is accepted).",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -865,6 +743,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sentence-ms", type=int, default=1000, help="audio per SentenceEnd")
     parser.add_argument("--idle-timeout", type=float, default=10.0)
     parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT")
+    parser.add_argument(
+        "--appkey", action="append", help="accepted appkey (repeatable; default: any)"
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also serve GET /stats (?reset=1) and GET /reset on the same port, to requests "
+        "with the token in X-NLS-Token (requires NLS_LIGHT_TOKEN)",
+    )
     parser.add_argument(
         "--nap-us",
         type=int,
@@ -876,6 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop"
     )
     args = parser.parse_args(argv)
+    if args.control and not os.environ.get("NLS_LIGHT_TOKEN"):
+        parser.error("--control requires a token in NLS_LIGHT_TOKEN")
     logging.basicConfig(level=logging.WARNING)
     _raise_nofile_limit()
     use_uvloop = args.loop == "uvloop"
