@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -47,7 +47,7 @@ from .errors import (
     redact,
 )
 from .events import EventHub, EventStream
-from .pacing import Metrics, PacedStream, Pacer
+from .pacing import Metrics, Pacer
 from .protocol import (
     RECOGNIZER,
     SAMPLE_RATES,
@@ -63,6 +63,7 @@ from .protocol import (
     State,
 )
 from .router import EventRouter
+from .sending import AudioSender
 
 __all__ = ["Recognizer", "Result", "Session", "Transcriber"]
 
@@ -216,8 +217,7 @@ class Session(abc.ABC):
         self._hub = EventHub()  # iterators may subscribe before start()
         self._router: EventRouter | None = None  # from start() on
         self._conn: Connection | None = None
-        self._paced: PacedStream | None = None
-        self._streaming = False
+        self._audio: AudioSender | None = None  # once connected
         self._opened = False
         self._result: Result | None = None
         self._error_raised = False  # the task's error reached the user (raised or aborted)
@@ -310,7 +310,18 @@ class Session(abc.ABC):
             hub=self._hub,
         )
         try:
-            await self._connect()
+            conn = await self._connect()
+            self._audio = AudioSender(
+                conn,
+                router,
+                self.metrics,
+                pacer=self._pacer,
+                sample_rate=self.sample_rate,
+                max_ahead_bytes=self._max_ahead_bytes,
+                check=self._check_audio,
+                lost=self._lost_error,
+                raise_error=self._raise_error,
+            )
             self._send_text(self._proto.start())
             try:
                 await asyncio.wait_for(asyncio.shield(router.started_future), self.start_timeout)
@@ -326,7 +337,7 @@ class Session(abc.ABC):
             await self.abort()
             raise
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> Connection:
         assert self._router is not None
         timeout = self.connect_timeout
         loop = asyncio.get_running_loop()
@@ -356,6 +367,7 @@ class Session(abc.ABC):
             self._invalidate_token()
             raise
         logger.debug("connected to %s", self._display_url())
+        return self._conn
 
     def _invalidate_token(self) -> None:
         invalidate = getattr(self._provider, "invalidate", None)
@@ -378,11 +390,12 @@ class Session(abc.ABC):
         if router is None:
             raise InvalidStateError("stop() called before the session was started")
         if not router.ended and self.state is State.STARTED:
-            if self._paced is not None:
-                self._paced.abort(
+            sender = self._audio
+            if sender is not None and sender.streaming:
+                sender.interrupt(
                     InvalidStateError(
                         "stop() was called while stream() was still sending: "
-                        f"{self._paced.buffered_bytes} buffered bytes were not sent"
+                        f"{sender.buffered_bytes} buffered bytes were not sent"
                     )
                 )
             text = self._proto.stop()
@@ -475,13 +488,14 @@ class Session(abc.ABC):
         """Called once by the router when the task ends, however it ended."""
         if isinstance(error, AuthenticationError):
             self._invalidate_token()
-        if self._paced is not None:
-            self._paced.abort(
+        sender = self._audio
+        if sender is not None and sender.streaming:
+            sender.interrupt(
                 error
                 if error is not None and not isinstance(error, InvalidStateError)
                 else InvalidStateError(
                     f"task {self.task_id} ended ({self.state.value}) before all audio was sent: "
-                    f"{self._paced.buffered_bytes} buffered bytes were not sent"
+                    f"{sender.buffered_bytes} buffered bytes were not sent"
                 )
             )
         conn = self._conn
@@ -507,10 +521,7 @@ class Session(abc.ABC):
                     f"({self.state.value}): {error}"
                 )
         else:
-            error = GatewayConnectionError(
-                f"connection to {self._display_url()} lost during task {self.task_id} "
-                f"({self.state.value}; {conn.describe_close()})"
-            )
+            error = self._lost_error()
         router.fail(error)
 
     @abc.abstractmethod
@@ -527,17 +538,21 @@ class Session(abc.ABC):
         self._proto.audio()
 
     def _send_text(self, text: str) -> None:
-        conn = self._conn
-        assert conn is not None and self._router is not None
+        assert self._conn is not None and self._router is not None
         try:
-            conn.send_text(text)
+            self._conn.send_text(text)
         except ConnectionError:
-            error = GatewayConnectionError(
-                f"connection to {self._display_url()} lost during task {self.task_id} "
-                f"({self.state.value}; {conn.describe_close()})"
-            )
+            error = self._lost_error()
             self._router.fail(error)
             raise error from None
+
+    def _lost_error(self) -> GatewayConnectionError:
+        conn = self._conn
+        how = conn.describe_close() if conn is not None else "not connected"
+        return GatewayConnectionError(
+            f"connection to {self._display_url()} lost during task {self.task_id} "
+            f"({self.state.value}; {how})"
+        )
 
     async def send_audio(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` now, unpaced, as one binary frame (PCM16LE mono at the session's
@@ -550,24 +565,9 @@ class Session(abc.ABC):
         self._check_audio()
         if self.format == "pcm" and len(data) % 2:
             raise AudioFormatError(f"PCM16 audio must be an even number of bytes, got {len(data)}")
-        if not len(data):
-            return
-        await self._send_audio_now(bytes(data))
-
-    async def _send_audio_now(self, data: bytes) -> None:
-        conn = self._conn
-        assert conn is not None and self._router is not None
-        try:
-            await conn.send_binary(data)
-        except ConnectionError:
-            await self._raise_error()
-            raise GatewayConnectionError(
-                f"connection to {self._display_url()} lost during task {self.task_id} "
-                f"({self.state.value}; {conn.describe_close()})"
-            ) from None
-        if self._router.first_audio_at is None:
-            self._router.first_audio_at = asyncio.get_running_loop().time()
-        self.metrics.record_audio(len(data))
+        if len(data):
+            assert self._audio is not None
+            await self._audio.send(bytes(data))
 
     async def stream(self, source: audio.AudioSource, pace: float | None = 1.0) -> None:
         """Send ``source`` (anything :func:`nlsstream.audio.pcm_chunks` accepts) as
@@ -588,56 +588,11 @@ class Session(abc.ABC):
                 "use send_audio() for encoded audio"
             )
         self._check_audio()
-        if self._streaming:
+        assert self._audio is not None
+        if self._audio.streaming:
             raise InvalidStateError("stream() is already running on this session")
-        self._streaming = True
-        try:
-            async with contextlib.aclosing(audio.pcm_chunks(source, self.sample_rate)) as chunks:
-                if pace is None:
-                    framer = audio.Framer(audio.FRAME_BYTES)
-                    async for chunk in chunks:
-                        for frame in framer.push(chunk):
-                            self._check_audio()
-                            await self._send_audio_now(frame)
-                        # send_binary() only yields when the socket is backed up: let
-                        # everyone else run between chunks.
-                        await asyncio.sleep(0)
-                    tail = framer.flush()
-                    if tail:
-                        self._check_audio()
-                        await self._send_audio_now(tail)
-                else:
-                    await self._stream_paced(chunks, pace)
-        finally:
-            self._streaming = False
-
-    async def _stream_paced(self, chunks: AsyncIterator[bytes], pace: float) -> None:
-        assert self._pacer is not None and self._conn is not None and self._router is not None
-        conn, router = self._conn, self._router
-        paced = self._pacer.open(
-            conn,
-            2 * self.sample_rate * pace,
-            self.metrics,
-            max_ahead_bytes=self._max_ahead_bytes,
-            frame_bytes=audio.FRAME_BYTES,
-        )
-        self._paced = paced
-        try:
-            # The task may have ended while the source was being opened; from now on
-            # the end of the task aborts the stream.
-            self._check_audio()
-            conn.attach(paced)
-            async for chunk in chunks:
-                await paced.put(chunk)
-                if router.first_audio_at is None:
-                    router.first_audio_at = paced.start_time
-            await paced.finish()
-        except BaseException as exc:
-            paced.abort(exc)
-            raise
-        finally:
-            conn.attach(None)
-            self._paced = None
+        async with contextlib.aclosing(audio.pcm_chunks(source, self.sample_rate)) as chunks:
+            await self._audio.stream(chunks, pace)
 
     # ------------------------------------------------------------------ events
 

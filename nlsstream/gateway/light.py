@@ -2,7 +2,7 @@
 
 Used by the scale benchmark (``benchmarks/concurrency.py``) to stand in for the cloud
 gateway. It answers SpeechTranscriber (and SpeechRecognizer) tasks with the real event
-sequence (reference ``nls-protocol.md`` §3, §4): Started, then during streaming one
+sequence (``docs/protocol.md`` §3, §4): Started, then during streaming one
 SentenceBegin/SentenceEnd pair per ``sentence_ms`` of audio received (numbered, with
 ``time``/``begin_time``, so a client can prove that no event was lost), a SentenceEnd
 for the tail on Stop, then Completed. Which directive is allowed when, and the status of

@@ -1,0 +1,133 @@
+"""How a session's audio leaves: now, paced, or as fast as the socket takes it.
+
+:class:`AudioSender` is the session's audio path once it is connected: unpaced binary
+messages (``send_audio``), 640-byte frames as fast as the socket takes them
+(``stream(pace=None)``), or frames paced by the event loop's shared
+:class:`~nlsstream.pacing.Pacer` (``stream(pace=1.0)``). Before each frame it asks the
+session whether audio may still go out (``check``), so nothing is sent before Started or
+after the task ended; a paced stream that the task's end interrupts fails with the
+reason (:meth:`AudioSender.interrupt`) and says how much audio was not sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from .audio import FRAME_BYTES, Framer
+from .connection import Connection
+from .errors import GatewayConnectionError
+from .pacing import Metrics, PacedStream, Pacer
+from .router import EventRouter
+
+__all__ = ["AudioSender"]
+
+
+class AudioSender:
+    """The audio path of one connected session.
+
+    ``check()`` raises if audio may not be sent now; ``lost()`` is the error for a
+    connection that went away under a send; ``raise_error()`` raises the task's own
+    error first, when it has one (the real cause, rather than the lost connection).
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        router: EventRouter,
+        metrics: Metrics,
+        *,
+        pacer: Pacer,
+        sample_rate: int,
+        max_ahead_bytes: int,
+        check: Callable[[], None],
+        lost: Callable[[], GatewayConnectionError],
+        raise_error: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._conn = conn
+        self._router = router
+        self._metrics = metrics
+        self._pacer = pacer
+        self._sample_rate = sample_rate
+        self._max_ahead_bytes = max_ahead_bytes
+        self._check = check
+        self._lost = lost
+        self._raise_error = raise_error
+        self._paced: PacedStream | None = None
+        self.streaming = False
+
+    def interrupt(self, error: BaseException) -> None:
+        """Fail the paced stream running now, if any, with ``error`` (its buffered audio
+        is discarded and counted in the message of ``error``'s caller)."""
+        if self._paced is not None:
+            self._paced.abort(error)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """PCM bytes of the running paced stream not yet written."""
+        return self._paced.buffered_bytes if self._paced is not None else 0
+
+    async def send(self, data: bytes) -> None:
+        """One binary message now; waits while the socket is backed up."""
+        try:
+            await self._conn.send_binary(data)
+        except ConnectionError:
+            await self._raise_error()
+            raise self._lost() from None
+        router = self._router
+        if router.first_audio_at is None:
+            router.first_audio_at = asyncio.get_running_loop().time()
+        self._metrics.record_audio(len(data))
+
+    async def stream(self, chunks: AsyncIterator[bytes], pace: float | None) -> None:
+        """``chunks`` of PCM as 640-byte frames, paced at ``pace`` times real time, or
+        as fast as the socket takes them (``None``)."""
+        self.streaming = True
+        try:
+            if pace is None:
+                await self._unpaced(chunks)
+            else:
+                await self._paced_stream(chunks, pace)
+        finally:
+            self.streaming = False
+
+    async def _unpaced(self, chunks: AsyncIterator[bytes]) -> None:
+        framer = Framer(FRAME_BYTES)
+        async for chunk in chunks:
+            for frame in framer.push(chunk):
+                self._check()
+                await self.send(frame)
+            # send() only yields when the socket is backed up: let everyone else run
+            # between chunks.
+            await asyncio.sleep(0)
+        tail = framer.flush()
+        if tail:
+            self._check()
+            await self.send(tail)
+
+    async def _paced_stream(self, chunks: AsyncIterator[bytes], pace: float) -> None:
+        conn, router = self._conn, self._router
+        paced = self._pacer.open(
+            conn,
+            2 * self._sample_rate * pace,
+            self._metrics,
+            max_ahead_bytes=self._max_ahead_bytes,
+            frame_bytes=FRAME_BYTES,
+        )
+        self._paced = paced
+        try:
+            # The task may have ended while the source was being opened; from now on
+            # the end of the task interrupts the stream.
+            self._check()
+            conn.attach(paced)  # the connection holds the stream while it cannot write
+            async for chunk in chunks:
+                await paced.put(chunk)
+                if router.first_audio_at is None:
+                    router.first_audio_at = paced.start_time
+            await paced.finish()
+        except BaseException as exc:
+            paced.abort(exc)
+            raise
+        finally:
+            conn.attach(None)
+            self._paced = None
