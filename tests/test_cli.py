@@ -17,9 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-import test_auth
-from test_auth import AK_ID, AK_SECRET, FakeTokenService
-from test_output import parse_subtitles
+from helpers import AK_ID, AK_SECRET, FakeTokenService, clean_env, parse_subtitles
 
 from nlsstream import __version__, cli
 from nlsstream.audio import load_file
@@ -29,21 +27,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 THREE = str(FIXTURES / "three_sentences.wav")
 HELLO = str(FIXTURES / "hello.wav")
 EXPECTED = json.loads((FIXTURES / "transcripts.json").read_text())["three_sentences.wav"]
-service = test_auth.service  # its fake CreateToken service (checks signatures), as a fixture
 CLI = [sys.executable, "-m", "nlsstream"]
 TIMEOUT = 60
 NOTICE = re.compile(
     r"nlsstream: no NLS credentials configured; using the embedded local gateway "
     r"\(PocketSphinx\) at ws://127\.0\.0\.1:\d+/ws/v1"
 )
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any NLS/Alibaba Cloud settings, plus ``extra``."""
-    prefixes = ("NLS_", "ALIYUN_", "ALIBABA_CLOUD_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env.update(extra)
-    return env
 
 
 def run_cli(

@@ -11,8 +11,7 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import read_pcm
-from test_gateway import RawTask, names
+from helpers import RawTask, names, read_pcm
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 

@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import read_pcm
-from test_gateway import APPKEY, TOKEN, RawTask, names, open_ws, payloads, silence
+from helpers import APPKEY, TOKEN, RawTask, names, open_ws, payloads, read_pcm, silence
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
