@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import re
+import select
 import threading
 import time
 import urllib.parse
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, AnyStr
 
 import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
@@ -156,6 +157,13 @@ def parse_subtitles(text: str, fmt: str) -> list[tuple[int, int, str]]:
 
 
 # --------------------------------------------------------------------------- command line
+
+
+def readline_within(stream: IO[AnyStr], timeout: float) -> AnyStr:
+    """The next line of a subprocess's pipe; fails if nothing comes within ``timeout``."""
+    if not select.select([stream], [], [], timeout)[0]:
+        raise AssertionError(f"no output within {timeout} s")
+    return stream.readline()
 
 
 def clean_env(**extra: str) -> dict[str, str]:
