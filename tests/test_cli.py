@@ -25,6 +25,7 @@ import soundfile as sf
 from helpers import (
     AK_ID,
     AK_SECRET,
+    FIXTURES,
     FakeTokenService,
     clean_env,
     parse_subtitles,
@@ -35,7 +36,6 @@ from nlsstream import __version__, cli
 from nlsstream.audio import load_file
 from nlsstream.gateway import Gateway
 
-FIXTURES = Path(__file__).parent / "fixtures"
 THREE = str(FIXTURES / "three_sentences.wav")
 HELLO = str(FIXTURES / "hello.wav")
 EXPECTED = json.loads((FIXTURES / "transcripts.json").read_text())["three_sentences.wav"]

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from helpers import APPKEY, TOKEN, RawTask, names, open_ws, payloads, read_pcm, silence
 from websockets.asyncio.client import connect
@@ -91,6 +92,36 @@ async def test_wrong_path_is_404(gw: Gateway) -> None:
         async with connect(gw.url.replace("/ws/v1", "/ws/v2"), additional_headers={}):
             pass
     assert info.value.response.status_code == 404
+
+
+async def test_plain_http_on_the_same_port(gw: Gateway) -> None:
+    base = gw.url.replace("ws://", "http://").removesuffix("/ws/v1")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/nowhere") as response:
+            assert response.status == 404
+        async with http.get(f"{base}/ws/v1", params={"token": "bad"}) as response:
+            assert response.status == 403
+            assert await response.text() == "Meta:ACCESS_DENIED:The token 'bad' is invalid!"
+        async with http.get(f"{base}/ws/v1", headers={"X-NLS-Token": TOKEN}) as response:
+            assert response.status == 400  # not a WebSocket upgrade
+    assert gw.sessions == []
+
+
+async def test_closing_the_gateway_closes_connections_with_1001() -> None:
+    gateway = Gateway(recognizer="span")
+    await gateway.start()
+    try:
+        async with connect(gateway.url) as ws:
+            await RawTask(ws).start()
+            await ws.send(silence(100))
+            await gateway.close()
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+    finally:
+        await gateway.close()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    assert gateway.sessions[-1].outcome == "disconnected"
+    assert not gateway.running
 
 
 async def test_no_tokens_configured_accepts_any_or_none() -> None:
