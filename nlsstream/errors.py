@@ -92,15 +92,17 @@ STATUS_CODES: dict[int, StatusCode] = _table(
 _META_CODES = frozenset({40020105, 40020106})
 
 
-def status_text(status: int, detail: str) -> str:
+def status_text(status: int, detail: str, *, source: str | None = None) -> str:
     """A ``status_text`` as the gateway writes it: ``Gateway:<NAME>:<detail>``.
 
     The one place a status code becomes its text, for every gateway of the project:
     ``status_text(40010005, "Got stop directive while task is stopping!")``.
+    ``source`` overrides the prefix where the cloud uses both for one code (the
+    handshake's ``Meta:ACCESS_DENIED:The token '...' is invalid!``).
     """
     known = STATUS_CODES.get(status)
     name = known.name if known is not None else "INJECTED_FAULT"
-    source = "Meta" if status in _META_CODES else "Gateway"
+    source = source or ("Meta" if status in _META_CODES else "Gateway")
     return f"{source}:{name}:{detail}"
 
 

@@ -44,11 +44,12 @@ The marker takes any :class:`~nlsstream.gateway.Gateway` keyword argument
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .gateway import Gateway, GatewayThread
+if TYPE_CHECKING:
+    from .gateway import Gateway
 
 __all__ = ["TEST_APPKEY", "TEST_TOKEN", "nls_gateway"]
 
@@ -66,6 +67,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def nls_gateway(request: pytest.FixtureRequest) -> Iterator[Gateway]:
     """A local NLS gateway on a free loopback port, in a background thread (see the
     module docstring)."""
+    # Imported here: the plugin loads in every pytest run, the gateway needs ``[local]``.
+    from .gateway import Gateway, GatewayThread
+
     options: dict[str, Any] = {"tokens": [TEST_TOKEN], "appkeys": [TEST_APPKEY]}
     marker = request.node.get_closest_marker("nls_gateway")
     if marker is not None:

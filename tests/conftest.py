@@ -1,15 +1,15 @@
-"""Shared test helpers (keep small)."""
+"""Fixtures shared by several test modules; plain helpers are in ``helpers.py``."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
-import soundfile as sf
+import pytest
+from helpers import FakeTokenService, token_service
 
-FIXTURES = Path(__file__).parent / "fixtures"
 
-
-def read_pcm(name: str) -> tuple[bytes, int]:
-    """PCM16 mono bytes and sample rate of a fixture WAV."""
-    data, rate = sf.read(FIXTURES / name, dtype="int16")
-    return data.tobytes(), int(rate)
+@pytest.fixture
+def service() -> Iterator[FakeTokenService]:
+    """A fake CreateToken service that checks every signature (see ``helpers.py``)."""
+    with token_service() as svc:
+        yield svc

@@ -1,19 +1,44 @@
-"""Helpers shared by the gateway tests: directives as text, raw RFC 6455 frames and a
-raw-socket WebSocket client (for probes a well-behaved client library will not send)."""
+"""Helpers shared by the tests (test modules import from here, never from each other):
+fixtures on disk, raw gateway tasks, directives as text, raw RFC 6455 frames and a
+raw-socket WebSocket client (for probes a well-behaved client library will not send),
+and a fake CreateToken service.
+
+Fixtures that several modules use live in ``conftest.py``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import hmac
 import json
 import os
-from typing import Any
+import re
+import select
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO, Any, AnyStr
 
+import soundfile as sf
+from websockets.asyncio.client import ClientConnection, connect
+
+from nlsstream import protocol as p
+from nlsstream.gateway import Gateway
 from nlsstream.protocol import RECOGNIZER, TRANSCRIBER, build_directive, encode
 
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKEN, APPKEY = "tok-123", "app-456"
+
+
 FRAME = b"\x01\x00" * 320  # 640 bytes = 20 ms at 16 kHz
-APPKEY = "app"
 
 
 def directive(
@@ -113,3 +138,290 @@ async def close_code_after(reader: asyncio.StreamReader) -> int:
         opcode, body = await read_server_frame(reader)
         if opcode == 0x8:
             return int.from_bytes(body[:2], "big")
+
+
+def read_pcm(name: str) -> tuple[bytes, int]:
+    """PCM16 mono bytes and sample rate of a fixture WAV."""
+    data, rate = sf.read(FIXTURES / name, dtype="int16")
+    return data.tobytes(), int(rate)
+
+
+# --------------------------------------------------------------------------- gateway clients
+
+TRANSCRIPTS: dict[str, list[str]] = json.loads((FIXTURES / "transcripts.json").read_text())
+
+
+class RawTask:
+    """A bare websockets client for one task: sends exactly what a test asks for."""
+
+    def __init__(
+        self, ws: ClientConnection, namespace: str = "SpeechTranscriber", appkey: str = APPKEY
+    ) -> None:
+        self.ws = ws
+        self.ns = p.NAMESPACES[namespace]
+        self.appkey = appkey
+        self.task_id = p.new_id()
+        self.events: list[dict[str, Any]] = []
+
+    async def directive(
+        self, name: str, payload: dict[str, Any] | None = None, task_id: str | None = None
+    ) -> None:
+        message = p.build_directive(
+            self.ns.name,
+            name,
+            task_id=task_id or self.task_id,
+            appkey=self.appkey,
+            payload=payload,
+        )
+        await self.ws.send(p.encode(message))
+
+    async def start(self, **params: Any) -> dict[str, Any]:
+        await self.directive(self.ns.start, p.start_payload(**params))
+        return await self.recv()
+
+    async def stop(self) -> None:
+        await self.directive(self.ns.stop)
+
+    async def audio(self, pcm: bytes, chunk: int = 3200) -> None:
+        for i in range(0, len(pcm), chunk):
+            await self.ws.send(pcm[i : i + chunk])
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        text = await asyncio.wait_for(self.ws.recv(), timeout)
+        assert isinstance(text, str)
+        event: dict[str, Any] = json.loads(text)
+        self.events.append(event)
+        return event
+
+    async def until_end(self, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Events up to and including Completed or TaskFailed."""
+        out = []
+        while True:
+            event = await self.recv(timeout)
+            out.append(event)
+            if event["header"]["name"] in (self.ns.completed, "TaskFailed"):
+                return out
+
+
+def names(events: list[dict[str, Any]]) -> list[str]:
+    return [e["header"]["name"] for e in events]
+
+
+def payloads(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e["payload"] for e in events if e["header"]["name"] == name]
+
+
+def open_ws(gateway: Gateway, token: str = TOKEN, **kwargs: Any) -> Any:
+    return connect(gateway.url, additional_headers={"X-NLS-Token": token}, **kwargs)
+
+
+def silence(ms: int, rate: int = 16000) -> bytes:
+    return b"\x00\x00" * (rate * ms // 1000)
+
+
+def word_errors(ref: str, hyp: str) -> int:
+    """Word-level edit distance (substitutions + deletions + insertions)."""
+    r, h = ref.split(), hyp.split()
+    row = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        prev, row[0] = row[0], i
+        for j, hw in enumerate(h, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
+    return row[-1]
+
+
+# --------------------------------------------------------------------------- subtitles
+
+_TIMING = re.compile(
+    r"(\d{2,}):(\d{2}):(\d{2})([,.])(\d{3}) --> (\d{2,}):(\d{2}):(\d{2})([,.])(\d{3})"
+)
+
+
+def parse_subtitles(text: str, fmt: str) -> list[tuple[int, int, str]]:
+    """Parse SRT or WebVTT strictly enough to catch format mistakes: returns
+    (start_ms, end_ms, text) per cue; asserts the numbering, header and separators."""
+    sep = "," if fmt == "srt" else "."
+    if fmt == "vtt":
+        assert text.startswith("WEBVTT\n\n") or text == "WEBVTT\n"
+        text = text[len("WEBVTT\n") :].lstrip("\n")
+    cues = []
+    for n, block in enumerate(b for b in text.split("\n\n") if b.strip()):
+        lines = block.strip("\n").split("\n")
+        if fmt == "srt":
+            assert lines[0] == str(n + 1), f"cue {n + 1} is numbered {lines[0]!r}"
+            lines = lines[1:]
+        m = _TIMING.fullmatch(lines[0])
+        assert m, f"bad timing line {lines[0]!r}"
+        assert m.group(4) == sep and m.group(9) == sep
+        g = [int(x) for x in m.group(1, 2, 3, 5, 6, 7, 8, 10)]
+        start = ((g[0] * 60 + g[1]) * 60 + g[2]) * 1000 + g[3]
+        end = ((g[4] * 60 + g[5]) * 60 + g[6]) * 1000 + g[7]
+        assert start <= end
+        assert len(lines) == 2 and lines[1], f"cue text must be one non-empty line: {lines}"
+        cues.append((start, end, lines[1]))
+    return cues
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def readline_within(stream: IO[AnyStr], timeout: float) -> AnyStr:
+    """The next line of a subprocess's pipe; fails if nothing comes within ``timeout``."""
+    if not select.select([stream], [], [], timeout)[0]:
+        raise AssertionError(f"no output within {timeout} s")
+    return stream.readline()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any NLS/Alibaba Cloud settings, plus ``extra``."""
+    prefixes = ("NLS_", "ALIYUN_", "ALIBABA_CLOUD_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
+# --------------------------------------------------------------------------- CreateToken
+
+AK_ID = "LTAI5tTestKeyId0001"
+AK_SECRET = "s3cr3t-Value/With+Chars=="
+
+
+def _ref_sign(method: str, params: dict[str, str], secret: str) -> str:
+    """Independent §8.2 signer (quote_plus-based, like the old official SDK)."""
+
+    def enc(s: str) -> str:
+        return (
+            urllib.parse.quote_plus(s).replace("+", "%20").replace("*", "%2A").replace("%7E", "~")
+        )
+
+    pairs = sorted((enc(k), enc(v)) for k, v in params.items() if k != "Signature")
+    query = "&".join(f"{k}={v}" for k, v in pairs)
+    msg = f"{method}&{enc('/')}&{enc(query)}"
+    mac = hmac.new(f"{secret}&".encode(), msg.encode(), hashlib.sha1).digest()
+    return base64.b64encode(mac).decode()
+
+
+@dataclass
+class FakeTokenService:
+    keys: dict[str, str] = field(default_factory=lambda: {AK_ID: AK_SECRET})
+    lifetime: int = 3600
+    delay: float = 0.0
+    #: "ok", "error500", "garbage", "throttle", "echo_secret"
+    mode: str = "ok"
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    nonces: set[str] = field(default_factory=set)
+    issued: int = 0
+    url: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def handle(self, method: str, params: dict[str, str]) -> tuple[int, dict[str, object] | bytes]:
+        time.sleep(self.delay)
+        rid = str(uuid.uuid4()).upper()
+        with self.lock:
+            self.requests.append((method, params))
+
+        def err(status: int, code: str, message: str) -> tuple[int, dict[str, object]]:
+            return status, {"Code": code, "Message": message, "RequestId": rid}
+
+        if self.mode == "error500":
+            return err(500, "InternalError", "The request processing has failed.")
+        if self.mode == "garbage":
+            return 502, b"<html>bad gateway</html>"
+        if self.mode == "throttle":
+            return err(400, "Throttling.User", "Request was denied due to user flow control.")
+        if self.mode == "echo_secret":
+            return err(400, "Forbidden", f"leaky server says {AK_SECRET}")
+        required = {
+            "AccessKeyId",
+            "Action",
+            "Format",
+            "RegionId",
+            "SignatureMethod",
+            "SignatureNonce",
+            "SignatureVersion",
+            "Timestamp",
+            "Version",
+            "Signature",
+        }
+        missing = sorted(required - params.keys())
+        if missing:
+            return err(400, "MissingParameter", f"missing {missing}")
+        if params["Action"] != "CreateToken" or params["Version"] != "2019-02-28":
+            return err(400, "InvalidAction", "bad action/version")
+        if (params["SignatureMethod"], params["SignatureVersion"]) != ("HMAC-SHA1", "1.0"):
+            return err(400, "InvalidSignatureMethod", "bad signature method")
+        if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", params["Timestamp"]):
+            return err(400, "InvalidTimeStamp.Format", "bad timestamp")
+        if not re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", params["SignatureNonce"]):
+            return err(400, "InvalidSignatureNonce", "bad nonce")
+        with self.lock:
+            if params["SignatureNonce"] in self.nonces:
+                return err(400, "SignatureNonceUsed", "nonce reused")
+            self.nonces.add(params["SignatureNonce"])
+        secret = self.keys.get(params["AccessKeyId"])
+        if secret is None:
+            return err(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
+        if params["Signature"] != _ref_sign(method, params, secret):
+            return err(
+                400,
+                "SignatureDoesNotMatch",
+                "Specified signature is not matched with our calculation.",
+            )
+        with self.lock:
+            self.issued += 1
+            n = self.issued
+        return 200, {
+            "NlsRequestId": uuid.uuid4().hex,
+            "RequestId": rid,
+            "Token": {
+                "Id": f"token-{n}-{uuid.uuid4().hex}",
+                "ExpireTime": int(time.time()) + self.lifetime,
+                "UserId": "1234567890",
+            },
+        }
+
+
+def _make_handler(service: FakeTokenService) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self, method: str) -> None:
+            split = urllib.parse.urlsplit(self.path)
+            params = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
+            if method == "POST":
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length).decode()
+                params.update(urllib.parse.parse_qsl(body, keep_blank_values=True))
+            status, answer = service.handle(method, params)
+            payload = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:
+            self._serve("GET")
+
+        def do_POST(self) -> None:
+            self._serve("POST")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@contextlib.contextmanager
+def token_service() -> Iterator[FakeTokenService]:
+    """A :class:`FakeTokenService` on a free loopback port, in a thread."""
+    svc = FakeTokenService()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(svc))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    svc.url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        yield svc
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -1,28 +1,20 @@
 """Token providers: POP signature test vector and CreateToken against a local HTTP server.
 
-The fake CreateToken service below re-computes every signature from the parameters it
-receives with its own signer, so a wrong canonicalisation in nlsstream fails these tests.
+The fake CreateToken service (``helpers.py``) re-computes every signature from the
+parameters it receives with its own signer, so a wrong canonicalisation in nlsstream fails
+these tests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import logging
-import re
 import socket
-import threading
 import time
-import urllib.parse
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import AK_ID, AK_SECRET, FakeTokenService
 
 from nlsstream.auth import (
     AccessKeyTokenProvider,
@@ -38,9 +30,6 @@ from nlsstream.auth import (
     token_endpoint,
 )
 from nlsstream.errors import NlsError, TokenError
-
-AK_ID = "LTAI5tTestKeyId0001"
-AK_SECRET = "s3cr3t-Value/With+Chars=="
 
 # ----------------------------------------------------------------------------------------
 # §8.2 test vector
@@ -141,146 +130,6 @@ async def test_create_token_rejects_bad_endpoint() -> None:
 
 # ----------------------------------------------------------------------------------------
 # A local CreateToken service
-
-
-def _ref_sign(method: str, params: dict[str, str], secret: str) -> str:
-    """Independent §8.2 signer (quote_plus-based, like the old official SDK)."""
-
-    def enc(s: str) -> str:
-        return (
-            urllib.parse.quote_plus(s).replace("+", "%20").replace("*", "%2A").replace("%7E", "~")
-        )
-
-    pairs = sorted((enc(k), enc(v)) for k, v in params.items() if k != "Signature")
-    query = "&".join(f"{k}={v}" for k, v in pairs)
-    msg = f"{method}&{enc('/')}&{enc(query)}"
-    mac = hmac.new(f"{secret}&".encode(), msg.encode(), hashlib.sha1).digest()
-    return base64.b64encode(mac).decode()
-
-
-@dataclass
-class FakeTokenService:
-    keys: dict[str, str] = field(default_factory=lambda: {AK_ID: AK_SECRET})
-    lifetime: int = 3600
-    delay: float = 0.0
-    #: "ok", "error500", "garbage", "throttle", "echo_secret"
-    mode: str = "ok"
-    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
-    nonces: set[str] = field(default_factory=set)
-    issued: int = 0
-    url: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def handle(self, method: str, params: dict[str, str]) -> tuple[int, dict[str, object] | bytes]:
-        time.sleep(self.delay)
-        rid = str(uuid.uuid4()).upper()
-        with self.lock:
-            self.requests.append((method, params))
-
-        def err(status: int, code: str, message: str) -> tuple[int, dict[str, object]]:
-            return status, {"Code": code, "Message": message, "RequestId": rid}
-
-        if self.mode == "error500":
-            return err(500, "InternalError", "The request processing has failed.")
-        if self.mode == "garbage":
-            return 502, b"<html>bad gateway</html>"
-        if self.mode == "throttle":
-            return err(400, "Throttling.User", "Request was denied due to user flow control.")
-        if self.mode == "echo_secret":
-            return err(400, "Forbidden", f"leaky server says {AK_SECRET}")
-        required = {
-            "AccessKeyId",
-            "Action",
-            "Format",
-            "RegionId",
-            "SignatureMethod",
-            "SignatureNonce",
-            "SignatureVersion",
-            "Timestamp",
-            "Version",
-            "Signature",
-        }
-        missing = sorted(required - params.keys())
-        if missing:
-            return err(400, "MissingParameter", f"missing {missing}")
-        if params["Action"] != "CreateToken" or params["Version"] != "2019-02-28":
-            return err(400, "InvalidAction", "bad action/version")
-        if (params["SignatureMethod"], params["SignatureVersion"]) != ("HMAC-SHA1", "1.0"):
-            return err(400, "InvalidSignatureMethod", "bad signature method")
-        if not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", params["Timestamp"]):
-            return err(400, "InvalidTimeStamp.Format", "bad timestamp")
-        if not re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", params["SignatureNonce"]):
-            return err(400, "InvalidSignatureNonce", "bad nonce")
-        with self.lock:
-            if params["SignatureNonce"] in self.nonces:
-                return err(400, "SignatureNonceUsed", "nonce reused")
-            self.nonces.add(params["SignatureNonce"])
-        secret = self.keys.get(params["AccessKeyId"])
-        if secret is None:
-            return err(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
-        if params["Signature"] != _ref_sign(method, params, secret):
-            return err(
-                400,
-                "SignatureDoesNotMatch",
-                "Specified signature is not matched with our calculation.",
-            )
-        with self.lock:
-            self.issued += 1
-            n = self.issued
-        return 200, {
-            "NlsRequestId": uuid.uuid4().hex,
-            "RequestId": rid,
-            "Token": {
-                "Id": f"token-{n}-{uuid.uuid4().hex}",
-                "ExpireTime": int(time.time()) + self.lifetime,
-                "UserId": "1234567890",
-            },
-        }
-
-
-def _make_handler(service: FakeTokenService) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self, method: str) -> None:
-            split = urllib.parse.urlsplit(self.path)
-            params = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
-            if method == "POST":
-                length = int(self.headers.get("Content-Length", "0"))
-                body = self.rfile.read(length).decode()
-                params.update(urllib.parse.parse_qsl(body, keep_blank_values=True))
-            status, answer = service.handle(method, params)
-            payload = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def do_GET(self) -> None:
-            self._serve("GET")
-
-        def do_POST(self) -> None:
-            self._serve("POST")
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    return Handler
-
-
-@pytest.fixture
-def service() -> Iterator[FakeTokenService]:
-    svc = FakeTokenService()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(svc))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    svc.url = f"http://127.0.0.1:{server.server_address[1]}/"
-    try:
-        yield svc
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 class FakeClock:

@@ -11,9 +11,17 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import read_pcm
-from helpers import FRAME, directive, events_until, recv_json, start
-from test_gateway import RawTask, names
+from helpers import (
+    FRAME,
+    RawTask,
+    directive,
+    events_until,
+    names,
+    read_pcm,
+    readline_within,
+    recv_json,
+    start,
+)
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -32,7 +40,7 @@ def start_server(*extra: str) -> tuple[subprocess.Popen[str], str]:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline()  # blocks until listening (or the process died)
+    line = readline_within(proc.stdout, 30)  # once listening (or the process died)
     match = re.search(r"ws://127\.0\.0\.1:\d+/ws/v1", line)
     if match is None:
         proc.kill()

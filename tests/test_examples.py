@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_cli import clean_env
+from helpers import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -5,108 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import FIXTURES, read_pcm
-from websockets.asyncio.client import ClientConnection, connect
+from helpers import (
+    APPKEY,
+    FIXTURES,
+    TOKEN,
+    TRANSCRIPTS,
+    RawTask,
+    names,
+    open_ws,
+    payloads,
+    read_pcm,
+    silence,
+    word_errors,
+)
 from websockets.exceptions import ConnectionClosed
 
 from nlsstream import protocol as p
 from nlsstream.gateway import Faults, Gateway, SpanRecognizer, Transcript
 from nlsstream.gateway.engine import sphinx_available
 
-TOKEN, APPKEY = "tok-123", "app-456"
 HEX32 = re.compile(r"[0-9a-f]{32}")
-TRANSCRIPTS: dict[str, list[str]] = json.loads((FIXTURES / "transcripts.json").read_text())
-
-
-class RawTask:
-    """A bare websockets client for one task: sends exactly what a test asks for."""
-
-    def __init__(
-        self, ws: ClientConnection, namespace: str = "SpeechTranscriber", appkey: str = APPKEY
-    ) -> None:
-        self.ws = ws
-        self.ns = p.NAMESPACES[namespace]
-        self.appkey = appkey
-        self.task_id = p.new_id()
-        self.events: list[dict[str, Any]] = []
-
-    async def directive(
-        self, name: str, payload: dict[str, Any] | None = None, task_id: str | None = None
-    ) -> None:
-        message = p.build_directive(
-            self.ns.name,
-            name,
-            task_id=task_id or self.task_id,
-            appkey=self.appkey,
-            payload=payload,
-        )
-        await self.ws.send(p.encode(message))
-
-    async def start(self, **params: Any) -> dict[str, Any]:
-        await self.directive(self.ns.start, p.start_payload(**params))
-        return await self.recv()
-
-    async def stop(self) -> None:
-        await self.directive(self.ns.stop)
-
-    async def audio(self, pcm: bytes, chunk: int = 3200) -> None:
-        for i in range(0, len(pcm), chunk):
-            await self.ws.send(pcm[i : i + chunk])
-
-    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        text = await asyncio.wait_for(self.ws.recv(), timeout)
-        assert isinstance(text, str)
-        event: dict[str, Any] = json.loads(text)
-        self.events.append(event)
-        return event
-
-    async def until_end(self, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """Events up to and including Completed or TaskFailed."""
-        out = []
-        while True:
-            event = await self.recv(timeout)
-            out.append(event)
-            if event["header"]["name"] in (self.ns.completed, "TaskFailed"):
-                return out
-
-
-def names(events: list[dict[str, Any]]) -> list[str]:
-    return [e["header"]["name"] for e in events]
-
-
-def payloads(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [e["payload"] for e in events if e["header"]["name"] == name]
 
 
 @pytest.fixture
 async def gw() -> AsyncIterator[Gateway]:
     async with Gateway(tokens=[TOKEN], appkeys=[APPKEY], recognizer="span", idle_timeout=3) as g:
         yield g
-
-
-def open_ws(gateway: Gateway, token: str = TOKEN, **kwargs: Any) -> Any:
-    return connect(gateway.url, additional_headers={"X-NLS-Token": token}, **kwargs)
-
-
-def silence(ms: int, rate: int = 16000) -> bytes:
-    return b"\x00\x00" * (rate * ms // 1000)
-
-
-def word_errors(ref: str, hyp: str) -> int:
-    """Word-level edit distance (substitutions + deletions + insertions)."""
-    r, h = ref.split(), hyp.split()
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, row[0] = row[0], i
-        for j, hw in enumerate(h, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-    return row[-1]
 
 
 def test_word_errors_helper() -> None:

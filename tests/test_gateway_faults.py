@@ -8,8 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import read_pcm
-from test_gateway import RawTask, names
+from helpers import RawTask, names, read_pcm
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 

@@ -10,9 +10,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
-from conftest import read_pcm
-from test_gateway import APPKEY, TOKEN, RawTask, names, open_ws, payloads, silence
+from helpers import APPKEY, TOKEN, RawTask, names, open_ws, payloads, read_pcm, silence
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -59,6 +59,20 @@ async def test_wrong_token_gets_403_and_is_not_logged(
     assert "invalid token" in ours
 
 
+async def test_query_token_is_in_no_log_line(gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(f"{gw.url}?token=query-secret-token"):
+            pass
+    assert info.value.response.status_code == 403
+    async with connect(f"{gw.url}?token={TOKEN}") as ws:
+        assert (await RawTask(ws).start())["header"]["status"] == 20000000
+    # Every server-side logger (ours, aiohttp's access and server logs); the test's own
+    # websockets client logs its request lines at DEBUG, and those are the client's.
+    server = [r.getMessage() for r in caplog.records if not r.name.startswith("websockets")]
+    assert server and not any("query-secret-token" in m or TOKEN in m for m in server)
+
+
 async def test_missing_token_gets_403(gw: Gateway) -> None:
     with pytest.raises(InvalidStatus) as info:
         async with connect(gw.url):
@@ -78,6 +92,36 @@ async def test_wrong_path_is_404(gw: Gateway) -> None:
         async with connect(gw.url.replace("/ws/v1", "/ws/v2"), additional_headers={}):
             pass
     assert info.value.response.status_code == 404
+
+
+async def test_plain_http_on_the_same_port(gw: Gateway) -> None:
+    base = gw.url.replace("ws://", "http://").removesuffix("/ws/v1")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/nowhere") as response:
+            assert response.status == 404
+        async with http.get(f"{base}/ws/v1", params={"token": "bad"}) as response:
+            assert response.status == 403
+            assert await response.text() == "Meta:ACCESS_DENIED:The token 'bad' is invalid!"
+        async with http.get(f"{base}/ws/v1", headers={"X-NLS-Token": TOKEN}) as response:
+            assert response.status == 400  # not a WebSocket upgrade
+    assert gw.sessions == []
+
+
+async def test_closing_the_gateway_closes_connections_with_1001() -> None:
+    gateway = Gateway(recognizer="span")
+    await gateway.start()
+    try:
+        async with connect(gateway.url) as ws:
+            await RawTask(ws).start()
+            await ws.send(silence(100))
+            await gateway.close()
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+    finally:
+        await gateway.close()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    assert gateway.sessions[-1].outcome == "disconnected"
+    assert not gateway.running
 
 
 async def test_no_tokens_configured_accepts_any_or_none() -> None:
@@ -250,8 +294,9 @@ async def test_stop_twice(gw: Gateway) -> None:
         assert names(events) == ["TranscriptionCompleted"]
         header = await failure(task)
     assert header["status"] == 40010005
+    # The first Stop completed the task; ServerTask names the second one's directive.
     assert header["status_text"] == (
-        "Gateway:TASK_STATE_ERROR:Got stop directive while task is stopping!"
+        "Gateway:TASK_STATE_ERROR:Got StopTranscription after the task completed!"
     )
 
 

@@ -12,8 +12,7 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import read_pcm
-from test_gateway import TRANSCRIPTS, word_errors
+from helpers import TRANSCRIPTS, read_pcm, word_errors
 
 from nlsstream.gateway import Faults, Gateway
 from nlsstream.gateway.engine import sphinx_available

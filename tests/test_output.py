@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import re
 
 import pytest
+from helpers import parse_subtitles
 
 from nlsstream.output import (
     CLEAR_LINE,
@@ -35,35 +35,6 @@ from nlsstream.protocol import (
 )
 
 TASK = "0123456789abcdef0123456789abcdef"
-
-_TIMING = re.compile(
-    r"(\d{2,}):(\d{2}):(\d{2})([,.])(\d{3}) --> (\d{2,}):(\d{2}):(\d{2})([,.])(\d{3})"
-)
-
-
-def parse_subtitles(text: str, fmt: str) -> list[tuple[int, int, str]]:
-    """Parse SRT or WebVTT strictly enough to catch format mistakes: returns
-    (start_ms, end_ms, text) per cue; asserts the numbering, header and separators."""
-    sep = "," if fmt == "srt" else "."
-    if fmt == "vtt":
-        assert text.startswith("WEBVTT\n\n") or text == "WEBVTT\n"
-        text = text[len("WEBVTT\n") :].lstrip("\n")
-    cues = []
-    for n, block in enumerate(b for b in text.split("\n\n") if b.strip()):
-        lines = block.strip("\n").split("\n")
-        if fmt == "srt":
-            assert lines[0] == str(n + 1), f"cue {n + 1} is numbered {lines[0]!r}"
-            lines = lines[1:]
-        m = _TIMING.fullmatch(lines[0])
-        assert m, f"bad timing line {lines[0]!r}"
-        assert m.group(4) == sep and m.group(9) == sep
-        g = [int(x) for x in m.group(1, 2, 3, 5, 6, 7, 8, 10)]
-        start = ((g[0] * 60 + g[1]) * 60 + g[2]) * 1000 + g[3]
-        end = ((g[4] * 60 + g[5]) * 60 + g[6]) * 1000 + g[7]
-        assert start <= end
-        assert len(lines) == 2 and lines[1], f"cue text must be one non-empty line: {lines}"
-        cues.append((start, end, lines[1]))
-    return cues
 
 
 def event(namespace: str, name: str, payload: dict[str, object] | None = None) -> Event:

@@ -1,14 +1,19 @@
-"""The local NLS gateway: a websockets server speaking the cloud's real-time protocols.
+"""The local NLS gateway: an aiohttp server speaking the cloud's real-time protocols.
 
 Reference: ``shared/reference/nls-protocol.md`` §1 (handshake, auth), §3
 (SpeechTranscriber), §4 (SpeechRecognizer), §5.4 and §6 (limits, status codes).
 
-One coroutine serves each connection and handles its messages in order; recognition
-runs in a bounded thread pool. Per audio frame the server does a little arithmetic and
-one numpy pass (VAD), never JSON and never a new task. Limits: messages over
-``max_size`` bytes close that connection (1009); a recognizer task holds at most 60 s of
-audio, a transcriber sentence is cut at 60 s; only that connection is affected by its
-own bad input.
+One aiohttp application serves every endpoint on one port: the WebSocket ``/ws/v1``
+today, plain HTTP routes later (see :meth:`Gateway._routes`). Token checks are one
+shared method, :meth:`Gateway._authorize`, for any route that needs a token.
+
+One coroutine serves each connection and handles its messages in order; the task rules
+(which directive or audio is allowed when, and every reply's text) are
+:class:`~nlsstream.protocol.ServerTask`'s, recognition runs in a bounded thread pool.
+Per audio frame the server does a little arithmetic and one numpy pass (VAD), never
+JSON and never a new task. Limits: messages over ``max_size`` bytes close that
+connection (1009); a recognizer task holds at most 60 s of audio, a transcriber sentence
+is cut at 60 s; only that connection is affected by its own bad input.
 """
 
 from __future__ import annotations
@@ -23,24 +28,19 @@ import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+try:
+    from aiohttp import WSCloseCode, WSMsgType, web
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("the local gateway needs aiohttp: pip install 'nlsstream[local]'") from exc
 
-from ..errors import STATUS_CODES, SUCCESS
+from ..errors import SUCCESS, status_text
 from ..protocol import (
-    NAMESPACES,
+    SUCCESS_TEXT,
+    TRANSCRIBER,
+    Accepted,
     DirectiveError,
-    Namespace,
-    ServerState,
     ServerTask,
-    build_event,
-    build_task_failed,
-    encode,
-    parse_directive,
-    parse_start_params,
 )
 from .engine import (
     RecognizerSpec,
@@ -50,6 +50,7 @@ from .engine import (
     resolve_recognizer,
 )
 from .faults import MALFORMED_TEXT, FaultPoint, Faults
+from .wav import WavStripper
 
 __all__ = ["Gateway", "GatewayThread", "SessionRecord"]
 
@@ -58,7 +59,9 @@ log = logging.getLogger("nlsstream.gateway")
 PATH = "/ws/v1"
 DEFAULT_TOKEN = "local-token"
 DEFAULT_APPKEY = "local-appkey"
-MAX_WAV_HEADER = 4096
+#: Seconds a closing handshake may take, and shutdown may wait for open connections.
+CLOSE_TIMEOUT = 2.0
+SHUTDOWN_TIMEOUT = 5.0
 
 
 @dataclass
@@ -89,10 +92,6 @@ class SessionRecord:
     @property
     def audio_seconds(self) -> float:
         return self.audio_bytes / (2 * self.sample_rate)
-
-
-def _first(values: list[str]) -> str | None:
-    return values[0] if values else None
 
 
 class Gateway:
@@ -144,7 +143,7 @@ class Gateway:
         self.max_workers = max_workers
         self.sessions: list[SessionRecord] = []
         self._queued: collections.deque[Faults] = collections.deque()
-        self._server: Server | None = None
+        self._runner: web.AppRunner | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._connections: set[_Connection] = set()
 
@@ -172,52 +171,51 @@ class Gateway:
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._runner is not None
 
     async def start(self) -> None:
         """Start listening; returns once the port is bound (:attr:`url` is final)."""
-        if self._server is not None:
+        if self._runner is not None:
             raise RuntimeError("gateway already started")
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.max_workers, thread_name_prefix="nls-recognize"
         )
-        if isinstance(self.recognizer, SphinxRecognizer):
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.recognizer.warm_up
-            )
-        self._server = await serve(
-            self._handle,
-            self.host,
-            self.port,
-            process_request=self._process_request,
-            max_size=self.max_size,
-            ping_interval=self.ping_interval,
-            compression=None,
-            close_timeout=2,
-        )
-        sock = next(iter(self._server.sockets))
-        self.port = sock.getsockname()[1]
+        app = web.Application()
+        app.add_routes(self._routes())
+        app.on_shutdown.append(self._going_away)
+        # No access log: a request line may carry ?token=.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        try:
+            if isinstance(self.recognizer, SphinxRecognizer):
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.recognizer.warm_up
+                )
+            await runner.setup()
+            self._runner = runner
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await self.close()
+            raise
+        self.port = runner.addresses[0][1]
         log.info("NLS gateway listening on %s (recognizer %s)", self.url, self.recognizer.name)
 
     async def close(self) -> None:
         """Stop listening, close every connection (1001) and the recognition pool."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            try:
-                await asyncio.wait_for(server.wait_closed(), 5)
-            except asyncio.TimeoutError:
-                log.warning("some connections did not close in time")
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
     async def serve_forever(self) -> None:
-        """Start (if needed) and serve until cancelled."""
-        if self._server is None:
+        """Start (if needed) and serve until cancelled; then close."""
+        if self._runner is None:
             await self.start()
-        assert self._server is not None
-        await self._server.serve_forever()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -232,6 +230,60 @@ class Gateway:
         official SDK)."""
         return GatewayThread(self)
 
+    # ---------------------------------------------------------------- HTTP
+
+    def _routes(self) -> list[web.RouteDef]:
+        """Every endpoint of the gateway; paths not listed get 404."""
+        return [web.get(PATH, self._websocket), web.get(PATH + "/", self._websocket)]
+
+    def _authorize(self, request: web.Request) -> None:
+        """Raise HTTP 403 with the cloud's text unless the request carries an accepted
+        token (header ``X-NLS-Token``, else query ``token``). Never logs the token."""
+        token = request.headers.get("X-NLS-Token") or request.query.get("token")
+        if self.tokens is None or token in self.tokens:
+            return
+        log.info(
+            "%s %s rejected: %s",
+            request.method,
+            request.path,
+            "invalid token" if token else "no token",
+        )
+        if not token:
+            raise web.HTTPForbidden(text=status_text(40000001, "Missing authorization header!"))
+        raise web.HTTPForbidden(
+            text=status_text(40000001, f"The token '{token}' is invalid!", source="Meta")
+        )
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """``/ws/v1``: one connection, its tasks one after another.
+
+        The official Python SDK sends ``Sec-WebSocket-Key``/``Version`` twice
+        (reference §1.3) and checks the answer against the first key; aiohttp answers
+        the first occurrence of a header, as the cloud does.
+        """
+        self._authorize(request)
+        ws = web.WebSocketResponse(
+            timeout=CLOSE_TIMEOUT,
+            heartbeat=self.ping_interval,
+            compress=False,
+            max_msg_size=self.max_size,
+        )
+        await ws.prepare(request)
+        conn = _Connection(self, ws, request.transport, self._next_faults())
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+        return ws
+
+    async def _going_away(self, app: web.Application) -> None:
+        """On shutdown: close every connection with 1001."""
+        await asyncio.gather(
+            *(c.ws.close(code=WSCloseCode.GOING_AWAY) for c in list(self._connections)),
+            return_exceptions=True,
+        )
+
     # ---------------------------------------------------------------- internals
 
     def _next_faults(self) -> Faults:
@@ -240,38 +292,10 @@ class Gateway:
         except IndexError:
             return self.faults
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        headers = request.headers
-        # The official Python SDK sends its own Sec-WebSocket-Key/Version *and* a fixed
-        # pair (reference §1.3); it checks the accept header against the first key, as
-        # the cloud answers.
-        for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version"):
-            values = headers.get_all(name)
-            if len(values) > 1:
-                del headers[name]
-                headers[name] = values[0]
-        url = urlsplit(request.path)
-        if url.path.rstrip("/") != PATH:
-            return connection.respond(404, f"Gateway:NOT_FOUND:No endpoint at '{url.path}'!\n")
-        token = _first(headers.get_all("X-NLS-Token")) or _first(
-            parse_qs(url.query).get("token", [])
-        )
-        if self.tokens is not None and token not in self.tokens:
-            log.info("handshake rejected: %s", "invalid token" if token else "no token")
-            if not token:
-                body = "Gateway:ACCESS_DENIED:Missing authorization header!"
-            else:
-                body = f"Meta:ACCESS_DENIED:The token '{token}' is invalid!"
-            return connection.respond(403, body)
-        return None
-
-    async def _handle(self, ws: ServerConnection) -> None:
-        conn = _Connection(self, ws, self._next_faults())
-        self._connections.add(conn)
-        try:
-            await conn.run()
-        finally:
-            self._connections.discard(conn)
+    def _record(self, faults: Faults | None) -> SessionRecord:
+        record = SessionRecord(faults=faults)
+        self.sessions.append(record)
+        return record
 
     def _run(self, fn: Any, /, *args: Any) -> asyncio.Future[Any]:
         if self._executor is None:
@@ -288,88 +312,89 @@ class _Stalled(Exception):
 
 
 class _Connection:
-    """One client connection; tasks run one after another on it."""
+    """One client connection; its tasks run one after another, by the rules of one
+    :class:`ServerTask`. ``engine`` recognises the running task's audio."""
 
-    def __init__(self, gateway: Gateway, ws: ServerConnection, faults: Faults) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        faults: Faults,
+    ) -> None:
         self.gw = gateway
         self.ws = ws
+        self.transport = transport
         self.faults = faults
         self.loop = asyncio.get_running_loop()
-        self.record = SessionRecord(faults=faults if faults.active else None)
-        gateway.sessions.append(self.record)
-        self.ns: Namespace | None = None
-        self.task: TranscriberTask | RecognizerTask | None = None
-        self.task_id = ""
-        self.state = "idle"  # idle, started, stopping
-        self.done_task_id: str | None = None  # last task that completed on this connection
-        self.done_early = False  # ... by voice detection, not by Stop
-        self.last_directive = "None"
-        self.last_activity = self.loop.time()
-        self.busy = False
-        self.stalled = False
-        self.closing = False
-        self.malformed_pending = False
-        self.malformed_used = False
-        self.wav_header: bytearray | None = None
+        self.task = ServerTask(gateway.appkeys)
+        self.engine: TranscriberTask | RecognizerTask | None = None
+        self.wav: WavStripper | None = None
+        self.record = gateway._record(faults if faults.active else None)
+        self.closing = False  # TaskFailed sent, or the connection was dropped
+        self.stalled = False  # an injected stall: ignore everything from now on
+        self.malformed: str | None = None  # "due", then "sent": one malformed event at most
+        self.idle_since: float | None = self.loop.time()  # None while handling a message
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_task: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- main loop
 
     async def run(self) -> None:
-        self._arm_idle(self.gw.idle_timeout)
+        self.idle_timer = self.loop.call_later(self.gw.idle_timeout, self._watch_idle)
         try:
             async for message in self.ws:
-                self.last_activity = self.loop.time()
                 if self.stalled:
                     continue
-                self.busy = True
+                if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    break  # an error: aiohttp has closed the connection (e.g. 1009)
+                self.idle_since = None
                 try:
-                    if isinstance(message, str):
-                        await self._on_text(message)
+                    if message.type is WSMsgType.TEXT:
+                        await self._on_text(message.data)
                     else:
-                        await self._on_audio(message)
+                        await self._on_audio(message.data)
                 except DirectiveError as exc:
-                    await self._fail(exc.status, exc.status_text, exc.task_id)
+                    await self._refuse(exc)
                 except _Stalled:
                     pass
-                finally:
-                    self.busy = False
+                self.idle_since = self.loop.time()
                 if self.closing:
                     break
-        except (ConnectionClosed, _Abort, ConnectionAbortedError):
+        except (_Abort, ConnectionError):
             pass
         except Exception:
             # A bug in one session must not take down the server or other sessions.
-            log.exception("session %s failed", self.task_id or "-")
-            with contextlib.suppress(ConnectionClosed, _Abort):
-                await self._fail(50000000, "Gateway:SERVER_ERROR:Internal error!")
+            log.exception("session %s failed", self.task.task_id or "-")
+            with contextlib.suppress(_Abort, ConnectionError):
+                await self._refuse(
+                    DirectiveError(50000000, status_text(50000000, "Internal error!"))
+                )
         finally:
             if self.idle_timer is not None:
                 self.idle_timer.cancel()
             await self._finish()
 
     async def _finish(self) -> None:
-        if self.task is not None:
-            if self.record.outcome == "open":
-                self.record.status = 40010004
-                self.record.status_text = (
-                    "Gateway:CLIENT_DISCONNECT:Client disconnected before task finished!"
-                )
-                self.record.outcome = "disconnected"
-            task, self.task = self.task, None
+        r = self.record
+        if self.engine is not None:
+            if r.outcome == "open":
+                r.status = 40010004
+                r.status_text = status_text(40010004, "Client disconnected before task finished!")
+                r.outcome = "disconnected"
+            engine, self.engine = self.engine, None
             try:
-                await task.close()
+                await engine.close()
             except Exception:  # the pool may be gone at shutdown
                 log.debug("releasing the decoder failed", exc_info=True)
             self._log_record()
-        elif self.record.task_id is None and self.record.outcome in ("open", "failed"):
-            if self.record.outcome == "open":
-                self.record.outcome = "disconnected"
+        elif r.task_id is None and r.outcome in ("open", "failed"):
+            if r.outcome == "open":
+                r.outcome = "disconnected"
             self._log_record()
-        if not self.closing or self.record.outcome != "dropped":
-            with contextlib.suppress(asyncio.TimeoutError, ConnectionClosed):
-                await asyncio.wait_for(self.ws.close(), 3)
+        if r.outcome != "dropped":
+            with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+                await asyncio.wait_for(self.ws.close(), CLOSE_TIMEOUT + 1)
 
     def _log_record(self) -> None:
         r = self.record
@@ -385,308 +410,157 @@ class _Connection:
 
     # ---------------------------------------------------------------- idle timer
 
-    def _arm_idle(self, delay: float) -> None:
-        self.idle_timer = self.loop.call_later(max(delay, 0.01), self._check_idle)
-
-    def _check_idle(self) -> None:
+    def _watch_idle(self) -> None:
+        """Timer: TaskFailed 40000004 once no message came for ``idle_timeout`` seconds
+        (time spent handling a message does not count)."""
         if self.closing or self.stalled:
             return
-        elapsed = self.loop.time() - self.last_activity
-        if self.busy or elapsed < self.gw.idle_timeout:
-            self._arm_idle(self.gw.idle_timeout - elapsed if not self.busy else 0.5)
+        due = self.gw.idle_timeout
+        if self.idle_since is not None:
+            due += self.idle_since - self.loop.time()
+        if self.idle_since is None or due > 0:
+            self.idle_timer = self.loop.call_later(max(due, 0.01), self._watch_idle)
             return
         self.idle_task = self.loop.create_task(self._idle_fail())
 
     async def _idle_fail(self) -> None:
-        try:
-            await self._fail(
-                40000004,
-                "Gateway:IDLE_TIMEOUT:Websocket session is idle for too long time, "
-                f"the last directive is '{self.last_directive}'!",
-            )
+        detail = (
+            "Websocket session is idle for too long time, "
+            f"the last directive is '{self.task.last_directive}'!"
+        )
+        with contextlib.suppress(_Abort, ConnectionError):
+            await self._refuse(DirectiveError(40000004, status_text(40000004, detail)))
             await self.ws.close()
-        except (ConnectionClosed, _Abort):
-            pass
 
     # ---------------------------------------------------------------- sending
 
-    async def _emit(self, name: str, payload: dict[str, Any] | None) -> None:
-        """Send one event of the current task (what the engine calls)."""
+    async def _send(self, text: str, name: str) -> None:
+        """Send one event of the task (``name`` is for the record), or the malformed
+        text an injected fault put in its place."""
         if self.stalled:
             raise _Stalled
-        if self.closing:
+        if self.closing or self.ws.closed:
             raise _Abort
-        assert self.ns is not None
-        if self.malformed_pending:
-            self.malformed_pending = False
-            text = MALFORMED_TEXT
-            self.record.events.append("<malformed>")
-        else:
-            text = encode(build_event(self.ns.name, name, self.task_id, payload))
-            self.record.events.append(name)
-        await self.ws.send(text)
+        if self.malformed == "due":
+            self.malformed = "sent"
+            text, name = MALFORMED_TEXT, "<malformed>"
+        self.record.events.append(name)
+        await self.ws.send_str(text)
 
-    async def _fail(self, status: int, status_text: str, task_id: str | None = None) -> None:
+    async def _emit(self, name: str, payload: dict[str, Any] | None) -> None:
+        """What the engine calls to send one of its events."""
+        await self._send(self.task.event(name, payload), name)
+
+    async def _refuse(self, exc: DirectiveError) -> None:
         """Send TaskFailed and end the connection (the task is dead, reference §3.5)."""
         if self.closing:
             return
-        if self.record.task_id is not None and self.record.outcome != "open":
-            # The failing directive belongs to a new task on a reused connection.
-            self._new_record()
         self.closing = True
-        self.record.status = status
-        self.record.status_text = status_text
-        self.record.outcome = "failed"
-        if self.record.task_id is None and task_id:
-            self.record.task_id = task_id
-        self.record.events.append("TaskFailed")
-        level = logging.INFO if status < 50000000 else logging.WARNING
-        log.log(level, "task %s failed: %s %s", task_id or self.task_id or "-", status, status_text)
-        await self.ws.send(encode(build_task_failed(task_id or self.task_id, status, status_text)))
-
-    def _new_record(self) -> None:
-        self.record = SessionRecord(faults=self.record.faults)
-        self.gw.sessions.append(self.record)
+        text = self.task.refusal(exc)
+        task_id = exc.task_id or self.task.task_id
+        if self.record.task_id is not None and self.record.outcome != "open":
+            # The refused directive belongs to a new task on a reused connection.
+            self.record = self.gw._record(self.record.faults)
+        r = self.record
+        r.status, r.status_text, r.outcome = exc.status, exc.status_text, "failed"
+        if r.task_id is None and task_id:
+            r.task_id = task_id
+            if self.task.namespace is not None and self.task.task_id == task_id:
+                r.namespace = self.task.namespace.name
+        r.events.append("TaskFailed")
+        level = logging.INFO if exc.status < 50000000 else logging.WARNING
+        log.log(level, "task %s failed: %s %s", task_id or "-", exc.status, exc.status_text)
+        await self.ws.send_str(text)
 
     async def _fault(self, point: FaultPoint, *, malformed: bool = True) -> None:
-        """Apply the faults due at ``point``; raises :class:`_Abort` when the task ends."""
+        """Apply the faults due at ``point``: raises :class:`_Abort` (drop),
+        :class:`DirectiveError` (fail) or :class:`_Stalled`, or arms a malformed event."""
         f, n = self.faults, self.record.audio_bytes
         if f.drops(point, n):
             self.record.outcome = "dropped"
             self.closing = True
-            log.info("task %s: injected drop at %s", self.task_id, point)
-            transport = self.ws.transport
-            transport.abort()
+            log.info("task %s: injected drop at %s", self.task.task_id, point)
+            if self.transport is not None:
+                self.transport.abort()
             raise _Abort
         if f.fails(point, n):
             assert f.fail_status is not None
-            known = STATUS_CODES.get(f.fail_status)
-            name = known.name if known is not None else "INJECTED_FAULT"
-            await self._fail(f.fail_status, f"Gateway:{name}:Injected fault at {point}!")
-            raise _Abort
+            raise DirectiveError(
+                f.fail_status, status_text(f.fail_status, f"Injected fault at {point}!")
+            )
         if f.stalls(point, n):
             self.stalled = True
             self.record.outcome = "stalled"
-            log.info("task %s: injected stall at %s", self.task_id, point)
+            log.info("task %s: injected stall at %s", self.task.task_id, point)
             raise _Stalled
-        if malformed and not self.malformed_used and f.malforms(point, n):
-            self.malformed_used = True
-            self.malformed_pending = True
+        if malformed and self.malformed is None and f.malforms(point, n):
+            self.malformed = "due"
 
     # ---------------------------------------------------------------- directives
 
     async def _on_text(self, text: str) -> None:
-        try:
-            d = parse_directive(text)
-        except DirectiveError as exc:
-            exc.task_id = exc.task_id if exc.task_id and self.state == "idle" else self.task_id
-            raise
-        self.last_directive = d.name
-        ns = NAMESPACES[d.namespace]
-        if d.name == ns.start:
-            if self.state != "idle":
-                raise DirectiveError(
-                    40010005,
-                    "Gateway:TASK_STATE_ERROR:Got start directive while task is running!",
-                    self.task_id,
-                )
-            await self._start(ns, d.task_id, d.appkey, d.payload)
-        elif d.name == ns.stop:
-            await self._stop(ns, d.task_id)
-        elif d.name == ns.control:
-            self._check_task(ns, d.task_id, "control")
-            assert isinstance(self.task, TranscriberTask)
-            task = ServerTask()
-            task.state, task.namespace, task.task_id = ServerState.STARTED, ns, d.task_id
-            task.params = self.task.params
-            accepted = task.receive(text)
-            assert accepted is not None and accepted.params is not None
-            self.task.control(accepted.params)
+        accepted = self.task.receive(text)
+        if accepted is None:
+            return  # a late Stop after voice detection completed the task
+        if accepted.kind == "start":
+            await self._start(accepted)
+        elif accepted.kind == "stop":
+            await self._stop()
         else:
-            raise DirectiveError(
-                40010002,
-                f"Gateway:DIRECTIVE_NOT_SUPPORTED:Directive '{d.name}' is not supported "
-                f"in namespace '{d.namespace}'!",
-                d.task_id,
-            )
+            assert isinstance(self.engine, TranscriberTask) and accepted.params is not None
+            self.engine.control(accepted.params)
 
-    def _check_task(self, ns: Namespace, task_id: str, what: str) -> None:
-        if self.state == "idle":
-            raise DirectiveError(
-                40010005,
-                f"Gateway:TASK_STATE_ERROR:Got {what} directive before the task started!",
-                task_id,
-            )
-        if task_id != self.task_id or ns is not self.ns:
-            raise DirectiveError(
-                40000002,
-                f"Gateway:MESSAGE_INVALID:Task id '{task_id}' ({ns.name}) does not match "
-                f"the running task!",
-                self.task_id,
-            )
-        if self.state == "stopping":
-            raise DirectiveError(
-                40010005,
-                f"Gateway:TASK_STATE_ERROR:Got {what} directive while task is stopping!",
-                task_id,
-            )
-
-    async def _start(self, ns: Namespace, task_id: str, appkey: str, payload: Any) -> None:
+    async def _start(self, accepted: Accepted) -> None:
+        d, params = accepted.directive, accepted.params
+        assert params is not None and self.task.namespace is not None
         if self.record.task_id is not None:
-            self._new_record()
-        self.task_id = task_id
-        self.ns = ns
-        self.record.task_id = task_id
-        self.record.namespace = ns.name
-        self.record.params = dict(payload)
-        self.done_task_id = None
-        if self.gw.appkeys is not None and appkey not in self.gw.appkeys:
-            raise DirectiveError(40020105, "Meta:APPKEY_NOT_EXIST:Appkey not exist!", task_id)
-        params = parse_start_params(ns.name, payload)
-        cls = TranscriberTask if ns.name == "SpeechTranscriber" else RecognizerTask
-        self.task = cls(params, self.gw.recognizer, self.gw._run, self._emit)
-        self.record.sentences = self.task.sentences
-        self.wav_header = bytearray() if params.format == "wav" else None
+            self.record = self.gw._record(self.record.faults)
+        r = self.record
+        r.task_id, r.namespace, r.params = d.task_id, d.namespace, dict(d.payload)
+        engine = TranscriberTask if d.namespace == TRANSCRIBER.name else RecognizerTask
+        self.engine = engine(params, self.gw.recognizer, self.gw._run, self._emit)
+        r.sentences = self.engine.sentences
+        self.wav = WavStripper(params.sample_rate) if params.format == "wav" else None
         await self._fault("start")
         if self.faults.start_delay:
             await asyncio.sleep(self.faults.start_delay)
-        self.state = "started"
-        await self._emit(ns.started, None)
+        await self._send(self.task.started(), self.task.namespace.started)
 
-    async def _stop(self, ns: Namespace, task_id: str) -> None:
-        if self.state == "idle" and task_id == self.done_task_id:
-            if self.done_early:
-                return  # voice detection already completed it: a late Stop is a no-op
-            raise DirectiveError(
-                40010005,
-                "Gateway:TASK_STATE_ERROR:Got stop directive while task is stopping!",
-                task_id,
-            )
-        self._check_task(ns, task_id, "stop")
-        self.state = "stopping"
+    async def _stop(self) -> None:
         await self._fault("stop", malformed=False)
-        assert self.task is not None
-        payload = None
-        if isinstance(self.task, TranscriberTask):
-            await self.task.stop()
-        else:
-            payload = await self.task.stop()
+        assert self.engine is not None
+        payload = await self.engine.stop()
         await self._fault("stop")  # a malformed event replaces Completed, not the flush
         await self._complete(payload, early=False)
 
     async def _complete(self, payload: dict[str, Any] | None, *, early: bool) -> None:
-        assert self.ns is not None
+        assert self.task.namespace is not None
         if self.faults.complete_delay:
             await asyncio.sleep(self.faults.complete_delay)
-        await self._emit(self.ns.completed, payload)
-        self.record.status = SUCCESS
-        self.record.status_text = "Gateway:SUCCESS:Success."
-        self.record.outcome = "completed"
-        self.state = "idle"
-        self.done_task_id = self.task_id
-        self.done_early = early
-        self.task = None
+        name = self.task.namespace.completed
+        await self._send(self.task.completed(payload, early=early), name)
+        r = self.record
+        r.status, r.status_text, r.outcome = SUCCESS, SUCCESS_TEXT, "completed"
+        self.engine = None
         self._log_record()
 
     # ---------------------------------------------------------------- audio
 
     async def _on_audio(self, data: bytes) -> None:
-        if self.state != "started" or self.task is None:
-            if self.state == "stopping" or (self.done_task_id and not self.done_early):
-                raise DirectiveError(
-                    40010005,
-                    "Gateway:TASK_STATE_ERROR:Got audio data after the stop directive!",
-                    self.task_id,
-                )
-            if self.done_task_id and self.done_early:
-                return  # the task already completed on its own; the cloud ignores the rest
-            raise DirectiveError(
-                40010005,
-                "Gateway:TASK_STATE_ERROR:Got audio data before the task started!",
-                self.task_id,
-            )
+        if not self.task.receive_audio():
+            return  # voice detection completed the task: the cloud ignores the rest
+        assert self.engine is not None
         self.record.audio_bytes += len(data)
         await self._fault("audio")
-        pcm = data if self.wav_header is None else self._strip_wav(data)
+        pcm = data if self.wav is None else self.wav.feed(data)
         if not pcm:
             return
-        if isinstance(self.task, RecognizerTask):
-            payload = await self.task.audio(pcm)
+        if isinstance(self.engine, RecognizerTask):
+            payload = await self.engine.audio(pcm)
             if payload is not None:
                 await self._complete(payload, early=True)
         else:
-            await self.task.audio(pcm)
-
-    def _strip_wav(self, data: bytes) -> bytes:
-        """Collect and check the RIFF header; return the PCM after it (maybe empty)."""
-        assert self.wav_header is not None and self.task is not None
-        self.wav_header += data
-        header = bytes(self.wav_header)
-        end = _wav_data_offset(header, self.task.params.sample_rate, self.task_id)
-        if end is None:
-            if len(header) > MAX_WAV_HEADER:
-                raise DirectiveError(
-                    40000009, "Gateway:INVALID_AUDIO_HEADER:Too large wav header!", self.task_id
-                )
-            return b""
-        self.wav_header = None
-        return header[end:]
-
-
-def _wav_data_offset(header: bytes, rate: int, task_id: str) -> int | None:
-    """Offset of the PCM after a RIFF/WAVE header, or ``None`` if more bytes are needed.
-
-    Raises :class:`DirectiveError`: 40000009 for a header that is not RIFF/WAVE,
-    40010003 for a valid one describing anything but PCM16 mono at ``rate``.
-    """
-
-    def bad(text: str) -> DirectiveError:
-        return DirectiveError(
-            40000009, f"Gateway:INVALID_AUDIO_HEADER:Invalid wav header: {text}!", task_id
-        )
-
-    if len(header) < 12:
-        if not (b"RIFF"[: len(header)] == header[:4]):
-            raise bad("it does not start with RIFF")
-        return None
-    if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
-        raise bad("it does not start with RIFF....WAVE")
-    pos = 12
-    fmt_seen = False
-    while pos + 8 <= len(header):
-        chunk, size = header[pos : pos + 4], int.from_bytes(header[pos + 4 : pos + 8], "little")
-        body = pos + 8
-        if chunk == b"data":
-            if not fmt_seen:
-                raise bad("data chunk before fmt chunk")
-            return body
-        if body + size > len(header):
-            return None
-        if chunk == b"fmt ":
-            if size < 16:
-                raise bad("fmt chunk too short")
-            tag = int.from_bytes(header[body : body + 2], "little")
-            channels = int.from_bytes(header[body + 2 : body + 4], "little")
-            srate = int.from_bytes(header[body + 4 : body + 8], "little")
-            bits = int.from_bytes(header[body + 14 : body + 16], "little")
-            problems = []
-            if tag not in (1, 0xFFFE):
-                problems.append(f"encoding tag {tag} (only 1 = PCM)")
-            if bits != 16:
-                problems.append(f"{bits}-bit samples (only 16-bit)")
-            if channels != 1:
-                problems.append(f"{channels} channels (only mono)")
-            if srate != rate:
-                problems.append(f"{srate} Hz (the task declared sample_rate {rate})")
-            if problems:
-                raise DirectiveError(
-                    40010003,
-                    "Gateway:DIRECTIVE_INVALID:Unsupported wav audio: " + ", ".join(problems) + "!",
-                    task_id,
-                )
-            fmt_seen = True
-        pos = body + size + (size & 1)
-    return None
+            await self.engine.audio(pcm)
 
 
 class GatewayThread:
