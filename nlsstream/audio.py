@@ -58,7 +58,7 @@ logger = logging.getLogger("nlsstream.audio")
 
 #: 20 ms of 16 kHz PCM16 mono: the frame size the official SDKs send.
 FRAME_BYTES = 640
-#: The only rates the gateway accepts (reference: UNSUPPORTED_SAMPLE_RATE).
+#: The only rates the gateway accepts (§5.1; else 41010101 UNSUPPORTED_SAMPLE_RATE).
 SAMPLE_RATES = (8000, 16000)
 #: Whole sources are yielded in slices of this size so sending can start early.
 CHUNK_BYTES = 64 * 1024

@@ -1,6 +1,6 @@
 """One rule book, two gateways: the same directive sequences get identical replies from
 the full gateway (``Gateway``) and the light one (``LightGateway``), with the cloud's
-documented status codes (reference §6). Both take their rules from
+documented status codes (§6). Both take their rules from
 ``protocol.ServerTask``; this table keeps them from drifting apart."""
 
 from __future__ import annotations
@@ -45,10 +45,6 @@ def bad_message_id() -> str:
     message["header"]["message_id"] = "not-an-id"
     return json.dumps(message)
 
-
-#: The full gateway of this branch keeps its own task states next to ServerTask's: after
-#: a Completed it answers a second Stop "while task is stopping" where ServerTask says
-#: "after the task completed" (same status, 40010005; the texts differ).
 
 # (id, steps, expected replies: (event name, status), marks)
 ROWS: list[tuple[str, list[Step], list[tuple[str, int]], Any]] = [

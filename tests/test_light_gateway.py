@@ -165,7 +165,7 @@ def _official_session(url: str, frames: int) -> dict[str, Any]:
 
 
 async def test_official_sdk_works(gateway: LightGateway) -> None:
-    # The official SDK sends Sec-WebSocket-Key/Version twice (reference §1.3).
+    # The official SDK sends Sec-WebSocket-Key/Version twice (§1.3).
     results = await asyncio.gather(
         asyncio.to_thread(_official_session, gateway.url, 30),
         asyncio.to_thread(_official_session, gateway.url, 30),
@@ -187,7 +187,7 @@ async def test_official_sdk_works(gateway: LightGateway) -> None:
 
 async def test_duplicate_handshake_headers_first_key_wins(gateway: LightGateway) -> None:
     # The exact duplicate the official SDK appends after its own key and version
-    # (reference §1.3): picows answers for the first key, the one the SDK checks.
+    # (§1.3): picows answers for the first key, the one the SDK checks.
     await raw_upgrade(
         gateway.host,
         gateway.port,

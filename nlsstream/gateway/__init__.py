@@ -8,9 +8,9 @@ NLS client, ours or the official SDK, at :attr:`Gateway.url`.
 
 from .engine import (
     CallableRecognizer,
-    Recognizer,
     SegmentDecoder,
     SpanRecognizer,
+    SpeechEngine,
     SphinxRecognizer,
     Transcript,
 )
@@ -22,10 +22,10 @@ __all__ = [
     "Faults",
     "Gateway",
     "GatewayThread",
-    "Recognizer",
     "SegmentDecoder",
     "SessionRecord",
     "SpanRecognizer",
+    "SpeechEngine",
     "SphinxRecognizer",
     "Transcript",
 ]

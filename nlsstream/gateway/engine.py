@@ -3,7 +3,7 @@ segmentation (VAD) and the recognisers behind one small interface.
 
 A recogniser turns the PCM of one segment into partial and final text:
 
-* :meth:`Recognizer.open` starts a segment (``sample_rate``, ``offset_ms`` = where the
+* :meth:`SpeechEngine.open` starts a segment (``sample_rate``, ``offset_ms`` = where the
   segment starts in the task's audio) and returns a :class:`SegmentDecoder`;
 * :meth:`SegmentDecoder.feed` adds PCM16 mono bytes and returns the current hypothesis;
 * :meth:`SegmentDecoder.finish` returns the final :class:`Transcript` (word times in ms
@@ -34,12 +34,12 @@ from .vad import FRAME_MS, EnergyVad
 __all__ = [
     "CallableRecognizer",
     "Emit",
-    "Recognizer",
     "RecognizerSpec",
     "RecognizerTask",
     "Runner",
     "SegmentDecoder",
     "SpanRecognizer",
+    "SpeechEngine",
     "SphinxRecognizer",
     "TranscriberTask",
     "Transcript",
@@ -85,8 +85,10 @@ class SegmentDecoder(Protocol):
 
 
 @runtime_checkable
-class Recognizer(Protocol):
-    """Creates a :class:`SegmentDecoder` per segment."""
+class SpeechEngine(Protocol):
+    """What the gateway recognises speech with (PocketSphinx, the span stand-in, your
+    own): it creates a :class:`SegmentDecoder` per segment. Not to be confused with the
+    client's :class:`nlsstream.Recognizer` session."""
 
     name: str
 
@@ -303,12 +305,12 @@ def shared_sphinx() -> SphinxRecognizer:
         return _shared_sphinx
 
 
-RecognizerSpec = str | Recognizer | Callable[[bytes, int], "str | Transcript"]
+RecognizerSpec = str | SpeechEngine | Callable[[bytes, int], "str | Transcript"]
 
 
-def resolve_recognizer(spec: RecognizerSpec) -> Recognizer:
+def resolve_recognizer(spec: RecognizerSpec) -> SpeechEngine:
     """``"auto"`` (PocketSphinx if importable, else span), ``"sphinx"``, ``"span"``, a
-    :class:`Recognizer`, or a callable ``fn(pcm, sample_rate) -> str | Transcript``."""
+    :class:`SpeechEngine`, or a callable ``fn(pcm, sample_rate) -> str | Transcript``."""
     if isinstance(spec, str):
         if spec == "auto":
             return shared_sphinx() if sphinx_available() else SpanRecognizer()
@@ -319,11 +321,11 @@ def resolve_recognizer(spec: RecognizerSpec) -> Recognizer:
         if spec == "span":
             return SpanRecognizer()
         raise ValueError(f"unknown recognizer {spec!r}: use 'auto', 'sphinx', 'span' or a callable")
-    if isinstance(spec, Recognizer):
+    if isinstance(spec, SpeechEngine):
         return spec
     if callable(spec):
         return CallableRecognizer(spec)
-    raise TypeError(f"recognizer must be a name, a Recognizer or a callable, got {spec!r}")
+    raise TypeError(f"recognizer must be a name, a SpeechEngine or a callable, got {spec!r}")
 
 
 # --------------------------------------------------------------------------- tasks
@@ -341,7 +343,7 @@ Emit = Callable[[str, "dict[str, Any] | None"], Awaitable[None]]
 
 class _Base:
     def __init__(
-        self, params: StartParams, recognizer: Recognizer, run: Runner, emit: Emit
+        self, params: StartParams, recognizer: SpeechEngine, run: Runner, emit: Emit
     ) -> None:
         self.params = params
         self.recognizer = recognizer
@@ -382,7 +384,7 @@ class TranscriberTask(_Base):
     Completed and TaskFailed."""
 
     def __init__(
-        self, params: StartParams, recognizer: Recognizer, run: Runner, emit: Emit
+        self, params: StartParams, recognizer: SpeechEngine, run: Runner, emit: Emit
     ) -> None:
         super().__init__(params, recognizer, run, emit)
         self.max_silence = params.max_sentence_silence
@@ -502,7 +504,7 @@ class RecognizerTask(_Base):
     Raises :class:`DirectiveError` for too long (41010104) or silent (41010105) speech."""
 
     def __init__(
-        self, params: StartParams, recognizer: Recognizer, run: Runner, emit: Emit
+        self, params: StartParams, recognizer: SpeechEngine, run: Runner, emit: Emit
     ) -> None:
         super().__init__(params, recognizer, run, emit)
         self.speech = False

@@ -1,6 +1,6 @@
 """The local NLS gateway: an aiohttp server speaking the cloud's real-time protocols.
 
-Reference: ``shared/reference/nls-protocol.md`` §1 (handshake, auth), §3
+Protocol: ``docs/protocol.md`` §1 (handshake, auth), §3
 (SpeechTranscriber), §4 (SpeechRecognizer), §5.4 and §6 (limits, status codes).
 
 One aiohttp application serves every endpoint on one port: the WebSocket ``/ws/v1``
@@ -103,7 +103,7 @@ class Gateway:
             accepts any token, or none. A wrong token gets HTTP 403.
         appkeys: accepted appkeys; ``None`` accepts any. Else TaskFailed 40020105.
         recognizer: ``"auto"`` (PocketSphinx if installed, else ``"span"``),
-            ``"sphinx"``, ``"span"``, a :class:`~nlsstream.gateway.engine.Recognizer` or a
+            ``"sphinx"``, ``"span"``, a :class:`~nlsstream.gateway.engine.SpeechEngine` or a
             callable ``fn(pcm, sample_rate) -> str``.
         faults: :class:`Faults` for every connection (see also :meth:`queue_faults`).
         idle_timeout: seconds without any message before TaskFailed 40000004.
@@ -258,7 +258,7 @@ class Gateway:
         """``/ws/v1``: one connection, its tasks one after another.
 
         The official Python SDK sends ``Sec-WebSocket-Key``/``Version`` twice
-        (reference §1.3) and checks the answer against the first key; aiohttp answers
+        (§1.3) and checks the answer against the first key; aiohttp answers
         the first occurrence of a header, as the cloud does.
         """
         self._authorize(request)
@@ -452,7 +452,7 @@ class _Connection:
         await self._send(self.task.event(name, payload), name)
 
     async def _refuse(self, exc: DirectiveError) -> None:
-        """Send TaskFailed and end the connection (the task is dead, reference §3.5)."""
+        """Send TaskFailed and end the connection (the task is dead, §3.5)."""
         if self.closing:
             return
         self.closing = True

@@ -2,7 +2,7 @@
 
 A client may split the header over any number of binary messages; the gateway accepts
 16-bit mono PCM at the task's declared sample rate and refuses anything else with the
-documented status (reference §6): 40000009 for a header that is not RIFF/WAVE (or is
+documented status (§6): 40000009 for a header that is not RIFF/WAVE (or is
 absurdly long), 40010003 for a valid one describing other audio.
 """
 
