@@ -13,16 +13,19 @@ pip install -e '.[dev,local,light]'
 pip install --no-deps 'alibabacloud-nls-python-sdk==1.0.2'
 pip install 'aliyun-python-sdk-core>=2.13.3'
 # Fail loudly (not skip) if an optional test dependency did not install.
-.venv/bin/python -c "import nls, pocketsphinx"
+.venv/bin/python -c "import nls, pocketsphinx, picows, python_socks.async_.asyncio"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
-# The lowest versions the project declares: the client and the audio path against them.
+# The lowest versions the project declares: the client, the audio path and the full
+# gateway against them (scripts/lowest-versions.txt).
 [ -x .venv-lowest/bin/python ] || "$PY" -m venv .venv-lowest
 .venv-lowest/bin/python -m pip --disable-pip-version-check -q install \
     -c scripts/lowest-versions.txt -e '.[local,proxy]' 'pytest>=8' 'pytest-asyncio>=0.24'
-.venv-lowest/bin/python -m pip list 2>/dev/null | grep -E '^(websockets|numpy|soundfile|soxr) '
+.venv-lowest/bin/python -m pip list 2>/dev/null |
+    grep -E '^(websockets|numpy|soundfile|soxr|python-socks|aiohttp|pocketsphinx) '
 .venv-lowest/bin/python -m pytest -q -p no:cacheprovider tests/test_connection.py \
     tests/test_session.py tests/test_session_errors.py tests/test_pacing.py \
-    tests/test_protocol.py tests/test_audio.py
+    tests/test_protocol.py tests/test_audio.py tests/test_gateway.py \
+    tests/test_gateway_faults.py tests/test_gateway_validation.py

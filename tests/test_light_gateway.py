@@ -292,21 +292,21 @@ async def _probe_close_code(gw: LightGateway, *frames: bytes) -> int:
 @pytest.mark.parametrize(
     ("frames", "code"),
     [
-        # picows: control frames carry at most 125 bytes (§5.5).
+        # picows: control frames carry at most 125 bytes (RFC 6455 §5.5).
         ([client_frame(0x9, b"x" * 126)], 1002),
-        # picows: control frames must not be fragmented (§5.5).
+        # picows: control frames must not be fragmented (RFC 6455 §5.5).
         ([client_frame(0x9, b"ping", fin=False)], 1002),
-        # picows: a close payload is empty or at least a 2-byte code (§5.5.1).
+        # picows: a close payload is empty or at least a 2-byte code (RFC 6455 §5.5.1).
         ([client_frame(0x8, b"\x03")], 1002),
-        # picows: client frames must be masked (§5.1).
+        # picows: client frames must be masked (RFC 6455 §5.1).
         ([client_frame(0x2, FRAME, masked=False)], 1002),
         # this gateway: text messages must be UTF-8 (§8.1).
         ([client_frame(0x1, b'{"header": "\xff\xfe"}')], 1007),
         # this gateway: a UTF-8 sequence split over fragments is fine, a broken one is not.
         ([client_frame(0x1, b"\xc3", fin=False), client_frame(0x0, b"(")], 1007),
-        # this gateway: a continuation needs a message to continue (§5.4).
+        # this gateway: a continuation needs a message to continue (RFC 6455 §5.4).
         ([client_frame(0x0, FRAME)], 1002),
-        # this gateway: no new message inside a fragmented one (§5.4).
+        # this gateway: no new message inside a fragmented one (RFC 6455 §5.4).
         ([client_frame(0x2, FRAME, fin=False), client_frame(0x2, FRAME)], 1002),
         ([client_frame(0x1, b"{", fin=False), client_frame(0x1, b"{}")], 1002),
     ],

@@ -190,11 +190,14 @@ class SphinxRecognizer:
     ``process_raw`` / ``hyp`` / ``end_utt`` / ``seg``).
 
     Decoders take ~0.3 s and tens of MB to create, so they are pooled: a segment borrows
-    one and gives it back when it ends; at most ``max_idle`` idle decoders are kept.
+    one and gives it back when it ends; at most ``max_idle`` idle decoders are kept. A
+    borrowed decoder starts from the model's initial cepstral mean, not from what its
+    earlier segments left, so that a segment's text depends less on which segments the
+    decoder heard before (its noise tracking still adapts; PocketSphinx has no reset).
     All decoders run at 16 kHz: the en-us model is trained on wide-band audio and fails
     to initialise at 8 kHz, so 8 kHz audio is upsampled with soxr first, plus a faint
-    noise floor. Expect a higher error rate there (about 25% of words on the flite
-    fixture, against none at 16 kHz): the audio lacks everything above 4 kHz.
+    noise floor. Expect a much higher error rate there (5 or 6 words of 8 wrong on the
+    flite fixture, against none at 16 kHz): the audio lacks everything above 4 kHz.
     """
 
     name = "sphinx"
@@ -204,6 +207,7 @@ class SphinxRecognizer:
         self.config = {"loglevel": "FATAL", **config}
         self._idle: list[Any] = []
         self._lock = threading.Lock()
+        self._initial_cmn: str | None = None  # the model's, read from the first decoder
 
     def _acquire(self) -> Any:
         with self._lock:
@@ -211,7 +215,10 @@ class SphinxRecognizer:
                 return self._idle.pop()
         from pocketsphinx import Decoder
 
-        return Decoder(samprate=16000, **self.config)
+        decoder = Decoder(samprate=16000, **self.config)
+        if self._initial_cmn is None:
+            self._initial_cmn = str(decoder.get_cmn(False))
+        return decoder
 
     def _release(self, decoder: Any) -> None:
         with self._lock:
@@ -224,6 +231,7 @@ class SphinxRecognizer:
 
     def open(self, sample_rate: int, offset_ms: int) -> SegmentDecoder:
         decoder = self._acquire()
+        decoder.set_cmn(self._initial_cmn)
         decoder.start_utt()
         return _SphinxDecoder(self, decoder, sample_rate)
 
