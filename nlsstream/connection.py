@@ -32,7 +32,7 @@ import ssl
 import struct
 import urllib.request
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 from websockets.client import ClientProtocol
@@ -221,7 +221,8 @@ class Connection(asyncio.Protocol):
     # ---------------------------------------------------------------- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport (uvloop's implement the interface without subclassing it).
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         # compression is never negotiated (no extensions offered), so encoded frames go
         # to the transport as they are.

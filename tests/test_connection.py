@@ -218,3 +218,27 @@ async def test_sessions_go_through_a_proxy_given_or_from_the_environment(
                 await t.send_audio(b"\x00" * 640)
             assert len(proxy.tunnels) == 2
     proxy_for.cache_clear()
+
+
+def test_a_session_on_uvloop() -> None:
+    """uvloop's transports implement asyncio's interface without subclassing it: a whole
+    session, paced and unpaced audio included, runs on its loop."""
+    uvloop = pytest.importorskip("uvloop")
+    from nlsstream import Transcriber
+    from nlsstream.gateway import Gateway
+
+    async def main() -> tuple[str, int]:
+        async with Gateway(recognizer="span") as gw:
+            async with Transcriber(gw.appkey, gw.token, url=gw.url) as t:
+                await t.send_audio(b"\x00" * 640)
+                await t.stream(b"\x10\x00" * 16000, pace=8.0)  # 1 s of audio in 1/8 s
+                result = await t.stop()
+            return type(asyncio.get_running_loop()).__module__, result.duration
+
+    loop = uvloop.new_event_loop()
+    try:
+        module, duration = loop.run_until_complete(asyncio.wait_for(main(), 30))
+    finally:
+        loop.close()
+    assert module.startswith("uvloop")
+    assert duration == 1020  # 640 bytes (20 ms) + 1 s
