@@ -473,7 +473,7 @@ def verdict(rows: list[dict[str, Any]], floor: dict[str, Any] | None) -> list[st
         "efficiency. The floor shows the system call alone stays under the CPU target; "
         "the rest is Python per frame (pacer, framing, checks; several us per frame once "
         "thousands of sessions' objects are cold in cache) and receiving events "
-        "(websockets' reader, JSON, dispatch, 2 events per session-second). See "
+        "(websockets' sans-I/O frame parser, JSON, routing; 2 events per session-second). See "
         "`benchmarks/README.md` for the profile.",
     ]
     return out
