@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import re
 import uuid
 from collections.abc import Collection, Mapping
@@ -353,28 +354,31 @@ class UnknownEvent(Event):
     payload: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
-def _int(payload: Mapping[str, Any], key: str, default: int | None = None) -> int | None:
-    value = payload.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProtocolError(f"payload.{key} must be a number, got {value!r}")
-    return int(value)
-
-
-def _req_int(payload: Mapping[str, Any], key: str) -> int:
-    value = _int(payload, key, 0)
-    assert value is not None
-    return value
-
-
-def _float(payload: Mapping[str, Any], key: str) -> float | None:
+def _number(payload: Mapping[str, Any], key: str) -> float | int | None:
+    """``payload[key]`` if it is a finite number, ``None`` if absent or null."""
     value = payload.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProtocolError(f"payload.{key} must be a number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(f"payload.{key} must be a finite number, got {_short(value)}")
+    return value
+
+
+def _int(payload: Mapping[str, Any], key: str) -> int | None:
+    value = _number(payload, key)
+    return None if value is None else int(value)
+
+
+def _req_int(payload: Mapping[str, Any], key: str) -> int:
+    """A number the event must carry (a missing one reads as 0, as the cloud omits zeros)."""
+    if key in payload and payload[key] is None:
+        raise ProtocolError(f"payload.{key} must be a number, got null")
+    return _int(payload, key) or 0
+
+
+def _float(payload: Mapping[str, Any], key: str) -> float | None:
+    value = _number(payload, key)
+    return None if value is None else float(value)
 
 
 def _text(payload: Mapping[str, Any], key: str = "result") -> str:
@@ -382,18 +386,18 @@ def _text(payload: Mapping[str, Any], key: str = "result") -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ProtocolError(f"payload.{key} must be a string, got {value!r}")
+        raise ProtocolError(f"payload.{key} must be a string, got {_short(value)}")
     return value
 
 
 def _words(payload: Mapping[str, Any]) -> tuple[Word, ...]:
     words = payload.get("words") or []
     if not isinstance(words, list):
-        raise ProtocolError(f"payload.words must be a list, got {words!r}")
+        raise ProtocolError(f"payload.words must be a list, got {_short(words)}")
     out = []
     for w in words:
         if not isinstance(w, dict):
-            raise ProtocolError(f"a word must be an object, got {w!r}")
+            raise ProtocolError(f"a word must be an object, got {_short(w)}")
         out.append(Word(_text(w, "text"), _req_int(w, "startTime"), _req_int(w, "endTime")))
     return tuple(out)
 
@@ -406,9 +410,12 @@ def parse_event(text: str | bytes) -> Event:
     ``status_text``); raises :class:`ProtocolError` for what cannot be an event.
     """
     try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
         message = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"gateway sent invalid JSON: {exc}: {_preview(text)}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ProtocolError(f"gateway sent invalid JSON: {detail}: {_preview(text)}") from None
     if not isinstance(message, dict) or not isinstance(message.get("header"), dict):
         raise ProtocolError(f"gateway message has no header: {_preview(text)}")
     header = message["header"]
@@ -420,16 +427,16 @@ def parse_event(text: str | bytes) -> Event:
         raise ProtocolError(f"gateway payload is not an object: {_preview(text)}")
     status = header.get("status", SUCCESS)
     if isinstance(status, bool) or not isinstance(status, int):
-        raise ProtocolError(f"header.status must be an integer, got {status!r}")
-    status_text = header.get("status_text", header.get("status_message", ""))
+        raise ProtocolError(f"header.status must be an integer, got {_short(status)}")
     base: dict[str, Any] = {
         "name": name,
-        "namespace": str(header.get("namespace", "")),
-        "task_id": str(header.get("task_id", "")),
-        "message_id": str(header.get("message_id", "")),
+        "namespace": _header_str(header, "namespace"),
+        "task_id": _header_str(header, "task_id"),
+        "message_id": _header_str(header, "message_id"),
         "status": status,
-        "status_text": str(status_text or ""),
-        "raw_text": text if isinstance(text, str) else text.decode("utf-8"),
+        "status_text": _header_str(header, "status_text")
+        or _header_str(header, "status_message"),
+        "raw_text": text,
     }
     if name == TASK_FAILED:
         return TaskFailed(**base)
@@ -463,6 +470,15 @@ def parse_event(text: str | bytes) -> Event:
     if kind is Completed:
         return Completed(**base, text=_text(payload), duration=_int(payload, "duration"))
     return UnknownEvent(**base, payload=payload)
+
+
+def _header_str(header: Mapping[str, Any], key: str) -> str:
+    value = header.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ProtocolError(f"header.{key} must be a string, got {_short(value)}")
+    return value
 
 
 def _preview(text: str | bytes, limit: int = 200) -> str:
