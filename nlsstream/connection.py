@@ -32,7 +32,7 @@ import ssl
 import struct
 import urllib.request
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from websockets.client import ClientProtocol
@@ -419,6 +419,21 @@ class Connection(asyncio.Protocol):
                 await asyncio.wait_for(asyncio.shield(self._lost), timeout)
 
 
+class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets' logger for one connection, with the token taken out of every line
+    (at DEBUG it logs the handshake's headers, ``X-NLS-Token`` among them)."""
+
+    def __init__(self, logger: logging.Logger, secret: str) -> None:
+        super().__init__(logger, {})
+        self.secret = secret
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            kwargs.setdefault("stacklevel", 2)
+            self.logger.log(level, "%s", redact(text, self.secret), **kwargs)
+
+
 def _not_connected(data: bytes) -> None:
     raise ConnectionError("the connection is not open")
 
@@ -453,8 +468,9 @@ async def connect(
         raise ValueError(f"invalid gateway url {redact(url, token)!r}: {exc}") from None
     shown = redact(url, token)
     loop = asyncio.get_running_loop()
+    wire_log = _RedactingLogger(logging.getLogger("websockets.client"), token)
     conn = Connection(
-        ClientProtocol(uri, max_size=max_size),
+        ClientProtocol(uri, max_size=max_size, logger=wire_log),
         token,
         on_message=on_message,
         on_lost=on_lost,
@@ -475,26 +491,28 @@ async def connect(
             await loop.create_connection(lambda: conn, uri.host, uri.port, ssl=context)
         await conn._opened
 
+    # The error is raised outside the except blocks, so that no exception context (a
+    # handshake response whose body quotes the token) travels with it.
+    error: Exception | None = None
     try:
         await asyncio.wait_for(open_(), open_timeout)
     except (asyncio.TimeoutError, TimeoutError):
-        conn.abort()
-        raise GatewayConnectionError(
+        error = GatewayConnectionError(
             f"timed out after {open_timeout:.3g} s connecting to {shown}"
-        ) from None
+        )
     except InvalidStatus as exc:
-        conn.abort()
-        raise _status_error(exc, shown, token) from None
+        error = _status_error(exc, shown, token)
     except InvalidHandshake as exc:
-        conn.abort()
-        raise GatewayConnectionError(
+        error = GatewayConnectionError(
             f"gateway at {shown} sent an invalid handshake: {redact(str(exc), token)}"
-        ) from None
+        )
     except (OSError, ConnectionError) as exc:
+        error = GatewayConnectionError(f"cannot connect to {shown}: {redact(str(exc), token)}")
+        if isinstance(exc, OSError) and exc.errno is not None:
+            error.__cause__ = OSError(exc.errno, exc.strerror)  # the errno, nothing else
+    if error is not None:
         conn.abort()
-        raise GatewayConnectionError(
-            f"cannot connect to {shown}: {redact(str(exc), token)}"
-        ) from exc
+        raise error
     return conn
 
 

@@ -434,8 +434,7 @@ def parse_event(text: str | bytes) -> Event:
         "task_id": _header_str(header, "task_id"),
         "message_id": _header_str(header, "message_id"),
         "status": status,
-        "status_text": _header_str(header, "status_text")
-        or _header_str(header, "status_message"),
+        "status_text": _header_str(header, "status_text") or _header_str(header, "status_message"),
         "raw_text": text,
     }
     if name == TASK_FAILED:

@@ -17,6 +17,7 @@ order and a slow one delays only its own session.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 from collections import deque
@@ -110,7 +111,18 @@ class EventRouter:
             error.__cause__ = exc
             self.fail(error)
             return
+        if isinstance(event, TaskFailed):
+            event = self._redacted(event)
         self.deliver(event)
+
+    def _redacted(self, event: TaskFailed) -> TaskFailed:
+        """``event`` without the token the gateway may quote in its text
+        (``The token '...' has expired!``): what iterators, callbacks and the error see."""
+        text = redact(event.status_text, *self.secrets)
+        raw = redact(event.raw_text, *self.secrets)
+        if text == event.status_text and raw == event.raw_text:
+            return event
+        return dataclasses.replace(event, status_text=text, raw_text=raw)
 
     def deliver(self, event: Event) -> None:
         """Deliver ``event`` now, or after the coroutine callbacks ahead of it."""

@@ -1,0 +1,103 @@
+"""The token never reaches a log line, an event, an error or its context, whatever
+logging level is on and whatever the gateway quotes back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from nlsstream import AuthenticationError, Transcriber
+from nlsstream import protocol as p
+from nlsstream.gateway import Gateway
+from nlsstream.gateway.light import LightGateway
+
+SECRET = "SECRET-tok-8f3a2b"
+
+
+def leaked(caplog: pytest.LogCaptureFixture, *, ignore: str = "-") -> list[str]:
+    """Log lines quoting the token (``ignore``: a logger of the test's own server)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if SECRET in r.getMessage() and not r.name.startswith(ignore)
+    ]
+
+
+@pytest.mark.parametrize("gateway", ["full", "light"])
+@pytest.mark.parametrize("in_query", [False, True])
+async def test_debug_logging_everywhere_never_shows_the_token(
+    caplog: pytest.LogCaptureFixture, gateway: str, in_query: bool
+) -> None:
+    caplog.set_level(logging.DEBUG)  # the root logger: websockets, aiohttp, picows, ours
+    gw: Gateway | LightGateway = (
+        Gateway(tokens=[SECRET], recognizer="span")
+        if gateway == "full"
+        else LightGateway(token=SECRET)
+    )
+    async with gw:
+        url = gw.url + (f"?token={SECRET}" if in_query else "")
+        async with Transcriber("app", SECRET, url=url, proxy=None) as t:
+            await t.send_audio(b"\x00" * 6400)
+            await t.stop()
+    assert caplog.records  # DEBUG was really on
+    assert leaked(caplog) == []
+
+
+async def _task_failed_quoting_the_token(ws: ServerConnection) -> None:
+    start = json.loads(await ws.recv())
+    task_id = start["header"]["task_id"]
+    await ws.send(p.encode(p.build_event("SpeechTranscriber", "TranscriptionStarted", task_id)))
+    text = f"Meta:ACCESS_DENIED:The token '{SECRET}' has expired!"
+    await ws.send(p.encode(p.build_task_failed(task_id, 40000001, text)))
+    await ws.wait_closed()
+
+
+async def test_a_task_failed_quoting_the_token_is_redacted_everywhere(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    reported: list[str] = []
+    async with serve(_task_failed_quoting_the_token, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        t = Transcriber(
+            "app",
+            SECRET,
+            url=f"ws://127.0.0.1:{port}/",
+            proxy=None,
+            on_error=lambda e: reported.append(str(e)),
+        )
+        seen = []
+        events = t.events()  # from the start: the TaskFailed follows Started at once
+        with pytest.raises(AuthenticationError) as info:
+            async with t:
+                pass
+        with pytest.raises(AuthenticationError):
+            async for event in events:
+                seen.append(event)
+    failed = [e for e in seen if isinstance(e, p.TaskFailed)]
+    assert len(failed) == 1
+    assert "The token '***' has expired!" in failed[0].status_text  # the rest is intact
+    assert SECRET not in failed[0].raw_text and SECRET not in json.dumps(failed[0].raw)
+    chain = "".join(traceback.format_exception(info.value))
+    assert SECRET not in chain and SECRET not in "".join(reported)
+    assert leaked(caplog, ignore="websockets.server") == []  # the hostile server logs it
+
+
+async def test_a_refused_handshake_keeps_no_context_quoting_the_token() -> None:
+    def refuse(connection: ServerConnection, request: Request) -> Response:
+        return connection.respond(403, f"Meta:ACCESS_DENIED:The token '{SECRET}' is invalid!")
+
+    async with serve(lambda ws: ws.wait_closed(), "127.0.0.1", 0, process_request=refuse) as s:
+        port = next(iter(s.sockets)).getsockname()[1]
+        with pytest.raises(AuthenticationError) as info:
+            async with Transcriber("app", SECRET, url=f"ws://127.0.0.1:{port}/", proxy=None):
+                pass
+    error = info.value
+    assert error.__context__ is None and error.__cause__ is None
+    assert "'***'" in error.status_text
+    assert SECRET not in "".join(traceback.format_exception(error))
