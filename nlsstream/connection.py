@@ -160,6 +160,10 @@ class Connection(asyncio.Protocol):
         self._ping_handle: asyncio.TimerHandle | None = None
         self._pong_deadline: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
+        self._stall_handle: asyncio.TimerHandle | None = None
+        #: How long the gateway may take no byte while writes are paused (the keepalive
+        #: bound, ``ping_timeout``, or 20 s without one).
+        self.stall_timeout = ping_timeout if ping_timeout is not None else 20.0
         #: Why the connection failed on our side (keepalive timeout, invalid data from
         #: the gateway), if it did; ``None`` for a connection the peer closed or lost.
         self.failure: GatewayConnectionError | ProtocolError | None = None
@@ -293,7 +297,8 @@ class Connection(asyncio.Protocol):
         self._ws.receive_eof()  # idempotent: the state is CLOSED from now on
         self._transport = None
         self.write_frames = _not_connected
-        for handle in (self._ping_handle, self._pong_deadline, self._close_handle):
+        handles = (self._ping_handle, self._pong_deadline, self._close_handle, self._stall_handle)
+        for handle in handles:
             if handle is not None:
                 handle.cancel()
         self._lost.set_result(None)
@@ -311,11 +316,34 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._paused = True
         self._sync_gate()
+        self._watch_stall(None)
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._stall_handle is not None:
+            self._stall_handle.cancel()
+            self._stall_handle = None
         self._wake_drain(None)
         self._sync_gate()
+
+    def _watch_stall(self, buffered: int | None) -> None:
+        """While writing is paused: fail the connection once the gateway has taken no
+        byte for ``stall_timeout`` seconds (a slow reader that makes progress is fine).
+        This bounds every wait on a peer that stopped reading, keepalive or not."""
+        transport = self._transport
+        if transport is None or not self._paused:
+            return
+        now = transport.get_write_buffer_size()
+        if buffered is not None and now >= buffered:
+            self._fail(
+                GatewayConnectionError(
+                    f"the gateway accepted no data for {self.stall_timeout:g} s "
+                    f"({now} bytes waiting to be sent)"
+                ),
+                1011,
+            )
+            return
+        self._stall_handle = self._loop.call_later(self.stall_timeout, self._watch_stall, now)
 
     # ---------------------------------------------------------------- sending
 
