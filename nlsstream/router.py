@@ -61,7 +61,8 @@ class EventRouter:
     ``callbacks`` maps event classes to user callbacks; ``on_error`` receives every
     :class:`~nlsstream.errors.NlsError` (the task's failure, and a
     :class:`~nlsstream.errors.CallbackError` for each callback that raised);
-    ``on_end(error)`` is called once, synchronously, when the task ends.
+    ``on_end(error)`` is called once, synchronously, when the task ends;
+    ``keep_sentences`` bounds how many final sentences are kept for the result.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class EventRouter:
         on_error: Callable[[NlsError], object] | None,
         on_end: Callable[[NlsError | None], None],
         hub: EventHub | None = None,
+        keep_sentences: int | None = None,
     ) -> None:
         self.proto = proto
         self.metrics = metrics
@@ -80,8 +82,9 @@ class EventRouter:
         self.callbacks = callbacks
         self._on_error = on_error
         self._on_end = on_end
-        #: Every final sentence, in order; the Completed event once it came.
-        self.sentences: list[SentenceEnd] = []
+        #: The final sentences, in order (the last ``keep_sentences`` of them, if given:
+        #: a stream of many hours would otherwise keep every one); Completed once it came.
+        self.sentences: deque[SentenceEnd] = deque(maxlen=keep_sentences)
         self.completed: Completed | None = None
         #: Set once the task ended: why (``None`` after Completed).
         self.error: NlsError | None = None

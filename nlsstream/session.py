@@ -135,6 +135,8 @@ class Session(abc.ABC):
     """
 
     namespace: ClassVar[Namespace]
+    #: How many final sentences the result keeps (``None``: all).
+    _keep_sentences: int | None = None
 
     def __init__(
         self,
@@ -308,6 +310,7 @@ class Session(abc.ABC):
             on_error=self._on_error,
             on_end=self._on_task_end,
             hub=self._hub,
+            keep_sentences=self._keep_sentences,
         )
         try:
             conn = await self._connect()
@@ -623,6 +626,12 @@ class Transcriber(Session):
     :meth:`ctrl`. ``stop()`` returns a :class:`Result` whose ``sentences`` are every
     final sentence, ``text`` their texts joined by spaces, and ``duration`` the ms of
     audio sent. See :class:`Session` for the other arguments.
+
+    ``keep_sentences``: the session keeps every final sentence for the result (``True``,
+    the default; about 1 KB each), only the last *N* (a count), or none (``False``). For
+    streams of hours, bound it and take sentences as they come from
+    :meth:`sentences` or ``on_sentence_end``; the result's ``text`` and ``sentences``
+    then cover only the kept ones.
     """
 
     namespace = TRANSCRIBER
@@ -634,9 +643,21 @@ class Transcriber(Session):
         *,
         on_sentence_begin: Handler[SentenceBegin] | None = None,
         on_sentence_end: Handler[SentenceEnd] | None = None,
+        keep_sentences: int | bool = True,
         **kwargs: Any,
     ) -> None:
+        if keep_sentences is True:
+            limit: int | None = None
+        elif keep_sentences is False:
+            limit = 0
+        elif isinstance(keep_sentences, int) and keep_sentences >= 0:
+            limit = keep_sentences
+        else:
+            raise ValueError(
+                f"keep_sentences must be True, False or a count >= 0, got {keep_sentences!r}"
+            )
         super().__init__(appkey, token, **kwargs)
+        self._keep_sentences = limit
         self._callbacks[SentenceBegin] = on_sentence_begin
         self._callbacks[SentenceEnd] = on_sentence_end
 

@@ -573,3 +573,31 @@ async def test_iterator_sees_events_in_gateway_order_while_a_coroutine_callback_
     assert seen_by_iterator == seen_by_callbacks
     assert [name for name, _ in seen_by_iterator] == sent
     assert [i for name, i in seen_by_iterator if name == "SentenceEnd"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("keep", "expected"), [(True, list(range(1, 51))), (10, list(range(41, 51))), (False, [])]
+)
+async def test_keep_sentences_bounds_what_the_result_keeps(
+    keep: int | bool, expected: list[int]
+) -> None:
+    """50 sentences (one per 100 ms of audio): the result keeps all, the last 10, or none;
+    the iterator still sees every one."""
+    pytest.importorskip("picows")  # the light gateway numbers one sentence per 100 ms
+    from nlsstream.gateway.light import LightGateway
+
+    async with LightGateway(sentence_ms=100) as gw:
+        t = Transcriber("app", "tok", url=gw.url, proxy=None, keep_sentences=keep)
+        seen = t.sentences()
+        async with t:
+            await t.stream(b"\x00\x00" * 16000 * 5, pace=None)
+            result = await t.stop()
+        assert [s.index async for s in seen] == list(range(1, 51))
+    assert [s.index for s in result.sentences] == expected
+    assert result.text == " ".join(f"sentence {i}" for i in expected)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "all"])
+def test_keep_sentences_rejects_nonsense(bad: object) -> None:
+    with pytest.raises(ValueError, match="keep_sentences"):
+        Transcriber("app", "tok", keep_sentences=bad)  # type: ignore[arg-type]
