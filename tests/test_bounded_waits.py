@@ -4,14 +4,22 @@ session with GatewayConnectionError in bounded time, whichever call the user is 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import numpy as np
 import pytest
+from helpers import TOKEN, client_frame, start, upgrade_request
 from websockets.asyncio.server import ServerConnection, serve
 
 from nlsstream import GatewayConnectionError, Transcriber
 from nlsstream import protocol as p
+from nlsstream.gateway import Gateway, Transcript
+from nlsstream.gateway.light import LightGateway
 
 TEN_MINUTES = b"\x00\x01" * 16000 * 600  # far more than loopback's socket buffers hold
 
@@ -62,3 +70,68 @@ async def test_a_gateway_that_stops_reading_fails_stream_and_stop(
         with pytest.raises(GatewayConnectionError, match=why):
             await asyncio.wait_for(t.stop(), 60)
         release.set()
+
+
+class _BigHypotheses:
+    """A speech engine whose every hypothesis is 64 KB: partial results then make far
+    more bytes than a client that reads nothing can buffer."""
+
+    name = "big"
+
+    def open(self, sample_rate: int, offset_ms: int) -> Any:
+        return self
+
+    def feed(self, pcm: bytes) -> str:
+        return "x" * 65536
+
+    def finish(self) -> Transcript:
+        return Transcript("x" * 65536)
+
+    def close(self) -> None:
+        pass
+
+
+async def _flood_without_reading(url: str, start_text: str, gone: Callable[[], bool]) -> None:
+    """Upgrade on a raw socket with a tiny receive buffer, start a task, then send loud
+    audio without ever reading, until the gateway has dropped the connection."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(upgrade_request(key, f"X-NLS-Token: {TOKEN}\r\n").encode())
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(client_frame(0x1, start_text.encode()))
+    loud = np.random.default_rng(1).integers(-20000, 20000, 320, dtype=np.int16).tobytes()
+    frame = client_frame(0x2, loud)
+    try:
+        while not gone():
+            writer.write(frame * 50)  # one second of audio
+            await writer.drain()
+    except ConnectionError:
+        pass  # the gateway dropped us
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("kind", ["full", "light"])
+async def test_a_client_that_never_reads_is_dropped(kind: str) -> None:
+    task_id = p.new_id()
+    if kind == "full":
+        gw: Any = Gateway(tokens=[TOKEN], recognizer=_BigHypotheses(), send_timeout=0.5)
+        text = start(task_id, enable_intermediate_result=True)
+    else:
+        gw = LightGateway(token=TOKEN, sentence_ms=20, send_timeout=0.5)
+        text = start(task_id)
+    async with gw:
+        opened = False
+
+        def gone() -> bool:
+            nonlocal opened
+            opened = opened or bool(gw._connections)
+            return opened and not gw._connections
+
+        await asyncio.wait_for(_flood_without_reading(gw.url, text, gone), 60)
+        assert opened and gone()

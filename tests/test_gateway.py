@@ -461,3 +461,18 @@ def test_run_in_thread_from_sync_code() -> None:
 
         assert asyncio.run(one()) == "TranscriptionStarted"
     assert not gateway.running
+
+
+async def test_session_records_are_bounded_and_refused_starts_keep_no_payload() -> None:
+    """A long-running gateway keeps the newest ``max_records`` records; a Start refused
+    for a wrong appkey keeps nothing of its (here 900 KB) payload."""
+    big = "x" * 900_000
+    gw = Gateway(appkeys=["right"], recognizer="span", max_records=5, max_size=2 << 20)
+    async with gw:
+        for _ in range(12):
+            async with open_ws(gw, token=gw.token) as ws:
+                task = RawTask(ws, appkey="wrong")
+                event = await task.start(vocabulary=big)
+                assert event["header"]["status"] == 40020105
+        assert len(gw.sessions) == 5
+        assert all(r.status == 40020105 and not r.params for r in gw.sessions)

@@ -209,8 +209,24 @@ class _Connection(WSListener):
         self.text_parts: list[bytes] = []
         self.closing = False
         self.last_activity = _clock()
+        self.stuck: asyncio.TimerHandle | None = None  # armed while the client reads nothing
 
     # ------------------------------------------------------------------ picows callbacks
+
+    def pause_writing(self) -> None:
+        # The client has stopped reading what we send: give it send_timeout to resume.
+        self.stuck = asyncio.get_running_loop().call_later(self.gw.send_timeout, self._stuck)
+
+    def resume_writing(self) -> None:
+        if self.stuck is not None:
+            self.stuck.cancel()
+            self.stuck = None
+
+    def _stuck(self) -> None:
+        self.stuck = None
+        logger.info("disconnecting a client that read nothing for %g s", self.gw.send_timeout)
+        if self.transport is not None:
+            self.transport.disconnect(graceful=False)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -219,6 +235,7 @@ class _Connection(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.gw._connections.discard(self)
+        self.resume_writing()
         handshake = transport.close_handshake
         sent = handshake.sent if handshake is not None else None
         if sent is not None and sent.code in _ERROR_CODES:
@@ -441,7 +458,9 @@ class LightGateway:
     port). ``sentence_ms`` sets how much audio makes one SentenceEnd; ``token`` (one
     token or several), when given, is required as ``X-NLS-Token`` (or ``?token=``), else
     any token is accepted; ``appkeys``, when given, are the accepted appkeys (else any);
-    connections silent for ``idle_timeout`` seconds get TaskFailed 40000004. Messages
+    connections silent for ``idle_timeout`` seconds get TaskFailed 40000004; a client
+    that reads nothing for ``send_timeout`` seconds while events wait for it is
+    disconnected (its events would otherwise pile up here without bound). Messages
     over ``max_message`` bytes fail the connection (close 1009). ``control=True`` serves
     ``GET /stats`` and ``GET /reset`` to requests carrying a valid ``X-NLS-Token``; it
     requires a token.
@@ -457,6 +476,7 @@ class LightGateway:
         appkeys: Collection[str] | None = None,
         idle_timeout: float = 10.0,
         close_timeout: float = 3.0,
+        send_timeout: float = 10.0,
         max_message: int = 1 << 20,
         lag_interval: float = 0.01,
         reuse_port: bool = False,
@@ -475,6 +495,7 @@ class LightGateway:
         self.appkeys = None if appkeys is None else frozenset(appkeys)
         self.idle_timeout = idle_timeout
         self.close_timeout = close_timeout
+        self.send_timeout = send_timeout
         self.max_message = max_message
         self.lag_interval = lag_interval
         self.reuse_port = reuse_port

@@ -107,9 +107,13 @@ class Gateway:
             callable ``fn(pcm, sample_rate) -> str``.
         faults: :class:`Faults` for every connection (see also :meth:`queue_faults`).
         idle_timeout: seconds without any message before TaskFailed 40000004.
+        send_timeout: seconds a send may wait for a client that reads nothing; then the
+            connection is dropped (its events would otherwise pile up without bound).
         max_size: largest accepted WebSocket message in bytes.
         ping_interval: seconds between server pings (``None``: no pings).
         max_workers: threads for recognition (CPU work, off the event loop).
+        max_records: how many :class:`SessionRecord` s :attr:`sessions` keeps (the
+            newest); a gateway that runs for days must not keep every connection.
 
     Use ``async with Gateway() as gw`` (or :meth:`start` / :meth:`close`), or
     :meth:`run_in_thread` from synchronous code.
@@ -125,9 +129,11 @@ class Gateway:
         recognizer: RecognizerSpec = "auto",
         faults: Faults | None = None,
         idle_timeout: float = 10.0,
+        send_timeout: float = 10.0,
         max_size: int = 1 << 20,
         ping_interval: float | None = 20.0,
         max_workers: int = 2,
+        max_records: int = 1000,
     ) -> None:
         self.host = host
         self.port = port
@@ -138,9 +144,15 @@ class Gateway:
         self.recognizer = resolve_recognizer(recognizer)
         self.faults = faults or Faults()
         self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
         self.max_size = max_size
         self.ping_interval = ping_interval
         self.max_workers = max_workers
+        if max_records < 1:
+            raise ValueError(f"max_records must be at least 1, got {max_records}")
+        self.max_records = max_records
+        #: What the gateway saw of its most recent connections, oldest first (at most
+        #: ``max_records``).
         self.sessions: list[SessionRecord] = []
         self._queued: collections.deque[Faults] = collections.deque()
         self._runner: web.AppRunner | None = None
@@ -295,6 +307,8 @@ class Gateway:
     def _record(self, faults: Faults | None) -> SessionRecord:
         record = SessionRecord(faults=faults)
         self.sessions.append(record)
+        if len(self.sessions) > self.max_records:
+            del self.sessions[: len(self.sessions) - self.max_records]
         return record
 
     def _run(self, fn: Any, /, *args: Any) -> asyncio.Future[Any]:
@@ -445,7 +459,23 @@ class _Connection:
             self.malformed = "sent"
             text, name = MALFORMED_TEXT, "<malformed>"
         self.record.events.append(name)
-        await self.ws.send_str(text)
+        await self._write(text)
+
+    async def _write(self, text: str) -> None:
+        """Send ``text``, waiting at most ``send_timeout`` for a client that reads
+        nothing; then drop the connection."""
+        try:
+            await asyncio.wait_for(self.ws.send_str(text), self.gw.send_timeout)
+        except asyncio.TimeoutError:
+            log.info(
+                "task %s: the client read nothing for %g s; dropping it",
+                self.task.task_id or "-",
+                self.gw.send_timeout,
+            )
+            self.closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            raise _Abort from None
 
     async def _emit(self, name: str, payload: dict[str, Any] | None) -> None:
         """What the engine calls to send one of its events."""
@@ -470,7 +500,7 @@ class _Connection:
         r.events.append("TaskFailed")
         level = logging.INFO if exc.status < 50000000 else logging.WARNING
         log.log(level, "task %s failed: %s %s", task_id or "-", exc.status, exc.status_text)
-        await self.ws.send_str(text)
+        await self._write(text)
 
     async def _fault(self, point: FaultPoint, *, malformed: bool = True) -> None:
         """Apply the faults due at ``point``: raises :class:`_Abort` (drop),
