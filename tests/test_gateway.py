@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers import (
     APPKEY,
@@ -476,3 +477,50 @@ async def test_session_records_are_bounded_and_refused_starts_keep_no_payload() 
                 assert event["header"]["status"] == 40020105
         assert len(gw.sessions) == 5
         assert all(r.status == 40020105 and not r.params for r in gw.sessions)
+
+
+class _CountingEngine:
+    """A speech engine that counts the decoders it opened and holds none of its own."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def open(self, sample_rate: int, offset_ms: int) -> Any:
+        self.opened += 1
+        return self
+
+    def feed(self, pcm: bytes) -> str:
+        return "hi"
+
+    def finish(self) -> Transcript:
+        return Transcript("hi")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_the_decoder_pool_is_bounded_and_others_keep_being_served() -> None:
+    """With one decoder slot, a second recognizer task that needs one waits
+    ``decoder_wait`` and fails with the retryable 52010001; the first completes."""
+    engine = _CountingEngine()
+    loud = np.random.default_rng(2).integers(-20000, 20000, 16000, dtype=np.int16).tobytes()
+    gw = Gateway(recognizer=engine, max_decoders=1, decoder_wait=0.3)
+    async with gw, open_ws(gw) as ws_a, open_ws(gw) as ws_b:
+        a = RawTask(ws_a, "SpeechRecognizer")
+        b = RawTask(ws_b, "SpeechRecognizer")
+        assert (await a.start(enable_intermediate_result=True))["header"]["status"] == 20000000
+        await a.audio(loud)  # speech: A's sentence holds the only decoder
+        await a.recv()  # a RecognitionResultChanged: A is decoding
+        assert (await b.start())["header"]["status"] == 20000000
+        await b.audio(loud)
+        failed = await b.until_end()
+        assert failed[-1]["header"]["name"] == "TaskFailed"
+        assert failed[-1]["header"]["status"] == 52010001
+        assert "at most 1 sentences" in failed[-1]["header"]["status_text"]
+        await a.stop()
+        done = await a.until_end()
+        assert done[-1]["header"]["name"] == "RecognitionCompleted"
+        assert done[-1]["payload"]["result"] == "hi"
+    assert engine.opened == 1

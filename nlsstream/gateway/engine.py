@@ -19,6 +19,7 @@ user function ``fn(pcm, sample_rate) -> str | Transcript``).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ from .vad import FRAME_MS, EnergyVad
 
 __all__ = [
     "CallableRecognizer",
+    "DecoderSlots",
     "Emit",
     "RecognizerSpec",
     "RecognizerTask",
@@ -349,14 +351,55 @@ class Runner(Protocol):
 Emit = Callable[[str, "dict[str, Any] | None"], Awaitable[None]]
 
 
+class DecoderSlots:
+    """At most ``size`` open segments (decoders) at once across a gateway's tasks: a
+    PocketSphinx decoder holds ~45 MB. A segment that finds no free slot within ``wait``
+    seconds fails its task with 52010001 INSTANCE_POOL_EXHAUSTED (retryable), and the
+    others go on. A task whose client is gone stops waiting (it is cancelled) and never
+    creates its decoder."""
+
+    def __init__(self, size: int, wait: float) -> None:
+        if size < 1:
+            raise ValueError(f"max_decoders must be at least 1, got {size}")
+        self.size = size
+        self.wait = wait
+        self._free = asyncio.Semaphore(size)
+        #: Slots taken now.
+        self.in_use = 0
+
+    async def acquire(self) -> None:
+        try:
+            await asyncio.wait_for(self._free.acquire(), self.wait)
+            self.in_use += 1
+        except asyncio.TimeoutError:
+            raise DirectiveError(
+                52010001,
+                status_text(
+                    52010001,
+                    f"No recogniser free within {self.wait:g} s: this gateway decodes at "
+                    f"most {self.size} sentences at once!",
+                ),
+            ) from None
+
+    def release(self) -> None:
+        self.in_use -= 1
+        self._free.release()
+
+
 class _Base:
     def __init__(
-        self, params: StartParams, recognizer: SpeechEngine, run: Runner, emit: Emit
+        self,
+        params: StartParams,
+        recognizer: SpeechEngine,
+        run: Runner,
+        emit: Emit,
+        slots: DecoderSlots | None = None,
     ) -> None:
         self.params = params
         self.recognizer = recognizer
         self.run = run
         self.emit = emit
+        self.slots = slots or DecoderSlots(1 << 20, 0.0)
         self.rate = params.sample_rate
         self.vad = EnergyVad(params.sample_rate)
         self.frame_no = 0  # 20 ms frames classified so far: the task's audio clock
@@ -378,12 +421,33 @@ class _Base:
         data, self.pending = bytes(self.pending), bytearray()
         return await self.run(self.decoder.feed, data)
 
+    async def _open(self, offset_ms: int) -> None:
+        """Start a segment: a decoder slot (waiting for one, bounded), then a decoder."""
+        await self.slots.acquire()
+        try:
+            self.decoder = await self.run(self.recognizer.open, self.rate, offset_ms)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    async def _finish(self) -> Transcript:
+        """End the segment: its final transcript; the slot is free again."""
+        decoder, self.decoder = self.decoder, None
+        assert decoder is not None
+        try:
+            return await self.run(decoder.finish)
+        finally:
+            self.slots.release()
+
     async def close(self) -> None:
         """Release the decoder without a result (connection gone, task failed)."""
         decoder, self.decoder = self.decoder, None
         self.pending = bytearray()
         if decoder is not None:
-            await self.run(decoder.close)
+            try:
+                await self.run(decoder.close)
+            finally:
+                self.slots.release()
 
 
 class TranscriberTask(_Base):
@@ -392,9 +456,14 @@ class TranscriberTask(_Base):
     Completed and TaskFailed."""
 
     def __init__(
-        self, params: StartParams, recognizer: SpeechEngine, run: Runner, emit: Emit
+        self,
+        params: StartParams,
+        recognizer: SpeechEngine,
+        run: Runner,
+        emit: Emit,
+        slots: DecoderSlots | None = None,
     ) -> None:
-        super().__init__(params, recognizer, run, emit)
+        super().__init__(params, recognizer, run, emit, slots)
         self.max_silence = params.max_sentence_silence
         self.index = 0
         self.preroll: collections.deque[bytes] = collections.deque(maxlen=PREROLL_FRAMES)
@@ -464,15 +533,14 @@ class TranscriberTask(_Base):
         self.pending = bytearray(b"".join(self.preroll))
         self.preroll.clear()
         await self.emit("SentenceBegin", {"index": self.index, "time": self.begin_time})
-        self.decoder = await self.run(self.recognizer.open, self.rate, offset)
+        await self._open(offset)
         self.offset = offset
 
     async def _end(self) -> None:
         assert self.decoder is not None
         if self.pending:
             await self._feed_pending()
-        decoder, self.decoder = self.decoder, None
-        result = await self.run(decoder.finish)
+        result = await self._finish()
         words = (
             [
                 {
@@ -512,9 +580,14 @@ class RecognizerTask(_Base):
     Raises :class:`DirectiveError` for too long (41010104) or silent (41010105) speech."""
 
     def __init__(
-        self, params: StartParams, recognizer: SpeechEngine, run: Runner, emit: Emit
+        self,
+        params: StartParams,
+        recognizer: SpeechEngine,
+        run: Runner,
+        emit: Emit,
+        slots: DecoderSlots | None = None,
     ) -> None:
-        super().__init__(params, recognizer, run, emit)
+        super().__init__(params, recognizer, run, emit, slots)
         self.speech = False
         self.run_len = 0
         self.silence = 0
@@ -538,7 +611,7 @@ class RecognizerTask(_Base):
             )
         self.audio_bytes += len(pcm)
         if self.decoder is None:
-            self.decoder = await self.run(self.recognizer.open, self.rate, 0)
+            await self._open(0)
         self.pending += pcm
         _, flags = self.vad.process(pcm)
         end_now = False
@@ -578,7 +651,6 @@ class RecognizerTask(_Base):
         if self.decoder is not None:
             if self.pending:
                 await self._feed_pending()
-            decoder, self.decoder = self.decoder, None
-            text = (await self.run(decoder.finish)).text
+            text = (await self._finish()).text
         self.sentences.append(text)
         return {"result": text, "duration": self.duration_ms}

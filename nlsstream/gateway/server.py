@@ -43,6 +43,7 @@ from ..protocol import (
     ServerTask,
 )
 from .engine import (
+    DecoderSlots,
     RecognizerSpec,
     RecognizerTask,
     SphinxRecognizer,
@@ -112,6 +113,10 @@ class Gateway:
         max_size: largest accepted WebSocket message in bytes.
         ping_interval: seconds between server pings (``None``: no pings).
         max_workers: threads for recognition (CPU work, off the event loop).
+        max_decoders, decoder_wait: at most ``max_decoders`` sentences are decoded at
+            once (a PocketSphinx decoder holds ~45 MB); a sentence that finds none free
+            within ``decoder_wait`` seconds fails its task with 52010001
+            INSTANCE_POOL_EXHAUSTED (retryable), and the other tasks go on.
         max_records: how many :class:`SessionRecord` s :attr:`sessions` keeps (the
             newest); a gateway that runs for days must not keep every connection.
 
@@ -133,6 +138,8 @@ class Gateway:
         max_size: int = 1 << 20,
         ping_interval: float | None = 20.0,
         max_workers: int = 2,
+        max_decoders: int = 8,
+        decoder_wait: float = 5.0,
         max_records: int = 1000,
     ) -> None:
         self.host = host
@@ -151,6 +158,9 @@ class Gateway:
         if max_records < 1:
             raise ValueError(f"max_records must be at least 1, got {max_records}")
         self.max_records = max_records
+        self.max_decoders = max_decoders
+        self.decoder_wait = decoder_wait
+        self._slots: DecoderSlots | None = None  # made on the serving loop, in start()
         #: What the gateway saw of its most recent connections, oldest first (at most
         #: ``max_records``).
         self.sessions: list[SessionRecord] = []
@@ -192,6 +202,7 @@ class Gateway:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.max_workers, thread_name_prefix="nls-recognize"
         )
+        self._slots = DecoderSlots(self.max_decoders, self.decoder_wait)
         app = web.Application()
         app.add_routes(self._routes())
         app.on_shutdown.append(self._going_away)
@@ -548,7 +559,7 @@ class _Connection:
         r = self.record
         r.task_id, r.namespace, r.params = d.task_id, d.namespace, dict(d.payload)
         engine = TranscriberTask if d.namespace == TRANSCRIBER.name else RecognizerTask
-        self.engine = engine(params, self.gw.recognizer, self.gw._run, self._emit)
+        self.engine = engine(params, self.gw.recognizer, self.gw._run, self._emit, self.gw._slots)
         r.sentences = self.engine.sentences
         self.wav = WavStripper(params.sample_rate) if params.format == "wav" else None
         await self._fault("start")
