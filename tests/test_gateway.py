@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -524,3 +524,30 @@ async def test_the_decoder_pool_is_bounded_and_others_keep_being_served() -> Non
         assert done[-1]["header"]["name"] == "RecognitionCompleted"
         assert done[-1]["payload"]["result"] == "hi"
     assert engine.opened == 1
+
+
+async def test_a_client_gone_while_waiting_for_a_decoder_gets_none() -> None:
+    """A task whose client leaves while it waits for a decoder slot never creates one."""
+    engine = _CountingEngine()
+    loud = np.random.default_rng(3).integers(-20000, 20000, 16000, dtype=np.int16).tobytes()
+    gw = Gateway(recognizer=engine, max_decoders=1, decoder_wait=30)
+    async with gw, open_ws(gw) as ws_a:
+        a = RawTask(ws_a, "SpeechRecognizer")
+        await a.start(enable_intermediate_result=True)
+        await a.audio(loud)
+        await a.recv()  # A holds the only decoder
+        async with open_ws(gw) as ws_c:
+            c = RawTask(ws_c, "SpeechRecognizer")
+            await c.start()
+            await c.audio(loud)  # C's segment now waits for the slot ...
+            ws_c.transport.abort()  # ... and C goes
+        await a.stop()
+        assert (await a.until_end())[-1]["header"]["name"] == "RecognitionCompleted"
+        await asyncio.wait_for(_until(lambda: len(gw._connections) == 1), 30)
+    assert engine.opened == 1
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    # The gateway signals no event when a connection ends: poll (bounded by the caller).
+    while not condition():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)

@@ -394,12 +394,15 @@ class _Base:
         run: Runner,
         emit: Emit,
         slots: DecoderSlots | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         self.params = params
         self.recognizer = recognizer
         self.run = run
         self.emit = emit
         self.slots = slots or DecoderSlots(1 << 20, 0.0)
+        #: Whether the task's client is still there (checked before making a decoder).
+        self.alive = alive or (lambda: True)
         self.rate = params.sample_rate
         self.vad = EnergyVad(params.sample_rate)
         self.frame_no = 0  # 20 ms frames classified so far: the task's audio clock
@@ -425,6 +428,9 @@ class _Base:
         """Start a segment: a decoder slot (waiting for one, bounded), then a decoder."""
         await self.slots.acquire()
         try:
+            if not self.alive():
+                # The client left while this segment waited for a slot: no decoder.
+                raise ConnectionAbortedError("the client is gone")
             self.decoder = await self.run(self.recognizer.open, self.rate, offset_ms)
         except BaseException:
             self.slots.release()
@@ -462,8 +468,9 @@ class TranscriberTask(_Base):
         run: Runner,
         emit: Emit,
         slots: DecoderSlots | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
-        super().__init__(params, recognizer, run, emit, slots)
+        super().__init__(params, recognizer, run, emit, slots, alive)
         self.max_silence = params.max_sentence_silence
         self.index = 0
         self.preroll: collections.deque[bytes] = collections.deque(maxlen=PREROLL_FRAMES)
@@ -586,8 +593,9 @@ class RecognizerTask(_Base):
         run: Runner,
         emit: Emit,
         slots: DecoderSlots | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> None:
-        super().__init__(params, recognizer, run, emit, slots)
+        super().__init__(params, recognizer, run, emit, slots, alive)
         self.speech = False
         self.run_len = 0
         self.silence = 0

@@ -472,6 +472,11 @@ class _Connection:
         self.record.events.append(name)
         await self._write(text)
 
+    def _alive(self) -> bool:
+        """Whether the client is still connected (and this connection still serving)."""
+        transport = self.transport
+        return not self.closing and transport is not None and not transport.is_closing()
+
     async def _write(self, text: str) -> None:
         """Send ``text``, waiting at most ``send_timeout`` for a client that reads
         nothing; then drop the connection."""
@@ -559,7 +564,9 @@ class _Connection:
         r = self.record
         r.task_id, r.namespace, r.params = d.task_id, d.namespace, dict(d.payload)
         engine = TranscriberTask if d.namespace == TRANSCRIBER.name else RecognizerTask
-        self.engine = engine(params, self.gw.recognizer, self.gw._run, self._emit, self.gw._slots)
+        self.engine = engine(
+            params, self.gw.recognizer, self.gw._run, self._emit, self.gw._slots, self._alive
+        )
         r.sentences = self.engine.sentences
         self.wav = WavStripper(params.sample_rate) if params.format == "wav" else None
         await self._fault("start")
