@@ -541,6 +541,24 @@ async def _fetch_token(provider: AccessKeyTokenProvider) -> int:
 # (the gateway engineer's code follows unchanged)
 
 
+#: What the gateways enforce and what a client sees then (``serve --help``, README).
+GATEWAY_LIMITS = """\
+limits (what a client sees when it hits one):
+  message size        1 MiB per WebSocket message: close 1009
+  idle connection     --idle-timeout s (10) without a message: TaskFailed 40000004
+  sentence length     recognizer: 60 s of audio, TaskFailed 41010104;
+                      transcriber: a sentence is cut at 60 s and the next one begins
+  decoders            8 sentences decoded at once (full gateway); a sentence that finds
+                      none free within 5 s: TaskFailed 52010001 (retryable)
+  a client that reads nothing for 10 s while events wait for it: dropped (no close)
+  handshake           request line and each header at most 8190 bytes: HTTP 400
+                      (--light: the whole request about 64 KiB, else a reset);
+                      wrong path: 404; missing or wrong token: 403
+  connections         no limit of its own: the process's open-file limit
+  session records     the newest 1000 (Gateway.sessions)
+"""
+
+
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
@@ -550,6 +568,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "or the official SDKs) can use. Prints the URL once listening; stops cleanly "
             "on Ctrl-C or SIGTERM."
         ),
+        epilog=GATEWAY_LIMITS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument(
@@ -559,7 +579,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--token",
         action="append",
         metavar="TOKEN",
-        help="accepted token (repeatable); without it any token is accepted",
+        help="accepted token (repeatable; or NLS_GATEWAY_TOKEN, comma-separated, which "
+        "keeps it out of `ps`); without either any token is accepted",
     )
     p.add_argument(
         "--appkey",
@@ -604,6 +625,8 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     from .gateway import Gateway
 
+    if not args.token and os.environ.get("NLS_GATEWAY_TOKEN"):
+        args.token = [t for t in os.environ["NLS_GATEWAY_TOKEN"].split(",") if t.strip()]
     try:
         if args.light:
             if args.recognizer is not None:

@@ -31,13 +31,16 @@ from nlsstream.protocol import TRANSCRIBER, new_id
 SECRET = "cli-secret-token-42"
 
 
-def start_server(*extra: str) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    *extra: str, token_arg: bool = True, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    token = ["--token", SECRET] if token_arg else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nlsstream", "serve", "--port", "0", "--token", SECRET, *extra],
+        [sys.executable, "-m", "nlsstream", "serve", "--port", "0", *token, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     assert proc.stdout is not None
     line = readline_within(proc.stdout, 30)  # once listening (or the process died)
@@ -110,7 +113,30 @@ def test_serve_help(capsys: Any) -> None:
     with pytest.raises(SystemExit) as info:
         main(["serve", "--help"])
     assert info.value.code == 0
-    assert "--idle-timeout" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--idle-timeout" in out
+    # Every limit the gateway enforces, with what a client then sees.
+    for limit in ("1009", "40000004", "41010104", "52010001", "8190", "404", "403"):
+        assert limit in out, limit
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["full", "light"])
+async def test_serve_takes_its_tokens_from_the_environment(light: bool) -> None:
+    """NLS_GATEWAY_TOKEN keeps the token off the command line (and out of ``ps``)."""
+    extra = ("--light",) if light else ()
+    env = {"NLS_GATEWAY_TOKEN": f"other,{SECRET}"}
+    proc, url = start_server(*extra, token_arg=False, env=env)
+    try:
+        assert SECRET not in " ".join(proc.args)  # type: ignore[arg-type]
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url, additional_headers={"X-NLS-Token": "wrong"}):
+                pass
+        assert info.value.response.status_code == 403
+        async with connect(url, additional_headers={"X-NLS-Token": SECRET}) as ws:
+            task = RawTask(ws)
+            assert (await task.start())["header"]["name"] == "TranscriptionStarted"
+    finally:
+        finish(proc, signal.SIGINT)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
