@@ -403,6 +403,7 @@ class _Base:
         self.slots = slots or DecoderSlots(1 << 20, 0.0)
         #: Whether the task's client is still there (checked before making a decoder).
         self.alive = alive or (lambda: True)
+        self._setup()
         self.rate = params.sample_rate
         self.vad = EnergyVad(params.sample_rate)
         self.frame_no = 0  # 20 ms frames classified so far: the task's audio clock
@@ -410,6 +411,9 @@ class _Base:
         self.decoder: SegmentDecoder | None = None
         self.pending = bytearray()  # audio not yet given to the decoder (< PARTIAL_MS)
         self.partial_bytes = self.rate * 2 * PARTIAL_MS // 1000
+
+    def _setup(self) -> None:
+        """What a kind of task adds to the state above."""
 
     @property
     def now_ms(self) -> int:
@@ -461,16 +465,8 @@ class TranscriberTask(_Base):
     SentenceBegin / TranscriptionResultChanged / SentenceEnd. The caller sends Started,
     Completed and TaskFailed."""
 
-    def __init__(
-        self,
-        params: StartParams,
-        recognizer: SpeechEngine,
-        run: Runner,
-        emit: Emit,
-        slots: DecoderSlots | None = None,
-        alive: Callable[[], bool] | None = None,
-    ) -> None:
-        super().__init__(params, recognizer, run, emit, slots, alive)
+    def _setup(self) -> None:
+        params = self.params
         self.max_silence = params.max_sentence_silence
         self.index = 0
         self.preroll: collections.deque[bytes] = collections.deque(maxlen=PREROLL_FRAMES)
@@ -586,16 +582,8 @@ class RecognizerTask(_Base):
     :meth:`stop`, or from :meth:`audio` when voice detection ended the task early.
     Raises :class:`DirectiveError` for too long (41010104) or silent (41010105) speech."""
 
-    def __init__(
-        self,
-        params: StartParams,
-        recognizer: SpeechEngine,
-        run: Runner,
-        emit: Emit,
-        slots: DecoderSlots | None = None,
-        alive: Callable[[], bool] | None = None,
-    ) -> None:
-        super().__init__(params, recognizer, run, emit, slots, alive)
+    def _setup(self) -> None:
+        params = self.params
         self.speech = False
         self.run_len = 0
         self.silence = 0
