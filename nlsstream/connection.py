@@ -284,14 +284,13 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> None:
         self._ws.receive_eof()
-        self._flush()
+        self._flush()  # syncs the audio gate: the state may have changed
         self._after_receive()
 
     def _after_receive(self) -> None:
         if self._ws.close_expected() and self._close_handle is None:
             # The closing handshake has begun: the gateway closes TCP; bound the wait.
             self._close_handle = self._loop.call_later(self.close_timeout, self.abort)
-        self._sync_gate()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ws.receive_eof()  # idempotent: the state is CLOSED from now on

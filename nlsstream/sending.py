@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from .audio import FRAME_BYTES, Framer
 from .connection import Connection
-from .errors import GatewayConnectionError
+from .errors import GatewayConnectionError, InvalidStateError
 from .pacing import Metrics, PacedStream, Pacer
 from .router import EventRouter
 
@@ -56,11 +56,16 @@ class AudioSender:
         self._paced: PacedStream | None = None
         self.streaming = False
 
-    def interrupt(self, error: BaseException) -> None:
-        """Fail the paced stream running now, if any, with ``error`` (its buffered audio
-        is discarded and counted in the message of ``error``'s caller)."""
-        if self._paced is not None:
-            self._paced.abort(error)
+    def interrupt(self, why: str, error: BaseException | None = None) -> None:
+        """Fail the paced stream running now, if any: with ``error`` (the task's own
+        failure), else with InvalidStateError saying ``why`` and how much buffered audio
+        was not sent. Its buffered audio is discarded."""
+        paced = self._paced
+        if paced is None:
+            return
+        if error is None or isinstance(error, InvalidStateError):
+            error = InvalidStateError(f"{why}: {paced.buffered_bytes} buffered bytes were not sent")
+        paced.abort(error)
 
     @property
     def buffered_bytes(self) -> int:

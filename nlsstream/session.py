@@ -393,14 +393,8 @@ class Session(abc.ABC):
         if router is None:
             raise InvalidStateError("stop() called before the session was started")
         if not router.ended and self.state is State.STARTED:
-            sender = self._audio
-            if sender is not None and sender.streaming:
-                sender.interrupt(
-                    InvalidStateError(
-                        "stop() was called while stream() was still sending: "
-                        f"{sender.buffered_bytes} buffered bytes were not sent"
-                    )
-                )
+            if self._audio is not None:
+                self._audio.interrupt("stop() was called while stream() was still sending")
             text = self._proto.stop()
             router.stop_sent_at = asyncio.get_running_loop().time()
             with contextlib.suppress(GatewayConnectionError):
@@ -491,15 +485,10 @@ class Session(abc.ABC):
         """Called once by the router when the task ends, however it ended."""
         if isinstance(error, AuthenticationError):
             self._invalidate_token()
-        sender = self._audio
-        if sender is not None and sender.streaming:
-            sender.interrupt(
-                error
-                if error is not None and not isinstance(error, InvalidStateError)
-                else InvalidStateError(
-                    f"task {self.task_id} ended ({self.state.value}) before all audio was sent: "
-                    f"{sender.buffered_bytes} buffered bytes were not sent"
-                )
+        if self._audio is not None:
+            self._audio.interrupt(
+                f"task {self.task_id} ended ({self.state.value}) before all audio was sent",
+                error,
             )
         conn = self._conn
         if conn is not None:
