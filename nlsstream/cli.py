@@ -165,7 +165,10 @@ def _session_options() -> argparse.ArgumentParser:
         type=_positive_float,
         default=10.0,
         metavar="SECONDS",
-        help="limit for connecting, starting and stopping, each (default %(default)s)",
+        help=(
+            "limit for connecting and starting, each, and for the gateway's silence after "
+            "Stop (default %(default)s)"
+        ),
     )
     audio = p.add_argument_group("audio")
     audio.add_argument(

@@ -174,8 +174,13 @@ class Connection(asyncio.Protocol):
 
     @property
     def open(self) -> bool:
-        """Whether messages can be sent: the handshake is done and no close has begun."""
-        return self._ws.state is WsState.OPEN and self._transport is not None
+        """Whether messages can be sent: the handshake is done, no close has begun and the
+        transport has not failed (a write that hit a reset socket closes it at once, before
+        ``connection_lost`` runs; writing on would only be discarded)."""
+        transport = self._transport
+        return (
+            self._ws.state is WsState.OPEN and transport is not None and not transport.is_closing()
+        )
 
     @property
     def writable(self) -> bool:

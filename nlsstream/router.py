@@ -94,6 +94,8 @@ class EventRouter:
         #: When the first audio was sent and when Stop was, on the loop's clock.
         self.first_audio_at: float | None = None
         self.stop_sent_at: float | None = None
+        #: When the last message came from the gateway (its progress, for ``stop()``).
+        self.last_message_at: float | None = None
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.started_future: asyncio.Future[None] = loop.create_future()
@@ -107,6 +109,7 @@ class EventRouter:
         """A text message from the gateway (the connection's ``on_message``)."""
         if self.ended:
             return  # the task is over: what still arrives is not read
+        self.last_message_at = self._loop.time()
         try:
             event = self.proto.receive(text)
         except ProtocolError as exc:

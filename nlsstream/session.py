@@ -383,11 +383,17 @@ class Session(abc.ABC):
     async def stop(self, timeout: float | None = None) -> Result:
         """Send Stop (once), wait for Completed and return the :class:`Result`.
 
+        The wait measures progress, not the length of the audio: the gateway may still be
+        working through a backlog (audio sent faster than real time), and as long as
+        events keep coming ``stop()`` keeps waiting. It raises
+        :class:`~nlsstream.errors.StopTimeoutError` when nothing has arrived for
+        ``stop_timeout`` s, or when ``timeout`` (an overall bound for this call, if
+        given) has passed.
+
         If the gateway already ended the task (server VAD), or ``stop()`` ran before,
-        returns the same result. Raises the task's error if it failed,
-        :class:`~nlsstream.errors.StopTimeoutError` if Completed does not arrive within
-        ``timeout`` (default ``stop_timeout``), and InvalidStateError before the session
-        started. A ``stream()`` still running is interrupted with InvalidStateError.
+        returns the same result. Raises the task's error if it failed, and
+        InvalidStateError before the session started. A ``stream()`` still running is
+        interrupted with InvalidStateError.
         """
         router = self._router
         if router is None:
@@ -400,19 +406,30 @@ class Session(abc.ABC):
             with contextlib.suppress(GatewayConnectionError):
                 self._send_text(text)  # on failure the task's error is raised below
         if not router.ended:
-            wait = self.stop_timeout if timeout is None else timeout
-            try:
-                await asyncio.wait_for(asyncio.shield(router.ended_future), wait)
-            except asyncio.TimeoutError:
-                router.fail(
-                    StopTimeoutError(
-                        f"gateway did not complete task {self.task_id} within {wait:g} s after Stop"
-                    )
-                )
+            await self._wait_completed(router, timeout)
         await self._raise_error()
         result = self.result
         assert result is not None
         return result
+
+    async def _wait_completed(self, router: EventRouter, timeout: float | None) -> None:
+        """Wait for the end of the task while the gateway makes progress (see stop())."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        overall = began + timeout if timeout is not None else float("inf")
+        while not router.ended:
+            now = loop.time()
+            heard = max(began, router.stop_sent_at or began, router.last_message_at or began)
+            left = min(heard + self.stop_timeout, overall) - now
+            if left <= 0:
+                if now >= overall:
+                    why = f"within {timeout:g} s (the timeout given to stop())"
+                else:
+                    why = f"after Stop: it sent nothing for {self.stop_timeout:g} s"
+                router.fail(StopTimeoutError(f"gateway did not complete task {self.task_id} {why}"))
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(router.ended_future), left)
 
     async def _raise_error(self) -> None:
         """Raise the task's error, if it failed, once ``on_error`` has heard of it."""

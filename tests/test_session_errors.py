@@ -276,10 +276,33 @@ async def test_stop_timeout(gw: Gateway, fault: Faults) -> None:
     before = asyncio.all_tasks()
     async with Recognizer("app", TOKEN, url=gw.url, stop_timeout=5) as r:
         await r.send_audio(b"\x00\x00" * 1600)
-        with pytest.raises(StopTimeoutError, match=r"within 0.3 s after Stop"):
+        with pytest.raises(StopTimeoutError, match=r"within 0.3 s \(the timeout given to stop"):
             await r.stop(timeout=0.3)
         assert r.state is State.FAILED
     await settle(gw, before)
+
+
+async def test_stop_timeout_counts_silence_not_the_whole_wait(gw: Gateway) -> None:
+    gw.queue_faults(Faults(stall_at="stop"))
+    async with Recognizer("app", TOKEN, url=gw.url, stop_timeout=0.3) as r:
+        await r.send_audio(b"\x00\x00" * 1600)
+        with pytest.raises(StopTimeoutError, match=r"it sent nothing for 0.3 s"):
+            await r.stop()
+
+
+async def test_stop_waits_while_the_gateway_makes_progress(gw: Gateway) -> None:
+    """A gateway working through a backlog keeps sending results: stop() waits for it as
+    long as it makes progress, even when the whole wait is far longer than stop_timeout
+    (on main before this, a fixed stop_timeout ran out mid-backlog)."""
+    delay = 0.4
+    gw.queue_faults(Faults(event_delay=delay))
+    async with Transcriber("app", TOKEN, url=gw.url, stop_timeout=4 * delay) as t:
+        await t.stream(THREE, pace=None)
+        await t.stream(THREE, pace=None)
+        result = await t.stop()
+    assert len(result.sentences) == 6
+    assert t.metrics.stop_to_completed_ms is not None
+    assert t.metrics.stop_to_completed_ms > 4 * delay * 1000  # longer than stop_timeout
 
 
 async def test_slow_completion_within_the_timeout_is_fine(gw: Gateway) -> None:

@@ -33,6 +33,8 @@ class Faults:
     Attributes:
         start_delay: seconds to wait before sending ``*Started``.
         complete_delay: seconds to wait before sending ``*Completed``.
+        event_delay: seconds to wait before sending each ``SentenceEnd`` (a gateway
+            slow to recognise: results keep coming, slowly).
         fail_status: send ``TaskFailed`` with this status at ``fail_at`` (status_text
             ``Gateway:<NAME>:Injected fault at <point>!``), then close.
         fail_at: where ``fail_status`` strikes.
@@ -49,6 +51,7 @@ class Faults:
 
     start_delay: float = 0.0
     complete_delay: float = 0.0
+    event_delay: float = 0.0
     fail_status: int | None = None
     fail_at: FaultPoint = "start"
     fail_after_bytes: int = 0
@@ -65,7 +68,7 @@ class Faults:
             value = getattr(self, name)
             if value is not None and value not in points:
                 raise ValueError(f"Faults.{name} must be one of {points} or None, got {value!r}")
-        if self.start_delay < 0 or self.complete_delay < 0:
+        if min(self.start_delay, self.complete_delay, self.event_delay) < 0:
             raise ValueError("Faults delays must be >= 0")
 
     @property

@@ -495,6 +495,8 @@ class _Connection:
 
     async def _emit(self, name: str, payload: dict[str, Any] | None) -> None:
         """What the engine calls to send one of its events."""
+        if self.faults.event_delay and name == "SentenceEnd":
+            await asyncio.sleep(self.faults.event_delay)
         await self._send(self.task.event(name, payload), name)
 
     async def _refuse(self, exc: DirectiveError) -> None:
