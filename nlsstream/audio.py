@@ -49,9 +49,11 @@ __all__ = [
     "AudioSource",
     "Framer",
     "frame_bytes_for",
+    "is_whole",
     "load_file",
     "pcm_chunks",
     "to_pcm16",
+    "whole_pcm",
 ]
 
 logger = logging.getLogger("nlsstream.audio")
@@ -372,12 +374,26 @@ def load_file(path: str | os.PathLike[str], sample_rate: int) -> bytes:
 # -- the async source ------------------------------------------------------------------
 
 
+_WHOLE = (bytes, bytearray, memoryview, str, os.PathLike, np.ndarray)
+
+
 def _slices(pcm: bytes) -> Iterator[bytes]:
     if len(pcm) <= CHUNK_BYTES:
         yield pcm
         return
     for i in range(0, len(pcm), CHUNK_BYTES):
         yield pcm[i : i + CHUNK_BYTES]
+
+
+def is_whole(source: object) -> bool:
+    """Whether ``source`` is a whole recording (bytes, a path, an array), not a stream."""
+    return isinstance(source, _WHOLE)
+
+
+async def whole_pcm(source: AudioSource, sample_rate: int) -> bytes:
+    """A whole source (see :func:`is_whole`) as PCM16LE mono at ``sample_rate``, converted
+    and validated at once (blocking work in a thread)."""
+    return await _whole_source(source, _check_session_rate(sample_rate))
 
 
 async def _whole_source(source: Any, rate: int) -> bytes:
@@ -449,7 +465,7 @@ async def pcm_chunks(source: AudioSource, sample_rate: int) -> AsyncGenerator[by
     source is closed when this generator is closed early.
     """
     rate = _check_session_rate(sample_rate)
-    if isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike, np.ndarray)):
+    if isinstance(source, _WHOLE):
         pcm = await _whole_source(source, rate)
         for piece in _slices(pcm):
             yield piece

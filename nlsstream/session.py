@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -49,6 +49,7 @@ from .errors import (
 from .events import EventHub, EventStream
 from .pacing import Metrics, Pacer
 from .protocol import (
+    MAX_SPEECH_MS,
     RECOGNIZER,
     SAMPLE_RATES,
     TRANSCRIBER,
@@ -135,6 +136,8 @@ class Session(abc.ABC):
     """
 
     namespace: ClassVar[Namespace]
+    #: The most audio one task takes (``None``: no limit).
+    _max_audio_ms: ClassVar[int | None] = None
     #: How many final sentences the result keeps (``None``: all).
     _keep_sentences: int | None = None
 
@@ -574,6 +577,9 @@ class Session(abc.ABC):
         self._check_audio()
         if self.format == "pcm" and len(data) % 2:
             raise AudioFormatError(f"PCM16 audio must be an even number of bytes, got {len(data)}")
+        limit = self._audio_limit()
+        if limit is not None:
+            self._check_length(len(data), limit)
         if len(data):
             assert self._audio is not None
             await self._audio.send(bytes(data))
@@ -600,8 +606,42 @@ class Session(abc.ABC):
         assert self._audio is not None
         if self._audio.streaming:
             raise InvalidStateError("stream() is already running on this session")
-        async with contextlib.aclosing(audio.pcm_chunks(source, self.sample_rate)) as chunks:
-            await self._audio.stream(chunks, pace)
+        limit = self._audio_limit()
+        if limit is None:
+            chunks = audio.pcm_chunks(source, self.sample_rate)
+        elif audio.is_whole(source):
+            # Known length: refuse before sending anything rather than fail at the limit.
+            pcm = await audio.whole_pcm(source, self.sample_rate)
+            self._check_length(len(pcm), limit)
+            chunks = audio.pcm_chunks(pcm, self.sample_rate)
+        else:
+            chunks = _up_to(audio.pcm_chunks(source, self.sample_rate), limit)
+        async with contextlib.aclosing(chunks) as limited:
+            await self._audio.stream(limited, pace)
+        if limit is not None and self.metrics.bytes_sent >= limit:
+            raise AudioFormatError(
+                f"stream() stopped sending at {self._limit_text()}: the rest of the live "
+                "source was not sent; stop() returns what was recognised up to there"
+            )
+
+    def _audio_limit(self) -> int | None:
+        """PCM bytes the task may still take (``None``: no limit)."""
+        if self._max_audio_ms is None or self.format != "pcm":
+            return None
+        return max(0, self._max_audio_ms * 2 * self.sample_rate // 1000 - self.metrics.bytes_sent)
+
+    def _limit_text(self) -> str:
+        seconds = (self._max_audio_ms or 0) // 1000
+        return f"{type(self).__name__}'s limit of {seconds} s of audio per task"
+
+    def _check_length(self, size: int, limit: int) -> None:
+        if size > limit:
+            ms = size * 1000 // (2 * self.sample_rate)
+            raise AudioFormatError(
+                f"{ms / 1000:.1f} s of audio is more than {self._limit_text()} "
+                f"({limit * 1000 // (2 * self.sample_rate) / 1000:.1f} s left); nothing was "
+                "sent: use a Transcriber for longer audio"
+            )
 
     # ------------------------------------------------------------------ events
 
@@ -623,6 +663,18 @@ class Session(abc.ABC):
 
 
 _S = TypeVar("_S", bound=Session)
+
+
+async def _up_to(chunks: AsyncGenerator[bytes, None], limit: int) -> AsyncGenerator[bytes, None]:
+    """``chunks`` until ``limit`` bytes have come (the last one cut to fit); then ends."""
+    async with contextlib.aclosing(chunks) as source:
+        async for chunk in source:
+            if len(chunk) >= limit:
+                if limit:
+                    yield chunk[:limit]
+                return
+            limit -= len(chunk)
+            yield chunk
 
 
 class Transcriber(Session):
@@ -693,11 +745,15 @@ class Recognizer(Session):
     """Sentence recognition (``SpeechRecognizer``): one utterance of at most 60 s.
 
     ``stop()`` returns a :class:`Result` with the recognised ``text`` and the gateway's
-    ``duration``. With ``enable_voice_detection=True`` the gateway may end the task by
+    ``duration``. A task takes at most 60 s of audio: a longer recording (bytes, a path,
+    an array) or ``send_audio()`` chunk is refused with AudioFormatError before anything of
+    it is sent; a live source is sent up to 60 s, then ``stream()`` raises
+    AudioFormatError and ``stop()`` returns what those 60 s held. With ``enable_voice_detection=True`` the gateway may end the task by
     itself; ``stop()`` then returns that result. See :class:`Session` for arguments.
     """
 
     namespace = RECOGNIZER
+    _max_audio_ms = MAX_SPEECH_MS
 
     def _build_result(self, router: EventRouter) -> Result:
         done = router.completed

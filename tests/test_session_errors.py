@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from nlsstream import (
+    AudioFormatError,
     AuthenticationError,
     GatewayConnectionError,
     InvalidStateError,
@@ -412,3 +414,38 @@ async def test_backed_up_connection_holds_its_stream_without_stalling_others(
                 await asyncio.wait_for(sending, 2)
         finally:
             hold.set()
+
+
+# --------------------------------------------------------------------------- the 60 s limit
+
+
+async def test_recognizer_refuses_a_recording_longer_than_60_s_before_sending(
+    gw: Gateway,
+) -> None:
+    """On main before this, the audio went out and stop() timed out before the gateway's
+    TOO_LONG_SPEECH: the client knew the length before sending."""
+    too_long = np.zeros(16000 * 61, dtype=np.int16)
+    async with Recognizer("app", TOKEN, **kw(gw)) as r:
+        with pytest.raises(
+            AudioFormatError, match=r"61.0 s of audio is more than Recognizer's limit of 60 s"
+        ):
+            await r.stream(too_long, pace=None)
+        assert r.metrics.bytes_sent == 0
+        await r.send_audio(b"\x00\x00" * 16000 * 30)
+        with pytest.raises(AudioFormatError, match=r"30.0 s left\); nothing was sent"):
+            await r.send_audio(b"\x00\x00" * 16000 * 31)
+        assert r.state is State.STARTED
+        await r.stop()
+
+
+async def test_recognizer_stops_a_live_source_at_60_s_with_a_clear_error(gw: Gateway) -> None:
+    async def live() -> AsyncIterator[bytes]:
+        for _ in range(70):
+            yield b"\x00\x00" * 16000  # one second
+
+    async with Recognizer("app", TOKEN, **kw(gw)) as r:
+        with pytest.raises(AudioFormatError, match=r"stopped sending at Recognizer's limit"):
+            await r.stream(live(), pace=None)
+        assert r.metrics.bytes_sent == 2 * 16000 * 60
+        result = await r.stop()  # what the 60 s held, not a timeout
+    assert result.duration == 60_000
