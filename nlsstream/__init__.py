@@ -33,6 +33,7 @@ from .protocol import (
     Completed,
     Event,
     ResultChanged,
+    Resumed,
     SentenceBegin,
     SentenceEnd,
     Started,
@@ -41,6 +42,7 @@ from .protocol import (
     UnknownEvent,
     Word,
 )
+from .resume import Reconnect
 from .session import Recognizer, Result, Transcriber
 
 __all__ = [
@@ -64,8 +66,10 @@ __all__ = [
     "Pacer",
     "ProtocolError",
     "Recognizer",
+    "Reconnect",
     "Result",
     "ResultChanged",
+    "Resumed",
     "SentenceBegin",
     "SentenceEnd",
     "Settings",

@@ -8,8 +8,10 @@ AccessKey secret: the server's text is passed through :func:`redact` first.
 
 from __future__ import annotations
 
+import copy as _copy
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 __all__ = [
     "STATUS_CODES",
@@ -28,9 +30,11 @@ __all__ = [
     "TaskFailedError",
     "TokenError",
     "is_retryable",
+    "is_server_side",
     "redact",
     "status_text",
     "task_error",
+    "with_note",
 ]
 
 SUCCESS = 20000000
@@ -267,6 +271,28 @@ class StopTimeoutError(NlsError, TimeoutError):
     """The gateway did not send Completed within the stop timeout after Stop."""
 
     retryable = True
+
+
+#: 4xxxxxxx codes that are the service's load, not the client's doing: a new task may pass.
+_THROTTLING = frozenset({40000005, 43040001})
+
+
+def is_server_side(status: int) -> bool:
+    """Whether a task that failed mid-stream with ``status`` failed for the service's own
+    reasons (5xxxxxxx, throttling), so that a new task can take up where it stopped;
+    not for what the client sent or failed to send (a time-out for missing audio, a bad
+    parameter), which a new task would meet again."""
+    return 50000000 <= status < 60000000 or status in _THROTTLING
+
+
+NlsErrorT = TypeVar("NlsErrorT", bound="NlsError")
+
+
+def with_note(error: NlsErrorT, note: str) -> NlsErrorT:
+    """A copy of ``error`` (same type and attributes) whose message ends with ``note``."""
+    copy = _copy.copy(error)
+    copy.args = (f"{error}; {note}",)
+    return copy
 
 
 def task_error(status: int, status_text: str, task_id: str | None = None) -> NlsError:

@@ -84,6 +84,13 @@ class Metrics:
     time_to_first_partial_ms: float | None = None
     #: From sending Stop to receiving Completed.
     stop_to_completed_ms: float | None = None
+    #: Times the session resumed on a new connection, and the audio it sent again then
+    #: (not in ``bytes_sent``, which stays the stream's own clock).
+    reconnects: int = 0
+    replayed_bytes: int = 0
+    #: Silence the session sent to keep the task alive while its source was quiet
+    #: (counted in ``bytes_sent`` too: it is on the stream's timeline).
+    keepalive_bytes: int = 0
     _hist: list[int] = field(default_factory=lambda: [0] * (_HIST_MS + 1), repr=False)
     _paced_frames: int = field(default=0, repr=False)
 
@@ -233,6 +240,14 @@ class PacedStream:
         self._error: BaseException | None = None
         self._space: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
+
+    def retarget(self, sink: FrameSink) -> None:
+        """Write to ``sink`` from now on (a session resumed on a new connection). The
+        frames already encoded go there as they are: a client frame carries its own
+        masking key, so it is valid on any connection without extensions."""
+        self.sink = sink
+        self._write = sink.write_frames
+        self._encode = sink.encode_frames
 
     @property
     def buffered_bytes(self) -> int:

@@ -38,6 +38,7 @@ __all__ = [
     "Event",
     "Namespace",
     "ResultChanged",
+    "Resumed",
     "SentenceBegin",
     "SentenceEnd",
     "ServerState",
@@ -352,6 +353,21 @@ class UnknownEvent(Event):
     """An event this version does not know (e.g. ``SentenceSemantics``); kept, not dropped."""
 
     payload: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Resumed(Event):
+    """Not a gateway message: the session's own news that it survived a failure (see
+    :class:`~nlsstream.resume.Reconnect`). ``task_id`` is the new task's id,
+    ``previous_task_id`` the one that was lost; ``cause`` says why (the error's text);
+    ``attempts`` counts the connections it took, ``gap_ms`` the time from the failure to
+    the new task's start, ``replayed_ms`` the audio sent again."""
+
+    previous_task_id: str
+    cause: str
+    attempts: int
+    gap_ms: int
+    replayed_ms: int
 
 
 def _number(payload: Mapping[str, Any], key: str) -> float | int | None:

@@ -100,6 +100,12 @@ class EventRouter:
         self._loop = loop
         self.started_future: asyncio.Future[None] = loop.create_future()
         self.ended_future: asyncio.Future[None] = loop.create_future()
+        #: Set by a session that can survive failures (see :mod:`nlsstream.resume`):
+        #: ``rebase(event)`` puts an event on the stream's timeline (``None``: drop it);
+        #: ``recover(error)`` returns True if the session takes over a retryable failure
+        #: instead of ending the task.
+        self.rebase: Callable[[Event], Event | None] | None = None
+        self.recover: Callable[[NlsError], bool] | None = None
         self._queue: deque[Event | _Failure] = deque()
         self._drainer: asyncio.Task[None] | None = None
 
@@ -119,6 +125,11 @@ class EventRouter:
             return
         if isinstance(event, TaskFailed):
             event = self._redacted(event)
+        elif self.rebase is not None:
+            rebased = self.rebase(event)
+            if rebased is None:
+                return
+            event = rebased
         self.deliver(event)
 
     def _redacted(self, event: TaskFailed) -> TaskFailed:
@@ -184,13 +195,16 @@ class EventRouter:
             self.completed = event
             if self.stop_sent_at is not None:
                 metrics.stop_to_completed_ms = (self._loop.time() - self.stop_sent_at) * 1e3
-        self.hub.publish(event)
         if isinstance(event, TaskFailed):
             error = task_error(
                 event.status, redact(event.status_text, *self.secrets), event.task_id
             )
+            if self.recover is not None and self.recover(error):
+                return None  # the session resumes: the stream goes on
+            self.hub.publish(event)
             self._end(error)
             return self._report(error)
+        self.hub.publish(event)
         callback = self.callbacks.get(type(event))
         pending = self._call(callback, event) if callback is not None else None
         if pending is None:

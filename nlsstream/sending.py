@@ -29,6 +29,9 @@ class AudioSender:
     ``check()`` raises if audio may not be sent now; ``lost()`` is the error for a
     connection that went away under a send; ``raise_error()`` raises the task's own
     error first, when it has one (the real cause, rather than the lost connection).
+    A session that can resume also gives ``keep(pcm)``, told of all audio as it is
+    handed over (for the replay buffer), and ``resumed(conn)``, which returns True once
+    a new connection has taken over from ``conn`` (see :meth:`retarget`).
     """
 
     def __init__(
@@ -43,8 +46,10 @@ class AudioSender:
         check: Callable[[], None],
         lost: Callable[[], GatewayConnectionError],
         raise_error: Callable[[], Awaitable[None]],
+        keep: Callable[[bytes], None] | None = None,
+        resumed: Callable[[Connection], Awaitable[bool]] | None = None,
     ) -> None:
-        self._conn = conn
+        self.conn = conn
         self._router = router
         self._metrics = metrics
         self._pacer = pacer
@@ -53,8 +58,25 @@ class AudioSender:
         self._check = check
         self._lost = lost
         self._raise_error = raise_error
+        self._keep = keep
+        self._resumed = resumed
         self._paced: PacedStream | None = None
         self.streaming = False
+
+    def hold(self) -> None:
+        """Stop the running paced stream's frames until :meth:`retarget` (a resume)."""
+        self.conn.attach(None)
+        if self._paced is not None:
+            self._paced.held = True
+
+    def retarget(self, conn: Connection) -> None:
+        """Send on ``conn`` from now on; the running paced stream goes on there, on its
+        own schedule (frames that fell due meanwhile go out at once)."""
+        self.conn = conn
+        paced = self._paced
+        if paced is not None:
+            paced.retarget(conn)
+            conn.attach(paced)
 
     def interrupt(self, why: str, error: BaseException | None = None) -> None:
         """Fail the paced stream running now, if any: with ``error`` (the task's own
@@ -73,12 +95,19 @@ class AudioSender:
         return self._paced.buffered_bytes if self._paced is not None else 0
 
     async def send(self, data: bytes) -> None:
-        """One binary message now; waits while the socket is backed up."""
-        try:
-            await self._conn.send_binary(data)
-        except ConnectionError:
-            await self._raise_error()
-            raise self._lost() from None
+        """One binary message now; waits while the socket is backed up (or, for a session
+        that resumes, until it has)."""
+        while True:
+            conn = self.conn
+            try:
+                await conn.send_binary(data)
+                break
+            except ConnectionError:
+                if self._resumed is None or not await self._resumed(conn):
+                    await self._raise_error()
+                    raise self._lost() from None
+        if self._keep is not None:
+            self._keep(data)
         router = self._router
         if router.first_audio_at is None:
             router.first_audio_at = asyncio.get_running_loop().time()
@@ -111,7 +140,7 @@ class AudioSender:
             await self.send(tail)
 
     async def _paced_stream(self, chunks: AsyncIterator[bytes], pace: float) -> None:
-        conn, router = self._conn, self._router
+        conn, router, keep = self.conn, self._router, self._keep
         paced = self._pacer.open(
             conn,
             2 * self._sample_rate * pace,
@@ -127,6 +156,8 @@ class AudioSender:
             conn.attach(paced)  # the connection holds the stream while it cannot write
             async for chunk in chunks:
                 await paced.put(chunk)
+                if keep is not None:
+                    keep(chunk)
                 if router.first_audio_at is None:
                     router.first_audio_at = paced.start_time
             await paced.finish()
@@ -134,5 +165,5 @@ class AudioSender:
             paced.abort(exc)
             raise
         finally:
-            conn.attach(None)
+            self.conn.attach(None)
             self._paced = None

@@ -44,7 +44,10 @@ from .errors import (
     ProtocolError,
     StartTimeoutError,
     StopTimeoutError,
+    TaskFailedError,
+    is_server_side,
     redact,
+    with_note,
 )
 from .events import EventHub, EventStream
 from .pacing import Metrics, Pacer
@@ -58,11 +61,13 @@ from .protocol import (
     Event,
     Namespace,
     ResultChanged,
+    Resumed,
     SentenceBegin,
     SentenceEnd,
     Started,
     State,
 )
+from .resume import Reconnect, ReplayBuffer, Timeline
 from .router import EventRouter
 from .sending import AudioSender
 
@@ -126,6 +131,15 @@ class Session(abc.ABC):
             read once per address per process; a proxy URL (``http://``, ``socks5://``)
             uses that proxy; ``None`` connects directly. Proxies need the ``[proxy]``
             extra (python-socks).
+        reconnect: how the session survives a dropped connection or a retryable
+            failure mid-task (a :class:`~nlsstream.Reconnect`; ``True``, the default,
+            is ``Reconnect()``; ``False`` lets the first failure end the task). It
+            connects again, starts a new task with the same parameters and replays the
+            audio since the end of the last final sentence; events go on as one stream
+            (indices and times continue), and ``on_resume`` / :meth:`events` get a
+            :class:`~nlsstream.Resumed`. When every attempt fails, the original error
+            is raised.
+        on_resume: called with each :class:`~nlsstream.Resumed`.
         params: extra Start parameters (``max_sentence_silence``, ``enable_words``,
             ``vocabulary_id``, ...), sent as given; ``None`` values are left out.
 
@@ -167,6 +181,8 @@ class Session(abc.ABC):
         pacer: Pacer | None = None,
         max_ahead_ms: int = 1000,
         proxy: ProxySetting = True,
+        reconnect: Reconnect | bool = True,
+        on_resume: Handler[Resumed] | None = None,
         **params: Any,
     ) -> None:
         if not isinstance(appkey, str) or not appkey:
@@ -187,6 +203,12 @@ class Session(abc.ABC):
         self.url = url
         self.format = format
         self.sample_rate = sample_rate
+        if reconnect is True:
+            reconnect = Reconnect()
+        elif reconnect is not False and not isinstance(reconnect, Reconnect):
+            raise TypeError(f"reconnect must be a Reconnect, True or False, got {reconnect!r}")
+        self._reconnect: Reconnect | None = reconnect or None
+        self._appkey = appkey
         self._proto = ClientProtocol(
             self.namespace,
             appkey,
@@ -204,6 +226,7 @@ class Session(abc.ABC):
             Started: on_start,
             ResultChanged: on_result_changed,
             Completed: on_completed,
+            Resumed: on_resume,
         }
         self._on_error = on_error
         self._on_close = on_close
@@ -228,6 +251,16 @@ class Session(abc.ABC):
         self._error_raised = False  # the task's error reached the user (raised or aborted)
         self._closed = False  # on_close was called
         self._closer: asyncio.Task[None] | None = None  # closes the connection at the end
+        # Resuming (see nlsstream.resume): the audio to replay, the events' re-basing, the
+        # task doing it, and the connection generation (callbacks of older ones are stale).
+        self._replay: ReplayBuffer | None = None
+        self._timeline: Timeline | None = None
+        self._resumer: asyncio.Task[None] | None = None
+        self._attempt_error: NlsError | None = None
+        # Connections tried since the last final sentence: a gateway that fails every
+        # resumed task before it gets anywhere must not keep the session resuming forever.
+        self._attempts_used = 0
+        self._generation = 0
 
     # ------------------------------------------------------------------ properties
 
@@ -315,6 +348,12 @@ class Session(abc.ABC):
             hub=self._hub,
             keep_sentences=self._keep_sentences,
         )
+        if self._reconnect is not None:
+            seconds = max(self._reconnect.replay_seconds, (self._max_audio_ms or 0) / 1000)
+            self._replay = ReplayBuffer(int(seconds * 2 * self.sample_rate))
+            self._timeline = Timeline(self.sample_rate)
+            router.rebase = self._rebase
+            router.recover = self._recover
         try:
             conn = await self._connect()
             self._audio = AudioSender(
@@ -327,6 +366,8 @@ class Session(abc.ABC):
                 check=self._check_audio,
                 lost=self._lost_error,
                 raise_error=self._raise_error,
+                keep=self._replay.add if self._replay is not None else None,
+                resumed=self._resumed if self._reconnect is not None else None,
             )
             self._send_text(self._proto.start())
             try:
@@ -357,12 +398,23 @@ class Session(abc.ABC):
         self._token = token
         self._router.secrets = (token,)
         logger.debug("connecting to %s for task %s", self._display_url(), self.task_id)
+        self._generation += 1
+        generation, router = self._generation, self._router
+
+        def on_message(text: str) -> None:
+            if generation == self._generation:
+                router.message(text)
+
+        def on_lost() -> None:
+            if generation == self._generation:
+                self._on_connection_lost()
+
         try:
             self._conn = await connect(
                 self.url,
                 token,
-                on_message=self._router.message,
-                on_lost=self._on_connection_lost,
+                on_message=on_message,
+                on_lost=on_lost,
                 proxy=self.proxy,
                 open_timeout=max(0.001, deadline - loop.time()),
                 ping_interval=self.ping_interval,
@@ -401,6 +453,7 @@ class Session(abc.ABC):
         router = self._router
         if router is None:
             raise InvalidStateError("stop() called before the session was started")
+        await self._resume_done()
         if not router.ended and self.state is State.STARTED:
             if self._audio is not None:
                 self._audio.interrupt("stop() was called while stream() was still sending")
@@ -421,6 +474,8 @@ class Session(abc.ABC):
         began = loop.time()
         overall = began + timeout if timeout is not None else float("inf")
         while not router.ended:
+            if await self._resume_done():
+                began = loop.time()  # the new task's own progress counts from here
             now = loop.time()
             heard = max(began, router.stop_sent_at or began, router.last_message_at or began)
             left = min(heard + self.stop_timeout, overall) - now
@@ -451,6 +506,7 @@ class Session(abc.ABC):
         """Close the connection now, without Stop; pending iterators and ``stream()``
         calls raise InvalidStateError. Safe to call at any time, any number of times."""
         router, conn = self._router, self._conn
+        self._cancel_resume()
         if router is not None:
             if not router.ended:
                 # The caller chose to abort: nothing to report or to re-raise.
@@ -505,6 +561,7 @@ class Session(abc.ABC):
         """Called once by the router when the task ends, however it ended."""
         if isinstance(error, AuthenticationError):
             self._invalidate_token()
+        self._cancel_resume()
         if self._audio is not None:
             self._audio.interrupt(
                 f"task {self.task_id} ended ({self.state.value}) before all audio was sent",
@@ -534,11 +591,183 @@ class Session(abc.ABC):
                 )
         else:
             error = self._lost_error()
-        router.fail(error)
+        if not self._recover(error):
+            router.fail(error)
 
     @abc.abstractmethod
     def _build_result(self, router: EventRouter) -> Result:
         """The protocol's Result from what the task delivered."""
+
+    # ------------------------------------------------------------------ resuming
+
+    @property
+    def _resuming(self) -> bool:
+        return self._resumer is not None and not self._resumer.done()
+
+    async def _resume_done(self) -> bool:
+        """Wait for a resume in progress, if any (bounded by its attempts and their
+        timeouts); True if there was one."""
+        resumer = self._resumer
+        if resumer is None or resumer.done() or resumer is asyncio.current_task():
+            return False
+        await asyncio.wait([resumer])
+        return True
+
+    def _cancel_resume(self) -> None:
+        resumer = self._resumer
+        if resumer is not None and resumer is not asyncio.current_task():
+            resumer.cancel()
+
+    def _rebase(self, event: Event) -> Event | None:
+        """The router's ``rebase``: ``event`` on the whole stream's timeline."""
+        if isinstance(event, Started) and self._resuming:
+            # A resumed task's start is the session's news, not the user's.
+            started = self._router.started_future if self._router is not None else None
+            if started is not None and not started.done():
+                started.set_result(None)
+            return None
+        assert self._timeline is not None and self._replay is not None
+        rebased = self._timeline.rebase(event)
+        if isinstance(rebased, SentenceEnd):
+            self._replay.trim(self._timeline.sentence_end_bytes(rebased))
+            self._attempts_used = 0  # progress: the attempts are the next failure's
+        return rebased
+
+    def _recover(self, error: NlsError) -> bool:
+        """The router's ``recover``: take over ``error`` by resuming, if it is one a new
+        connection can cure and the task is under way."""
+        router = self._router
+        if self._reconnect is None or router is None or router.ended:
+            return False
+        if self._resuming:
+            # The attempt under way failed: its wait for Started learns of it now.
+            self._attempt_error = error
+            if not router.started_future.done():
+                router.started_future.set_result(None)
+            return True
+        if not self._resumable(error):
+            return False
+        if not router.started_future.done() or self._audio is None:
+            return False  # still starting: start() reports the failure itself
+        self._resumer = asyncio.get_running_loop().create_task(
+            self._resume(error), name=f"nlsstream-resume-{self.task_id}"
+        )
+        return True
+
+    def _resumable(self, error: NlsError) -> bool:
+        """Whether a new task can take up where ``error`` stopped this one: a lost
+        connection, a failure of the service's own (see :func:`errors.is_server_side`),
+        or a token that expired mid-task when the provider can fetch a fresh one."""
+        if isinstance(error, GatewayConnectionError):
+            return True
+        if isinstance(error, AuthenticationError):
+            if not callable(getattr(self._provider, "invalidate", None)):
+                return False
+            self._invalidate_token()
+            return True
+        return isinstance(error, TaskFailedError) and is_server_side(error.status)
+
+    async def _resumed(self, conn: Connection) -> bool:
+        """The sender's ``resumed``: after a send on ``conn`` failed, whether a new
+        connection took over (waiting for the resume that the loss of ``conn`` starts)."""
+        if conn is self._conn and not self._resuming:
+            # The transport failed under the write; its connection_lost() (which starts
+            # the resume) runs on a later loop iteration.
+            await conn.wait_closed(self.stop_timeout)
+        await self._resume_done()
+        router = self._router
+        return router is not None and not router.ended and self._conn is not conn
+
+    async def _resume(self, cause: NlsError) -> None:
+        """Connect again, start a new task, replay, go on (see :class:`Reconnect`)."""
+        router, sender, policy = self._router, self._audio, self._reconnect
+        assert router is not None and sender is not None and policy is not None
+        assert self._replay is not None and self._timeline is not None
+        loop = asyncio.get_running_loop()
+        lost_at = loop.time()
+        previous = self.task_id
+        stopping = router.stop_sent_at is not None
+        old = self._conn
+        sender.hold()
+        self._generation += 1  # nothing more is heard from the old connection
+        if old is not None:
+            old.abort()
+        replay = self._replay.replay(self.metrics.bytes_sent, self._timeline.open_since)
+        if replay is None:
+            note = (
+                "cannot resume: the sentence in progress began more than "
+                f"{policy.replay_seconds:g} s (Reconnect.replay_seconds) ago"
+            )
+            router.fail(with_note(cause, note))
+            return
+        logger.info("task %s: %s; resuming", previous, cause)
+        conn: Connection | None = None
+        attempt = 0
+        while conn is None and self._attempts_used < policy.attempts:
+            attempt += 1
+            self._attempts_used += 1
+            await asyncio.sleep(policy.delay(attempt))
+            conn = await self._start_again()
+            failure = self._attempt_error
+            if failure is not None and not failure.retryable:
+                break
+        if conn is None:
+            last = f", the last: {self._attempt_error}" if self._attempt_error else ""
+            note = (
+                f"gave up resuming after {self._attempts_used} connection attempt(s) since "
+                f"the last final sentence{last}"
+            )
+            router.fail(with_note(cause, note))
+            return
+        # The new task recognises the stream from the replay's start on.
+        self._timeline.resume_at(self._replay.replay_start())
+        if replay:
+            conn.write_frames(b"".join(conn.encode_frames(replay, audio.FRAME_BYTES)))
+            self.metrics.replayed_bytes += len(replay)
+        self.metrics.reconnects += 1
+        sender.retarget(conn)
+        if stopping:
+            self._send_text(self._proto.stop())
+        router.deliver(
+            Resumed(
+                name="Resumed",
+                namespace=self.namespace.name,
+                task_id=self.task_id,
+                previous_task_id=previous,
+                cause=str(cause),
+                attempts=attempt,
+                gap_ms=round((loop.time() - lost_at) * 1000),
+                replayed_ms=len(replay) * 1000 // (2 * self.sample_rate),
+            )
+        )
+
+    async def _start_again(self) -> Connection | None:
+        """One attempt: a new connection and a new task with the same parameters, up to
+        Started. Returns the connection, or None (the reason in ``_attempt_error``)."""
+        router = self._router
+        assert router is not None
+        self._attempt_error = None
+        proto = ClientProtocol(self.namespace, self._appkey, self._proto.params)
+        self._proto = router.proto = proto
+        router.started_future = asyncio.get_running_loop().create_future()
+        conn = None
+        try:
+            conn = await self._connect()
+            self._send_text(proto.start())
+            await asyncio.wait_for(asyncio.shield(router.started_future), self.start_timeout)
+        except asyncio.TimeoutError:
+            self._attempt_error = StartTimeoutError(
+                f"gateway did not confirm the start of task {proto.task_id} within "
+                f"{self.start_timeout:g} s"
+            )
+        except NlsError as exc:
+            self._attempt_error = exc
+        if self._attempt_error is None and proto.state is State.STARTED:
+            return conn
+        if conn is not None:
+            self._generation += 1
+            conn.abort()
+        return None
 
     # ------------------------------------------------------------------ sending
 
@@ -547,7 +776,8 @@ class Session(abc.ABC):
         if error is not None and not isinstance(error, InvalidStateError):
             self._error_raised = True
             raise error
-        self._proto.audio()
+        if not self._resuming:  # audio sent meanwhile waits for the new task
+            self._proto.audio()
 
     def _send_text(self, text: str) -> None:
         assert self._conn is not None and self._router is not None
@@ -555,7 +785,8 @@ class Session(abc.ABC):
             self._conn.send_text(text)
         except ConnectionError:
             error = self._lost_error()
-            self._router.fail(error)
+            if not self._recover(error):
+                self._router.fail(error)
             raise error from None
 
     def _lost_error(self) -> GatewayConnectionError:
@@ -572,8 +803,9 @@ class Session(abc.ABC):
 
         Raises InvalidStateError before Started or after Stop (audio is never dropped
         silently), AudioFormatError for an odd number of PCM bytes, and the task's error
-        if it failed.
+        if it failed. While the session resumes after a failure, waits until it has.
         """
+        await self._resume_done()
         self._check_audio()
         if self.format == "pcm" and len(data) % 2:
             raise AudioFormatError(f"PCM16 audio must be an even number of bytes, got {len(data)}")
@@ -602,6 +834,7 @@ class Session(abc.ABC):
                 f"stream() sends PCM but the session format is {self.format!r}; "
                 "use send_audio() for encoded audio"
             )
+        await self._resume_done()
         self._check_audio()
         assert self._audio is not None
         if self._audio.streaming:
@@ -726,6 +959,7 @@ class Transcriber(Session):
     async def ctrl(self, **params: Any) -> None:
         """Change parameters mid-task (``ControlTranscriber``), e.g.
         ``max_sentence_silence`` or ``vocabulary_id``. Only while STARTED."""
+        await self._resume_done()
         error = self.error
         if error is not None and not isinstance(error, InvalidStateError):
             raise InvalidStateError(f"cannot send a control directive: {error}")
@@ -748,8 +982,9 @@ class Recognizer(Session):
     ``duration``. A task takes at most 60 s of audio: a longer recording (bytes, a path,
     an array) or ``send_audio()`` chunk is refused with AudioFormatError before anything of
     it is sent; a live source is sent up to 60 s, then ``stream()`` raises
-    AudioFormatError and ``stop()`` returns what those 60 s held. With ``enable_voice_detection=True`` the gateway may end the task by
-    itself; ``stop()`` then returns that result. See :class:`Session` for arguments.
+    AudioFormatError and ``stop()`` returns what those 60 s held. With
+    ``enable_voice_detection=True`` the gateway may end the task by itself; ``stop()`` then
+    returns that result. See :class:`Session` for arguments.
     """
 
     namespace = RECOGNIZER

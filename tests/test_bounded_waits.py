@@ -16,7 +16,7 @@ import pytest
 from helpers import TOKEN, client_frame, start, upgrade_request
 from websockets.asyncio.server import ServerConnection, serve
 
-from nlsstream import GatewayConnectionError, Transcriber
+from nlsstream import GatewayConnectionError, Reconnect, Transcriber
 from nlsstream import protocol as p
 from nlsstream.gateway import Gateway, Transcript
 from nlsstream.gateway.light import LightGateway
@@ -45,10 +45,20 @@ def started_then_deaf(release: asyncio.Event) -> Callable[[ServerConnection], Aw
     [(1.0, 2.0, "keepalive ping|accepted no data"), (None, 2.0, "accepted no data")],
     ids=["keepalive", "no-keepalive"],
 )
-@pytest.mark.parametrize("pace", [None, 50.0], ids=["unpaced", "paced"])
+@pytest.mark.parametrize(
+    ("pace", "reconnect"),
+    [(None, False), (50.0, False), (None, Reconnect(attempts=2, backoff=0.01))],
+    ids=["unpaced", "paced", "unpaced-resuming"],
+)
 async def test_a_gateway_that_stops_reading_fails_stream_and_stop(
-    ping_interval: float | None, ping_timeout: float, why: str, pace: float | None
+    ping_interval: float | None,
+    ping_timeout: float,
+    why: str,
+    pace: float | None,
+    reconnect: Reconnect | bool,
 ) -> None:
+    """Also when the session resumes: each new task goes deaf again, and the attempts
+    (counted since the last final sentence) run out."""
     release = asyncio.Event()
     async with serve(
         started_then_deaf(release), "127.0.0.1", 0, ping_interval=None, close_timeout=0.1
@@ -62,6 +72,7 @@ async def test_a_gateway_that_stops_reading_fails_stream_and_stop(
             stop_timeout=3,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            reconnect=reconnect,
         )
         with pytest.raises(GatewayConnectionError, match=why):
             async with t:

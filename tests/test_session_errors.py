@@ -193,7 +193,7 @@ async def test_task_failed_mid_stream_reaches_stream_iterators_and_stop(gw: Gate
 async def test_failure_not_yet_seen_is_raised_when_leaving_the_block(gw: Gateway) -> None:
     gw.queue_faults(Faults(fail_status=50000000, fail_at="audio", fail_after_bytes=640))
     with pytest.raises(TaskFailedError) as info:
-        async with Recognizer("app", TOKEN, **kw(gw)) as r:
+        async with Recognizer("app", TOKEN, reconnect=False, **kw(gw)) as r:
             await r.send_audio(b"\x00\x00" * 3200)
             for _ in range(200):
                 if r.state is State.FAILED:
@@ -211,7 +211,12 @@ async def test_connection_dropped_mid_stream(gw: Gateway) -> None:
     closed: list[bool] = []
     before = asyncio.all_tasks()
     async with Transcriber(
-        "app", TOKEN, on_error=errors.append, on_close=lambda: closed.append(True), **kw(gw)
+        "app",
+        TOKEN,
+        on_error=errors.append,
+        on_close=lambda: closed.append(True),
+        reconnect=False,
+        **kw(gw),
     ) as t:
         it = t.sentences()
         with pytest.raises(GatewayConnectionError) as info:
@@ -228,7 +233,7 @@ async def test_connection_dropped_mid_stream(gw: Gateway) -> None:
 
 async def test_connection_dropped_during_stop(gw: Gateway) -> None:
     gw.queue_faults(Faults(drop_at="stop"))
-    async with Recognizer("app", TOKEN, **kw(gw)) as r:
+    async with Recognizer("app", TOKEN, reconnect=False, **kw(gw)) as r:
         await r.stream(HELLO, pace=None)
         with pytest.raises(GatewayConnectionError, match=r"lost during task .*stopping"):
             await r.stop()
