@@ -17,8 +17,8 @@ import pytest
 from nlsstream import (
     Event,
     GatewayConnectionError,
-    Reconnect,
     Recognizer,
+    Reconnect,
     Resumed,
     SentenceBegin,
     SentenceEnd,
