@@ -748,8 +748,9 @@ class Recognizer(Session):
     ``duration``. A task takes at most 60 s of audio: a longer recording (bytes, a path,
     an array) or ``send_audio()`` chunk is refused with AudioFormatError before anything of
     it is sent; a live source is sent up to 60 s, then ``stream()`` raises
-    AudioFormatError and ``stop()`` returns what those 60 s held. With ``enable_voice_detection=True`` the gateway may end the task by
-    itself; ``stop()`` then returns that result. See :class:`Session` for arguments.
+    AudioFormatError and ``stop()`` returns what those 60 s held. With
+    ``enable_voice_detection=True`` the gateway may end the task by itself; ``stop()``
+    then returns that result. See :class:`Session` for arguments.
     """
 
     namespace = RECOGNIZER
