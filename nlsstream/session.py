@@ -584,19 +584,29 @@ class Session(abc.ABC):
             assert self._audio is not None
             await self._audio.send(bytes(data))
 
-    async def stream(self, source: audio.AudioSource, pace: float | None = 1.0) -> None:
+    async def stream(
+        self,
+        source: audio.AudioSource,
+        pace: float | None = 1.0,
+        *,
+        sample_rate: float | None = None,
+    ) -> None:
         """Send ``source`` (anything :func:`nlsstream.audio.pcm_chunks` accepts) as
-        640-byte PCM frames, paced at ``pace`` times real time; ``pace=None`` sends as
-        fast as the socket takes it. Returns once the last frame is written; does not
-        send Stop. The last frame may be shorter and is never dropped.
+        640-byte PCM frames, paced at ``pace`` times real time; ``pace=None`` or ``0``
+        sends as fast as the socket takes it. Returns once the last frame is written;
+        does not send Stop. The last frame may be shorter and is never dropped.
+
+        ``sample_rate``: the rate of a numpy array or PCM bytes when it is not the
+        session's (they are resampled); without it they are taken to be at the
+        session's rate. Files carry their own rate.
 
         Raises AudioFormatError for audio that cannot be converted (before anything is
         sent), InvalidStateError if the task is not accepting audio or ends first (e.g.
         the gateway's VAD completed it, or ``stop()`` was called meanwhile), and the
         task's error if it fails meanwhile.
         """
-        if pace is not None and not pace > 0:
-            raise ValueError(f"pace must be positive or None, got {pace!r}")
+        if pace is not None and not pace >= 0:
+            raise ValueError(f"pace must be positive, or 0/None for as fast as possible: {pace!r}")
         if self.format != "pcm":
             raise AudioFormatError(
                 f"stream() sends PCM but the session format is {self.format!r}; "
@@ -608,14 +618,14 @@ class Session(abc.ABC):
             raise InvalidStateError("stream() is already running on this session")
         limit = self._audio_limit()
         if limit is None:
-            chunks = audio.pcm_chunks(source, self.sample_rate)
+            chunks = audio.pcm_chunks(source, self.sample_rate, sample_rate)
         elif audio.is_whole(source):
             # Known length: refuse before sending anything rather than fail at the limit.
-            pcm = await audio.whole_pcm(source, self.sample_rate)
+            pcm = await audio.whole_pcm(source, self.sample_rate, sample_rate)
             self._check_length(len(pcm), limit)
             chunks = audio.pcm_chunks(pcm, self.sample_rate)
         else:
-            chunks = _up_to(audio.pcm_chunks(source, self.sample_rate), limit)
+            chunks = _up_to(audio.pcm_chunks(source, self.sample_rate, sample_rate), limit)
         async with contextlib.aclosing(chunks) as limited:
             await self._audio.stream(limited, pace)
         if limit is not None and self.metrics.bytes_sent >= limit:
