@@ -25,14 +25,14 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 from . import audio
 from .auth import TokenProvider, TokenSource, as_provider
-from .config import DEFAULT_URL
+from .config import DEFAULT_URL, check_token, start_parameters
 from .connection import Connection, ProxySetting, connect
 from .errors import (
     AudioFormatError,
@@ -100,7 +100,8 @@ class Session(abc.ABC):
     Args:
         appkey: the project's appkey (sent in every directive's header).
         token: a token string or a :class:`~nlsstream.auth.TokenProvider`; asked for a
-            token once, before connecting.
+            token once, before connecting. ``None`` raises
+            :class:`~nlsstream.config.ConfigurationError` saying how to give one.
         url: the gateway (default: the cloud's Shanghai endpoint).
         format: audio format declared to the gateway; :meth:`stream` needs ``"pcm"``.
         sample_rate: 8000 or 16000.
@@ -126,8 +127,13 @@ class Session(abc.ABC):
             read once per address per process; a proxy URL (``http://``, ``socks5://``)
             uses that proxy; ``None`` connects directly. Proxies need the ``[proxy]``
             extra (python-socks).
-        params: extra Start parameters (``max_sentence_silence``, ``enable_words``,
-            ``vocabulary_id``, ...), sent as given; ``None`` values are left out.
+        params: extra Start parameters, sent as given; ``None`` values are left out.
+        **extra: Start parameters as keyword arguments (``max_sentence_silence``,
+            ``enable_words``, ``vocabulary_id``, ...); one outside the documented set
+            (:attr:`~nlsstream.protocol.Namespace.parameters`, most likely a typo) draws a
+            warning, once per name; pass it in ``params`` instead to send it without.
+            A value that cannot be sent as JSON (e.g. a callback the class does not
+            have) raises TypeError here.
 
     Callbacks run on the event loop, in event order, as events arrive; a coroutine
     callback is awaited before later events are delivered, so a slow one delays only
@@ -167,7 +173,8 @@ class Session(abc.ABC):
         pacer: Pacer | None = None,
         max_ahead_ms: int = 1000,
         proxy: ProxySetting = True,
-        **params: Any,
+        params: Mapping[str, Any] | None = None,
+        **extra: Any,
     ) -> None:
         if not isinstance(appkey, str) or not appkey:
             raise ValueError("appkey must be a non-empty string")
@@ -182,6 +189,8 @@ class Session(abc.ABC):
                 raise ValueError(f"{name} must be positive, got {value!r}")
         if event_queue_size < 1:
             raise ValueError(f"event_queue_size must be at least 1, got {event_queue_size}")
+        token = check_token(token)
+        extra = start_parameters(self.namespace, type(self).__name__, extra, params)
         self._provider: TokenProvider = as_provider(token)
         self._token: str | None = token if isinstance(token, str) else None
         self.url = url
@@ -196,7 +205,7 @@ class Session(abc.ABC):
                 "enable_intermediate_result": enable_intermediate_result,
                 "enable_punctuation_prediction": enable_punctuation_prediction,
                 "enable_inverse_text_normalization": enable_inverse_text_normalization,
-                **params,
+                **extra,
             },
             task_id=task_id,
         )
