@@ -142,9 +142,12 @@ def is_retryable(status: int) -> bool:
 _QUOTED_TOKEN = re.compile(r"(token\s*')[^']*(')", re.IGNORECASE)
 _TOKEN_HEADER = re.compile(r"(X-NLS-Token\s*:\s*)\S+", re.IGNORECASE)
 _TOKEN_PARAM = re.compile(r"([?&;]token=)[^&#;\s'\"]*", re.IGNORECASE)
-# Characters a token or secret is made of: a secret is replaced only where it stands on
-# its own, never inside a longer word (token "1" leaves "ws://127.0.0.1/ws/v1" alone).
-_WORD = r"A-Za-z0-9_.~+/=%-"
+# A secret is replaced only where it stands on its own, never inside a longer word: not
+# next to a character a token is made of, nor a "." inside a word (token "1" leaves
+# "ws://127.0.0.1/ws/v1" alone, but not "says 1."). "=" may end a secret (base64
+# padding) but also introduces a value ("token=...").
+_WORD = r"A-Za-z0-9_~+/%-"
+_ALONE = (rf"(?<![{_WORD}])(?<![{_WORD}]\.)", rf"(?![={_WORD}])(?!\.[{_WORD}])")
 
 
 def redact(text: str, *secrets: str | None) -> str:
@@ -156,7 +159,7 @@ def redact(text: str, *secrets: str | None) -> str:
     text = _TOKEN_PARAM.sub(r"\1***", text)
     for secret in secrets:
         if secret:
-            text = re.sub(rf"(?<![{_WORD}]){re.escape(secret)}(?![{_WORD}])", "***", text)
+            text = re.sub(_ALONE[0] + re.escape(secret) + _ALONE[1], "***", text)
     return text
 
 
