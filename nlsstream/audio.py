@@ -32,6 +32,7 @@ import logging
 import math
 import numbers
 import os
+import struct
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
 from pathlib import Path
 from types import AsyncGeneratorType, GeneratorType
@@ -57,6 +58,7 @@ __all__ = [
     "pcm_chunks",
     "sniff_container",
     "to_pcm16",
+    "wav_stream_layout",
     "whole_pcm",
 ]
 
@@ -426,6 +428,35 @@ def sniff_container(head: bytes) -> str | None:
             and rate != 0b11
         ):
             return "MP3"
+    return None
+
+
+#: A WAV data size that means "unknown, until the end" (streams written before their
+#: length was known: 0, or about 2 or 4 GiB).
+_WAV_OPEN_ENDED = 0x7FFF0000
+
+
+def wav_stream_layout(head: bytes, sample_rate: int) -> tuple[int, int | None] | None:
+    """Whether the WAV file ``head`` begins can be streamed as it arrives: PCM16 mono at
+    ``sample_rate``, with its header complete within ``head``. Returns ``(offset, size)``
+    of the samples (``size`` ``None`` when the header leaves it open, as live
+    recorders do), or ``None`` when the file must be decoded whole (another format,
+    or a header not complete within ``head``)."""
+    pos, pcm16_mono = 12, False
+    while pos + 8 <= len(head):
+        chunk, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        body = pos + 8
+        if chunk == b"fmt ":
+            if body + 16 > len(head):
+                return None
+            tag, channels, rate = struct.unpack_from("<HHI", head, body)
+            (bits,) = struct.unpack_from("<H", head, body + 14)
+            pcm16_mono = (tag, channels, rate, bits) == (1, 1, sample_rate, 16)
+        elif chunk == b"data":
+            if not pcm16_mono:
+                return None
+            return body, (None if size == 0 or size >= _WAV_OPEN_ENDED else size)
+        pos = body + size + (size & 1)
     return None
 
 
