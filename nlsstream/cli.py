@@ -293,19 +293,51 @@ def _transcribe_cmd(args: argparse.Namespace) -> int:
         logging.getLogger("websockets").setLevel(logging.INFO)
     secrets = (args.token, os.environ.get("NLS_TOKEN"), os.environ.get("ALIYUN_AK_SECRET"))
     try:
-        with _open_output(args.output) as out:
-            return _run(_transcribe(args, out), verbose=args.verbose, secrets=secrets)
+        with _open_output(args.output) as output:
+            status = _run(_transcribe(args, output.file), verbose=args.verbose, secrets=secrets)
+            output.keep = status != EXIT_FAILURE
+            return status
     except OSError as exc:  # _run handles everything else: this is opening/closing FILE
         return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
 
 
+class _Output:
+    """Where the transcript goes; ``keep`` says whether a file written is to be kept."""
+
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+        self.keep = False
+
+
 @contextlib.contextmanager
-def _open_output(path: str | None) -> Iterator[TextIO]:
+def _open_output(path: str | None) -> Iterator[_Output]:
+    """Standard output, or ``path`` written atomically: into a temporary file in the same
+    directory that replaces ``path`` only if the run keeps it (a failed run destroys
+    nothing). A path that is not a regular file (``/dev/null``, a FIFO) is written as is."""
     if path is None or path == "-":
-        yield sys.stdout
+        yield _Output(sys.stdout)
         return
-    with open(path, "w", encoding="utf-8") as f:
-        yield f
+    target = os.path.realpath(path)  # replace a symlink's file, not the symlink
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.stat(target).st_mode):
+            with open(path, "w", encoding="utf-8") as f:
+                yield _Output(f)
+            return
+    folder, name = os.path.split(target)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    # O_EXCL: never follow or reuse anything already there; 0o666 & ~umask, as open() does.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))  # keep the old file's mode
+        with open(fd, "w", encoding="utf-8") as f:
+            output = _Output(f)
+            yield output
+        if output.keep:
+            os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 class _Interrupt:

@@ -14,6 +14,7 @@ import os
 import re
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -398,3 +399,33 @@ def test_progress_bar_on_a_terminal() -> None:
     assert out == "hello world\n"
     assert "] 100% sent" in shown and "\r" in shown
     assert NOTICE.search(shown)
+
+
+# --------------------------------------------------------------------------- -o FILE
+
+
+def test_a_failed_run_destroys_no_output_file(tmp_path: Path) -> None:
+    target = tmp_path / "x.srt"
+    target.write_text("keep\n")
+    missing = tmp_path / "missing.wav"
+    assert_one_line_error(run_cli("transcribe", str(missing), "--srt", "-o", str(target)))
+    with Gateway(recognizer="span").run_in_thread() as gw:
+        url = gw.url  # closed again: the run fails after the output was opened
+    proc = run_cli("transcribe", HELLO, "--srt", "-o", str(target), "--url", url)
+    assert_one_line_error(proc, "cannot connect")
+    assert target.read_text() == "keep\n"
+    assert os.listdir(tmp_path) == ["x.srt"]  # no temporary file left behind
+
+
+def test_a_successful_run_replaces_the_output_file_whole(
+    span_gateway: Gateway, tmp_path: Path
+) -> None:
+    target = tmp_path / "x.srt"
+    target.write_text("old subtitles\n")
+    target.chmod(0o640)
+    proc = run_cli("transcribe", HELLO, "--srt", "-o", str(target), "--url", span_gateway.url)
+    assert proc.returncode == 0, proc.stderr
+    cues = parse_subtitles(target.read_text(), "srt")
+    assert [c[2] for c in cues] == span_gateway.sessions[-1].sentences != []
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert os.listdir(tmp_path) == ["x.srt"]
