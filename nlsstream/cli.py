@@ -9,8 +9,10 @@ Subcommands:
 
 ``transcribe`` and ``recognize`` connect to the cloud when credentials are configured
 (see :mod:`nlsstream.config`), to ``--url`` / ``NLS_URL`` when given, and otherwise to an
-embedded local gateway (:mod:`nlsstream.quickstart`). Exit status: 0 done, 1 failure (one
-line on stderr, never a token), 2 usage error, 130 interrupted (after a clean stop).
+embedded local gateway (:mod:`nlsstream.quickstart`). Exit status: 0 done (also when
+nothing was recognised, which stderr says), 1 failure (one line on stderr, never a
+token), 2 usage error, 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM after a clean
+stop that kept the sentences already spoken.
 """
 
 from __future__ import annotations
@@ -46,8 +48,17 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
-# How often the progress bar is redrawn (it only writes when the percentage changes).
+#: What ``transcribe`` and ``recognize`` exit with (their ``--help`` and the README).
+EXIT_CODES = (
+    "exit status: 0 done (if nothing was recognised, stderr says so), 1 failure (one line "
+    "on stderr), 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; "
+    "either signal stops cleanly and keeps the sentences already spoken, a second one "
+    "cancels at once"
+)
+
+# How often the progress bar is redrawn (it only writes when the percentage or second changes).
 _PROGRESS_INTERVAL = 0.1
 # Bytes per read from a stdin pipe; read1 returns what is there, so this bounds latency only.
 _STDIN_CHUNK = 32 * 1024
@@ -194,9 +205,11 @@ def _session_options() -> argparse.ArgumentParser:
         default=None,
         help="ask for intermediate results (default: on for live terminal output)",
     )
-    rec.add_argument("--punctuation", action="store_true", help="add punctuation")
+    rec.add_argument("--punctuation", action="store_true", help="add punctuation (cloud only)")
     rec.add_argument(
-        "--itn", action="store_true", help="inverse text normalisation (numbers as digits)"
+        "--itn",
+        action="store_true",
+        help="inverse text normalisation: numbers as digits (cloud only)",
     )
     out = p.add_argument_group("output")
     fmt = out.add_mutually_exclusive_group()
@@ -220,7 +233,8 @@ def _session_options() -> argparse.ArgumentParser:
         "--no-progress",
         dest="progress",
         action="store_false",
-        help="no progress bar on stderr (shown for files when stderr is a terminal)",
+        help="no progress bar on stderr (shown with elapsed time and ETA for files when "
+        "stderr is a terminal, unless live text is on it)",
     )
     out.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     p.set_defaults(format="text")
@@ -237,6 +251,7 @@ def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "are recognised. FILE is any audio file libsndfile reads (WAV, FLAC, OGG...) "
             "or a .pcm/.raw file; '-' reads PCM16LE mono from standard input."
         ),
+        epilog=EXIT_CODES,
     )
     p.add_argument("source", nargs="?", metavar="FILE|-", help="audio file, or - for stdin")
     p.add_argument("--mic", action="store_true", help="record from the microphone (Ctrl-C ends)")
@@ -260,6 +275,7 @@ def _add_recognize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             "Sentence recognition (SpeechRecognizer): one result for the whole audio, "
             "which must be at most 60 s. '-' reads PCM16LE mono from standard input."
         ),
+        epilog=EXIT_CODES,
     )
     p.add_argument("source", metavar="FILE|-", help="audio file, or - for stdin")
     p.set_defaults(
@@ -341,28 +357,38 @@ def _open_output(path: str | None) -> Iterator[_Output]:
 
 
 class _Interrupt:
-    """Ctrl-C handling: the first press runs the current graceful action (stop sending,
-    then drain the finals), the second cancels everything."""
+    """SIGINT (Ctrl-C) and SIGTERM handling: the first signal runs the current graceful
+    action (stop sending, then drain the finals), the second cancels everything."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.count = 0
+        self.status = EXIT_INTERRUPTED  # 128 + the first signal's number
         self.graceful: Callable[[], object] | None = None
         self._task: asyncio.Task[Any] | None = None
 
     def install(self) -> None:
         self._task = asyncio.current_task()
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # e.g. Windows
-            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_signal)
+        loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # e.g. Windows
+                loop.add_signal_handler(sig, self._on_signal, sig)
 
     def uninstall(self) -> None:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
 
-    def _on_signal(self) -> None:
+    def _on_signal(self, sig: signal.Signals) -> None:
         self.count += 1
-        if self.count == 1 and self.graceful is not None:
-            self.graceful()
-        elif self._task is not None:
+        if self.count == 1:
+            self.status = 128 + sig
+            if self.graceful is not None:
+                self.graceful()
+                return
+        if self._task is not None:
             self._task.cancel()
 
 
@@ -373,7 +399,7 @@ async def _transcribe(args: argparse.Namespace, out: TextIO) -> int:
         return await _transcribe_session(args, out, interrupt)
     except asyncio.CancelledError:
         if interrupt.count:
-            return EXIT_INTERRUPTED
+            return interrupt.status
         raise
     finally:
         interrupt.uninstall()
@@ -381,7 +407,7 @@ async def _transcribe(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: _Interrupt) -> int:
     from .output import ProgressBar, renderer_for
-    from .quickstart import session_settings
+    from .quickstart import print_notice, session_settings
     from .session import Recognizer, Transcriber
 
     # Read and check the audio before connecting: a bad file costs no session.
@@ -401,6 +427,14 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
         params["max_sentence_silence"] = args.max_sentence_silence
     # Live text and a progress bar on the same terminal would overwrite each other.
     show_progress = pcm is not None and args.progress and _isatty(sys.stderr) and not live
+    unsupported = [
+        flag for flag, on in (("--punctuation", args.punctuation), ("--itn", args.itn)) if on
+    ]
+
+    def notice(message: str) -> None:
+        print_notice(message)
+        if unsupported:
+            print_notice(f"the local gateway ignores {' and '.join(unsupported)} (cloud only)")
 
     async with contextlib.AsyncExitStack() as stack:
         source: Any
@@ -419,7 +453,7 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
             source = _stdin_chunks()
 
         url, appkey, token = await stack.enter_async_context(
-            session_settings(url=args.url, appkey=args.appkey, token=args.token)
+            session_settings(url=args.url, appkey=args.appkey, token=args.token, notice=notice)
         )
         cls = Transcriber if args.kind == "transcriber" else Recognizer
         session = cls(
@@ -443,7 +477,7 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
                 if show_progress and pcm is not None:
                     progress = ProgressBar(len(pcm) * 1000 / (2 * args.sample_rate), sys.stderr)
                 # Live sources are already real time; pacing them again only adds delay.
-                pace = None if args.mic or args.pace == 0 else args.pace
+                pace = None if args.mic else args.pace
                 sender = asyncio.ensure_future(session.stream(source, pace=pace))
                 interrupt.graceful = sender.cancel
                 try:
@@ -455,13 +489,15 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
                     interrupt.graceful = None
                     if progress is not None:
                         progress.close()
-                await session.stop()
+                result = await session.stop()
         finally:
             renderer_error = await _finish_render(render_task)
             renderer.close()
         if renderer_error is not None and renderer_error is not session.error:
             raise renderer_error
-    return EXIT_INTERRUPTED if interrupt.count else EXIT_OK
+    if not result.text:
+        print_notice("no speech recognised")
+    return interrupt.status if interrupt.count else EXIT_OK
 
 
 async def _wait_sending(

@@ -255,6 +255,7 @@ def test_help(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("usage: nlsstream" + (f" {command}" if command else ""))
     if command in ("transcribe", "recognize"):
         assert "NLS_TOKEN" in out  # --token's help points to the environment instead
+        assert "130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM" in " ".join(out.split())
 
 
 def test_entry_point_version_and_usage_status() -> None:
@@ -302,8 +303,11 @@ def test_config_error_is_one_line() -> None:
     assert_one_line_error(proc, "ALIYUN_AK_SECRET")
 
 
-def test_ctrl_c_stops_cleanly_with_130(span_gateway: Gateway) -> None:
-    # stdin stays open, as with a live source: only Ctrl-C ends the session.
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_cleanly_keeping_the_sentences(
+    span_gateway: Gateway, sig: signal.Signals, status: int
+) -> None:
+    # stdin stays open, as with a live source: only the signal ends the session.
     proc = subprocess.Popen(
         [*CLI, "transcribe", "-", "--pace", "0", "--url", span_gateway.url],
         stdin=subprocess.PIPE,
@@ -316,13 +320,13 @@ def test_ctrl_c_stops_cleanly_with_130(span_gateway: Gateway) -> None:
         proc.stdin.write(load_file(THREE, 16000))
         proc.stdin.flush()
         first = readline_within(proc.stdout, TIMEOUT).decode()  # once a sentence is final
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     lines = [first.rstrip("\n"), *rest.decode().splitlines()]
     # Finals already due are still printed; a sentence cut by the Stop just after it
     # began may have no text, and empty finals are not printed.
@@ -401,6 +405,19 @@ def test_progress_bar_on_a_terminal() -> None:
     assert NOTICE.search(shown)
 
 
+def test_a_progress_bar_with_elapsed_and_eta_when_writing_a_file(
+    span_gateway: Gateway, tmp_path: Path
+) -> None:
+    target = tmp_path / "out.txt"
+    args = ("transcribe", HELLO, "--pace", "2", "--url", span_gateway.url, "-o", str(target))
+    code, shown, out = run_with_terminal(*args, stream="stderr")
+    assert code == 0, shown
+    assert out == ""
+    assert target.read_text() == "".join(f"{s}\n" for s in span_gateway.sessions[-1].sentences)
+    assert re.search(r"\] +\d+% sent  0:0\d elapsed, ETA 0:0\d", shown), shown
+    assert re.search(r"\] 100% sent  0:0\d elapsed", shown), shown
+
+
 # --------------------------------------------------------------------------- -o FILE
 
 
@@ -429,3 +446,25 @@ def test_a_successful_run_replaces_the_output_file_whole(
     assert [c[2] for c in cues] == span_gateway.sessions[-1].sentences != []
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert os.listdir(tmp_path) == ["x.srt"]
+
+
+def test_silence_says_no_speech_was_recognised(span_gateway: Gateway) -> None:
+    silence = b"\0\0" * 16000
+    proc = run_cli("transcribe", "-", "--pace", "0", "--url", span_gateway.url, input=silence)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == "nlsstream: no speech recognised\n"
+
+
+def test_punctuation_and_itn_on_the_local_gateway_are_said_to_be_ignored() -> None:
+    proc = run_cli("transcribe", "-", "--pace", "0", "--punctuation", "--itn", input=b"\0\0" * 800)
+    assert proc.returncode == 0, proc.stderr
+    ignored = "nlsstream: the local gateway ignores --punctuation and --itn (cloud only)"
+    assert proc.stderr.count(ignored) == 1, proc.stderr
+
+
+def test_a_short_token_does_not_garble_the_error() -> None:
+    with Gateway(recognizer="span").run_in_thread() as gw:
+        url = gw.url  # closed again: nothing listens there
+    proc = run_cli("transcribe", HELLO, "--url", url, "--token", "1", "--timeout", "5")
+    assert_one_line_error(proc, f"cannot connect to {url}")
