@@ -26,7 +26,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._version import __version__
@@ -60,6 +60,8 @@ EXIT_CODES = (
 
 # How often the progress bar is redrawn (it only writes when the percentage or second changes).
 _PROGRESS_INTERVAL = 0.1
+# A WAV header is usually 44 bytes; one not complete within this much is not streamed.
+_WAV_HEADER_MAX = 64 * 1024
 # Bytes per read from a stdin pipe; read1 returns what is there, so this bounds latency only.
 _STDIN_CHUNK = 32 * 1024
 
@@ -187,8 +189,8 @@ def _session_options() -> argparse.ArgumentParser:
         type=int,
         choices=(8000, 16000),
         default=16000,
-        help="rate sent to the gateway; files are resampled, stdin must already be "
-        "PCM16LE mono at this rate (default %(default)s)",
+        help="rate sent to the gateway; files and containers on stdin are resampled, "
+        "headerless stdin must already be PCM16LE mono at this rate (default %(default)s)",
     )
     audio.add_argument(
         "--pace",
@@ -233,8 +235,8 @@ def _session_options() -> argparse.ArgumentParser:
         "--no-progress",
         dest="progress",
         action="store_false",
-        help="no progress bar on stderr (shown with elapsed time and ETA for files when "
-        "stderr is a terminal, unless live text is on it)",
+        help="no progress bar on stderr (shown with elapsed time and ETA for files and "
+        "containers on stdin when stderr is a terminal, unless live text is on it)",
     )
     out.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     p.set_defaults(format="text")
@@ -248,8 +250,10 @@ def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="transcribe a file, standard input or the microphone in real time",
         description=(
             "Real-time transcription (SpeechTranscriber): sentences are printed as they "
-            "are recognised. FILE is any audio file libsndfile reads (WAV, FLAC, OGG...) "
-            "or a .pcm/.raw file; '-' reads PCM16LE mono from standard input."
+            "are recognised. FILE is any audio file libsndfile reads (WAV, FLAC, OGG, "
+            "MP3...) or a .pcm/.raw file; '-' reads standard input: a WAV, MP3, OGG or FLAC "
+            "stream is recognised by its header and decoded, anything else is PCM16LE mono "
+            "at --sample-rate."
         ),
         epilog=EXIT_CODES,
     )
@@ -273,7 +277,8 @@ def _add_recognize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="recognise one utterance (at most 60 s) from a file or standard input",
         description=(
             "Sentence recognition (SpeechRecognizer): one result for the whole audio, "
-            "which must be at most 60 s. '-' reads PCM16LE mono from standard input."
+            "which must be at most 60 s. '-' reads standard input (WAV, MP3, OGG, FLAC, "
+            "or PCM16LE mono at --sample-rate)."
         ),
         epilog=EXIT_CODES,
     )
@@ -412,7 +417,14 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
 
     # Read and check the audio before connecting: a bad file costs no session.
     pcm: bytes | None = None
-    if args.source and args.source != "-":
+    stdin: AsyncGenerator[bytes, None] | None = None
+    if args.source == "-":
+        audio = await _stdin_audio(args.sample_rate)
+        if isinstance(audio, bytes):
+            pcm = audio
+        else:
+            stdin = audio
+    elif args.source:
         from .audio import load_file
 
         pcm = await asyncio.to_thread(load_file, args.source, args.sample_rate)
@@ -438,7 +450,9 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
 
     async with contextlib.AsyncExitStack() as stack:
         source: Any
-        if args.mic:
+        if stdin is not None:
+            source = await stack.enter_async_context(contextlib.aclosing(stdin))
+        elif args.mic:
             from .mic import Microphone
 
             device: int | str | None = args.device
@@ -447,10 +461,8 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
             source = await stack.enter_async_context(
                 Microphone(sample_rate=args.sample_rate, device=device)
             )
-        elif pcm is not None:
-            source = pcm
         else:
-            source = _stdin_chunks()
+            source = pcm
 
         url, appkey, token = await stack.enter_async_context(
             session_settings(url=args.url, appkey=args.appkey, token=args.token, notice=notice)
@@ -539,8 +551,60 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-async def _stdin_chunks() -> AsyncIterator[bytes]:
-    """Standard input as PCM chunks, without blocking the event loop.
+async def _stdin_audio(sample_rate: int) -> bytes | AsyncGenerator[bytes, None]:
+    """Standard input as the session's audio, from its first bytes: a WAV of PCM16 mono
+    at ``sample_rate`` is streamed as it arrives (a live recorder's too); other WAV, MP3,
+    OGG and FLAC are read to the end and decoded to PCM; anything else is taken as raw
+    PCM16LE mono at ``sample_rate`` and streamed."""
+    from .audio import SNIFF_BYTES, decode_bytes, sniff_container, wav_stream_layout
+    from .errors import AudioFormatError
+
+    chunks = _stdin_chunks()
+    head = b""
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(chunks.aclose)  # unless handed on below
+        while len(head) < SNIFF_BYTES and (chunk := await anext(chunks, b"")):
+            head += chunk
+        if not head:
+            raise AudioFormatError("standard input is empty: there is no audio to transcribe")
+        kind = sniff_container(head)
+        if kind is None:
+            stack.pop_all()
+            return _chain(head, chunks)
+        if kind == "WAV":
+            layout = wav_stream_layout(head, sample_rate)
+            while layout is None and len(head) < _WAV_HEADER_MAX:
+                if not (chunk := await anext(chunks, b"")):
+                    break
+                head += chunk
+                layout = wav_stream_layout(head, sample_rate)
+            if layout is not None:
+                stack.pop_all()
+                offset, size = layout
+                return _chain(head[offset:], chunks, size)
+        rest = [chunk async for chunk in chunks]
+    name = f"standard input ({kind})"
+    return await asyncio.to_thread(decode_bytes, head + b"".join(rest), sample_rate, name)
+
+
+async def _chain(
+    first: bytes, rest: AsyncGenerator[bytes, None], limit: int | None = None
+) -> AsyncGenerator[bytes, None]:
+    """``first`` then ``rest``, ``limit`` bytes in all (``None``: to the end)."""
+    async with contextlib.aclosing(rest):
+        chunk = first
+        while limit != 0:
+            if limit is not None:
+                chunk = chunk[:limit]
+                limit -= len(chunk)
+            if chunk:
+                yield chunk
+            if not (chunk := await anext(rest, b"")):
+                return
+
+
+async def _stdin_chunks() -> AsyncGenerator[bytes, None]:
+    """Standard input as chunks of bytes, without blocking the event loop.
 
     Pipes and terminals are read through the event loop; regular files (``< file.pcm``)
     cannot be, and never block for long, so they are read in a worker thread.

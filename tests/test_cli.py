@@ -9,20 +9,24 @@ runs are started together by one fixture and checked by several tests.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import select
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 from helpers import (
     AK_ID,
     AK_SECRET,
@@ -303,11 +307,22 @@ def test_config_error_is_one_line() -> None:
     assert_one_line_error(proc, "ALIYUN_AK_SECRET")
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def live_wav_header(rate: int = 16000) -> bytes:
+    """A WAV header as live recorders (arecord) write it: PCM16 mono, length unknown."""
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, 2 * rate, 2, 16)
+    return b"RIFF\xff\xff\xff\xffWAVEfmt " + struct.pack("<I", 16) + fmt + b"data\xff\xff\xff\xff"
+
+
+@pytest.mark.parametrize(
+    ("sig", "status", "header"),
+    [(signal.SIGINT, 130, b""), (signal.SIGTERM, 143, live_wav_header())],
+    ids=["SIGINT-raw-pcm", "SIGTERM-live-wav"],
+)
 def test_a_signal_stops_cleanly_keeping_the_sentences(
-    span_gateway: Gateway, sig: signal.Signals, status: int
+    span_gateway: Gateway, sig: signal.Signals, status: int, header: bytes
 ) -> None:
-    # stdin stays open, as with a live source: only the signal ends the session.
+    # stdin stays open, as with a live source: only the signal ends the session. A live
+    # WAV stream is sent as it comes, not read to an end that never comes.
     proc = subprocess.Popen(
         [*CLI, "transcribe", "-", "--pace", "0", "--url", span_gateway.url],
         stdin=subprocess.PIPE,
@@ -317,7 +332,7 @@ def test_a_signal_stops_cleanly_keeping_the_sentences(
     )
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        proc.stdin.write(load_file(THREE, 16000))
+        proc.stdin.write(header + load_file(THREE, 16000))
         proc.stdin.flush()
         first = readline_within(proc.stdout, TIMEOUT).decode()  # once a sentence is final
         proc.send_signal(sig)
@@ -446,6 +461,70 @@ def test_a_successful_run_replaces_the_output_file_whole(
     assert [c[2] for c in cues] == span_gateway.sessions[-1].sentences != []
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert os.listdir(tmp_path) == ["x.srt"]
+
+
+# --------------------------------------------------------------------------- standard input
+
+
+def _encode(path: str, fmt: str, subtype: str | None, rate: int, channels: int) -> bytes:
+    data, source_rate = sf.read(path, dtype="float64")
+    if rate != source_rate:
+        data = soxr.resample(data, source_rate, rate)
+    if channels == 2:
+        data = np.column_stack([data, data])
+    out = io.BytesIO()
+    sf.write(out, data, rate, format=fmt, subtype=subtype)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "rate", "channels"),
+    [
+        ("WAV", "PCM_16", 16000, 1),  # streamed as it comes
+        ("WAV", "FLOAT", 44100, 2),  # decoded whole
+        ("FLAC", None, 16000, 1),
+        ("OGG", "VORBIS", 22050, 1),
+        ("MP3", None, 16000, 1),
+    ],
+)
+def test_containers_on_stdin_are_decoded(
+    span_gateway: Gateway, fmt: str, subtype: str | None, rate: int, channels: int
+) -> None:
+    if fmt not in sf.available_formats():
+        pytest.skip(f"libsndfile without {fmt}")
+    data = _encode(HELLO, fmt, subtype, rate, channels)
+    proc = run_cli("transcribe", "-", "--pace", "0", "--url", span_gateway.url, input=data)
+    assert proc.returncode == 0, proc.stderr
+    sent = span_gateway.sessions[-1].audio_bytes
+    expected = len(load_file(HELLO, 16000))
+    if (fmt, rate) == ("WAV", 16000):
+        assert sent == expected  # exactly the samples: the header is not audio
+    else:
+        assert abs(sent - expected) < 0.1 * expected  # codec padding aside, the same audio
+
+
+def test_an_mp3_on_stdin_is_recognised(tmp_path: Path) -> None:
+    if "MP3" not in sf.available_formats():
+        pytest.skip("libsndfile without MP3")
+    data = _encode(HELLO, "MP3", None, 16000, 1)
+    timeout = sphinx_timeout(HELLO)
+    proc = run_cli(
+        "transcribe",
+        "-",
+        "--pace",
+        "0",
+        "--timeout",
+        str(timeout),
+        input=data,
+        timeout=process_timeout(timeout),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello world\n"
+
+
+def test_empty_stdin_is_a_clear_error() -> None:
+    proc = run_cli("transcribe", "-", input=b"")
+    assert_one_line_error(proc, "standard input is empty")
 
 
 def test_silence_says_no_speech_was_recognised(span_gateway: Gateway) -> None:
