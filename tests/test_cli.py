@@ -194,19 +194,37 @@ def test_recognize_sentence_mode(runs: dict[str, tuple[object, ...]]) -> None:
 # --------------------------------------------------------------------------- quick runs
 
 
-def test_stdin_raw_pcm() -> None:
-    pcm = load_file(HELLO, 8000)
+def _encode(path: str, fmt: str, subtype: str | None, rate: int, channels: int) -> bytes:
+    data, source_rate = sf.read(path, dtype="float64")
+    if rate != source_rate:
+        data = soxr.resample(data, source_rate, rate)
+    if channels == 2:
+        data = np.column_stack([data, data])
+    out = io.BytesIO()
+    sf.write(out, data, rate, format=fmt, subtype=subtype)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["raw-pcm-8k", "mp3"])
+def test_stdin_is_recognised(kind: str) -> None:
+    if kind == "mp3":
+        if "MP3" not in sf.available_formats():
+            pytest.skip("libsndfile without MP3")
+        data, rate = _encode(HELLO, "MP3", None, 16000, 1), 16000
+    else:
+        data, rate = load_file(HELLO, 8000), 8000
+    timeout = sphinx_timeout(HELLO)
     proc = run_cli(
         "transcribe",
         "-",
         "--pace",
         "0",
         "--timeout",
-        str(sphinx_timeout(HELLO)),
+        str(timeout),
         "--sample-rate",
-        "8000",
-        input=pcm,
-        timeout=process_timeout(sphinx_timeout(HELLO)),
+        str(rate),
+        input=data,
+        timeout=process_timeout(timeout),
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "hello world\n"
@@ -466,17 +484,6 @@ def test_a_successful_run_replaces_the_output_file_whole(
 # --------------------------------------------------------------------------- standard input
 
 
-def _encode(path: str, fmt: str, subtype: str | None, rate: int, channels: int) -> bytes:
-    data, source_rate = sf.read(path, dtype="float64")
-    if rate != source_rate:
-        data = soxr.resample(data, source_rate, rate)
-    if channels == 2:
-        data = np.column_stack([data, data])
-    out = io.BytesIO()
-    sf.write(out, data, rate, format=fmt, subtype=subtype)
-    return out.getvalue()
-
-
 @pytest.mark.parametrize(
     ("fmt", "subtype", "rate", "channels"),
     [
@@ -501,25 +508,6 @@ def test_containers_on_stdin_are_decoded(
         assert sent == expected  # exactly the samples: the header is not audio
     else:
         assert abs(sent - expected) < 0.1 * expected  # codec padding aside, the same audio
-
-
-def test_an_mp3_on_stdin_is_recognised(tmp_path: Path) -> None:
-    if "MP3" not in sf.available_formats():
-        pytest.skip("libsndfile without MP3")
-    data = _encode(HELLO, "MP3", None, 16000, 1)
-    timeout = sphinx_timeout(HELLO)
-    proc = run_cli(
-        "transcribe",
-        "-",
-        "--pace",
-        "0",
-        "--timeout",
-        str(timeout),
-        input=data,
-        timeout=process_timeout(timeout),
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "hello world\n"
 
 
 def test_empty_stdin_is_a_clear_error() -> None:
