@@ -32,8 +32,10 @@ def on_sentence_begin(event: nlsstream.SentenceBegin) -> None:
 
 
 def on_result_changed(event: nlsstream.ResultChanged) -> None:
-    # The full current hypothesis of the open sentence, not a delta.
-    print(f"  ... {event.text}")
+    # The full current hypothesis of the open sentence, not a delta. It may be empty (a
+    # sentence has begun but no word is recognised yet): nothing to show then.
+    if event.text:
+        print(f"  ... {event.text}")
 
 
 async def on_sentence_end(event: nlsstream.SentenceEnd) -> None:

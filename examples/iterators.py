@@ -23,7 +23,8 @@ DEFAULT_AUDIO = FIXTURES / "three_sentences.wav"
 
 async def show_partials(transcriber: nlsstream.Transcriber) -> None:
     async for partial in transcriber.results():
-        print(f"  ... {partial.text}")
+        if partial.text:  # empty while a sentence has begun but no word is recognised yet
+            print(f"  ... {partial.text}")
 
 
 async def collect_sentences(transcriber: nlsstream.Transcriber) -> list[str]:

@@ -9,7 +9,8 @@ Accepted sources (:data:`AudioSource`):
 * a path (``str`` or ``os.PathLike``): anything libsndfile reads (WAV, FLAC, OGG, ...),
   downmixed and resampled; ``.pcm`` / ``.raw`` files are headerless PCM16LE mono at the
   session rate;
-* a numpy array at the session rate: ``(samples,)`` or ``(samples, channels)``, int16 (or
+* a numpy array at the session rate (or at another rate given as ``source_rate``):
+  ``(samples,)`` or ``(samples, channels)``, int16 (or
   another integer type, scaled from its full range; unsigned types are centred on their
   midpoint) or float in [-1.0, 1.0];
 * a sync or async iterable of chunks, each bytes-like or a numpy array as above.
@@ -26,10 +27,12 @@ of the whole input.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import math
 import numbers
 import os
+import struct
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
 from pathlib import Path
 from types import AsyncGeneratorType, GeneratorType
@@ -48,11 +51,14 @@ __all__ = [
     "AudioChunk",
     "AudioSource",
     "Framer",
+    "decode_bytes",
     "frame_bytes_for",
     "is_whole",
     "load_file",
     "pcm_chunks",
+    "sniff_container",
     "to_pcm16",
+    "wav_stream_layout",
     "whole_pcm",
 ]
 
@@ -302,7 +308,7 @@ def _array_to_pcm16(data: npt.NDArray[Any], source_rate: float, target_rate: flo
     return conv.finish()
 
 
-def to_pcm16(data: npt.NDArray[Any], source_rate: int, target_rate: int) -> bytes:
+def to_pcm16(data: npt.NDArray[Any], source_rate: float, target_rate: float) -> bytes:
     """Convert an audio array to PCM16LE mono bytes at ``target_rate``.
 
     ``data`` is ``(samples,)`` or ``(samples, channels)`` (channels are averaged); int
@@ -345,10 +351,27 @@ def load_file(path: str | os.PathLike[str], sample_rate: int) -> bytes:
             raise AudioFormatError(f"audio file is empty: {p}")
         _check_pcm_length(len(pcm), f"raw PCM file {p}")
         return pcm
+    return _decode(p, rate, str(p))
+
+
+def decode_bytes(data: bytes, sample_rate: int, name: str = "audio") -> bytes:
+    """Decode a whole audio file held in memory (WAV, MP3, OGG, FLAC...: what libsndfile
+    reads) to PCM16LE mono at ``sample_rate``, as :func:`load_file` does for paths.
+
+    ``name`` says where the data came from in error messages (e.g. ``"standard input"``).
+    """
+    rate = _check_session_rate(sample_rate)
+    if not data:
+        raise AudioFormatError(f"{name} is empty: no audio")
+    return _decode(io.BytesIO(data), rate, name)
+
+
+def _decode(source: Path | io.BytesIO, rate: int, name: str) -> bytes:
+    """Decode ``source`` with soundfile, downmix and resample (blocking)."""
     try:
-        f = soundfile.SoundFile(p)
+        f = soundfile.SoundFile(source)
     except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError) as exc:
-        raise AudioFormatError(f"cannot read audio file {p}: {exc}; {_ACCEPTED_FILES}") from exc
+        raise AudioFormatError(f"cannot read audio file {name}: {exc}; {_ACCEPTED_FILES}") from exc
     with f:
         conv = _Converter(f.samplerate, rate)
         clipped = False
@@ -356,19 +379,85 @@ def load_file(path: str | os.PathLike[str], sample_rate: int) -> bytes:
             try:
                 block = f.read(BLOCK_FRAMES, dtype="float64", always_2d=True)
             except (soundfile.SoundFileError, RuntimeError, ValueError, OSError) as exc:
-                raise AudioFormatError(f"cannot decode audio file {p}: {exc}") from exc
+                raise AudioFormatError(f"cannot decode audio file {name}: {exc}") from exc
             if not block.shape[0]:
                 break
             if not np.isfinite(block).all():
-                raise AudioFormatError(f"audio file {p} contains NaN or infinite samples")
+                raise AudioFormatError(f"audio file {name} contains NaN or infinite samples")
             clipped = clipped or float(np.max(np.abs(block))) > 1.0
             conv.feed(_to_float_mono(block, clip_floats=True))
     if clipped:
-        logger.warning("audio file %s has float samples beyond ±1.0; they were clipped", p)
+        logger.warning("audio file %s has float samples beyond ±1.0; they were clipped", name)
     pcm = conv.finish()
     if not pcm:
-        raise AudioFormatError(f"audio file contains no audio: {p}")
+        raise AudioFormatError(f"audio file contains no audio: {name}")
     return pcm
+
+
+#: Bytes :func:`sniff_container` needs to recognise every container it knows.
+SNIFF_BYTES = 12
+# MPEG audio frame header fields that no valid frame has (reserved or "bad" values).
+_MPEG_RESERVED_VERSION = 0b01
+_MPEG_RESERVED_LAYER = 0b00
+
+
+def sniff_container(head: bytes) -> str | None:
+    """The audio container ``head`` (the first :data:`SNIFF_BYTES` bytes of a stream)
+    starts with: ``"WAV"`` (RIFF/WAVE), ``"MP3"`` (an ID3 tag or an MPEG audio frame
+    header), ``"OGG"`` (OggS) or ``"FLAC"`` (fLaC); ``None`` for anything else, which is
+    then taken as headerless PCM.
+
+    An MPEG frame header is checked field by field (sync, version, layer, bitrate and
+    rate indices), so PCM that merely starts with ``0xFF`` bytes is not mistaken for one.
+    """
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "WAV"
+    if head[:3] == b"ID3":
+        return "MP3"
+    if head[:4] == b"OggS":
+        return "OGG"
+    if head[:4] == b"fLaC":
+        return "FLAC"
+    if len(head) >= 4 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        version, layer = (head[1] >> 3) & 0b11, (head[1] >> 1) & 0b11
+        bitrate, rate = head[2] >> 4, (head[2] >> 2) & 0b11
+        if (
+            version != _MPEG_RESERVED_VERSION
+            and layer != _MPEG_RESERVED_LAYER
+            and bitrate not in (0b0000, 0b1111)
+            and rate != 0b11
+        ):
+            return "MP3"
+    return None
+
+
+#: A WAV data size that means "unknown, until the end" (streams written before their
+#: length was known: 0, or about 2 or 4 GiB).
+_WAV_OPEN_ENDED = 0x7FFF0000
+
+
+def wav_stream_layout(head: bytes, sample_rate: int) -> tuple[int, int | None] | None:
+    """Whether the WAV file ``head`` begins can be streamed as it arrives: PCM16 mono at
+    ``sample_rate``, with its header complete within ``head``. Returns ``(offset, size)``
+    of the samples (``size`` ``None`` when the header leaves it open, as live
+    recorders do), or ``None`` when the file must be decoded whole (another format,
+    or a header not complete within ``head``)."""
+    pos, pcm16_mono = 12, False
+    while pos + 8 <= len(head):
+        chunk, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        body = pos + 8
+        if chunk == b"fmt ":
+            if body + 16 > len(head):
+                return None
+            tag, channels, rate = struct.unpack_from("<HHI", head, body)
+            (bits,) = struct.unpack_from("<H", head, body + 14)
+            pcm16_mono = (tag, channels, rate, bits) == (1, 1, sample_rate, 16)
+        elif chunk == b"data":
+            if not pcm16_mono:
+                return None
+            return body, (None if size == 0 or size >= _WAV_OPEN_ENDED else size)
+        pos = body + size + (size & 1)
+    return None
 
 
 # -- the async source ------------------------------------------------------------------
@@ -390,13 +479,21 @@ def is_whole(source: object) -> bool:
     return isinstance(source, _WHOLE)
 
 
-async def whole_pcm(source: AudioSource, sample_rate: int) -> bytes:
+async def whole_pcm(
+    source: AudioSource, sample_rate: int, source_rate: float | None = None
+) -> bytes:
     """A whole source (see :func:`is_whole`) as PCM16LE mono at ``sample_rate``, converted
-    and validated at once (blocking work in a thread)."""
-    return await _whole_source(source, _check_session_rate(sample_rate))
+    and validated at once (blocking work in a thread); ``source_rate`` as in
+    :func:`pcm_chunks`."""
+    rate = _check_session_rate(sample_rate)
+    return await _whole_source(source, rate, _source_rate(source_rate, rate))
 
 
-async def _whole_source(source: Any, rate: int) -> bytes:
+def _source_rate(source_rate: float | None, rate: int) -> float:
+    return float(rate) if source_rate is None else _check_rate(source_rate)
+
+
+async def _whole_source(source: Any, rate: int, source_rate: float) -> bytes:
     """Convert and validate a whole (non-iterable) source; blocking work runs in a thread."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         # Snapshot mutable buffers so later changes by the caller cannot tear a frame.
@@ -404,13 +501,19 @@ async def _whole_source(source: Any, rate: int) -> bytes:
         if not pcm:
             raise AudioFormatError("audio source is empty (0 bytes of PCM16LE)")
         _check_pcm_length(len(pcm), "PCM16LE audio")
-        return pcm
+        if source_rate == rate:
+            return pcm
+        source = np.frombuffer(pcm, dtype="<i2")
     if isinstance(source, (str, os.PathLike)):
+        if source_rate != rate:
+            raise AudioFormatError(
+                "sample_rate= is for arrays and PCM bytes; a file's rate is read from the file"
+            )
         return await asyncio.to_thread(load_file, source, rate)
     assert isinstance(source, np.ndarray)
     if source.size < _INLINE_ELEMENTS:
-        return to_pcm16(source, rate, rate)
-    return await asyncio.to_thread(to_pcm16, source, rate, rate)
+        return to_pcm16(source, source_rate, rate)
+    return await asyncio.to_thread(to_pcm16, source, source_rate, rate)
 
 
 class _ChunkStream:
@@ -451,8 +554,14 @@ class _ChunkStream:
             )
 
 
-async def pcm_chunks(source: AudioSource, sample_rate: int) -> AsyncGenerator[bytes, None]:
+async def pcm_chunks(
+    source: AudioSource, sample_rate: int, source_rate: float | None = None
+) -> AsyncGenerator[bytes, None]:
     """Yield PCM16LE mono bytes at ``sample_rate`` (8000 or 16000) from any :data:`AudioSource`.
+
+    ``source_rate`` is the rate of a numpy array or of PCM bytes when it is not
+    ``sample_rate`` (they are then resampled with soxr, HQ); ``None`` means they are at
+    ``sample_rate`` already. Files carry their own rate; for iterables it is an error.
 
     Whole sources (bytes-like, path, array) are fully converted and validated before the
     first yield, so :class:`AudioFormatError` comes before anything is sent; they are then
@@ -465,11 +574,17 @@ async def pcm_chunks(source: AudioSource, sample_rate: int) -> AsyncGenerator[by
     source is closed when this generator is closed early.
     """
     rate = _check_session_rate(sample_rate)
+    src_rate = _source_rate(source_rate, rate)
     if isinstance(source, _WHOLE):
-        pcm = await _whole_source(source, rate)
+        pcm = await _whole_source(source, rate, src_rate)
         for piece in _slices(pcm):
             yield piece
         return
+    if src_rate != rate:
+        raise AudioFormatError(
+            "sample_rate= applies to a whole array or PCM bytes; chunks of an iterable "
+            f"must be at the session rate ({rate} Hz)"
+        )
     stream = _ChunkStream(rate)
     if isinstance(source, AsyncIterable):
         ait = aiter(source)

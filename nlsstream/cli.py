@@ -9,8 +9,10 @@ Subcommands:
 
 ``transcribe`` and ``recognize`` connect to the cloud when credentials are configured
 (see :mod:`nlsstream.config`), to ``--url`` / ``NLS_URL`` when given, and otherwise to an
-embedded local gateway (:mod:`nlsstream.quickstart`). Exit status: 0 done, 1 failure (one
-line on stderr, never a token), 2 usage error, 130 interrupted (after a clean stop).
+embedded local gateway (:mod:`nlsstream.quickstart`). Exit status: 0 done (also when
+nothing was recognised, which stderr says), 1 failure (one line on stderr, never a
+token), 2 usage error, 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM after a clean
+stop that kept the sentences already spoken.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._version import __version__
@@ -46,9 +48,20 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
-# How often the progress bar is redrawn (it only writes when the percentage changes).
+#: What ``transcribe`` and ``recognize`` exit with (their ``--help`` and the README).
+EXIT_CODES = (
+    "exit status: 0 done (if nothing was recognised, stderr says so), 1 failure (one line "
+    "on stderr), 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; "
+    "either signal stops cleanly and keeps the sentences already spoken, a second one "
+    "cancels at once"
+)
+
+# How often the progress bar is redrawn (it only writes when the percentage or second changes).
 _PROGRESS_INTERVAL = 0.1
+# A WAV header is usually 44 bytes; one not complete within this much is not streamed.
+_WAV_HEADER_MAX = 64 * 1024
 # Bytes per read from a stdin pipe; read1 returns what is there, so this bounds latency only.
 _STDIN_CHUNK = 32 * 1024
 
@@ -176,8 +189,8 @@ def _session_options() -> argparse.ArgumentParser:
         type=int,
         choices=(8000, 16000),
         default=16000,
-        help="rate sent to the gateway; files are resampled, stdin must already be "
-        "PCM16LE mono at this rate (default %(default)s)",
+        help="rate sent to the gateway; files and containers on stdin are resampled, "
+        "headerless stdin must already be PCM16LE mono at this rate (default %(default)s)",
     )
     audio.add_argument(
         "--pace",
@@ -194,9 +207,11 @@ def _session_options() -> argparse.ArgumentParser:
         default=None,
         help="ask for intermediate results (default: on for live terminal output)",
     )
-    rec.add_argument("--punctuation", action="store_true", help="add punctuation")
+    rec.add_argument("--punctuation", action="store_true", help="add punctuation (cloud only)")
     rec.add_argument(
-        "--itn", action="store_true", help="inverse text normalisation (numbers as digits)"
+        "--itn",
+        action="store_true",
+        help="inverse text normalisation: numbers as digits (cloud only)",
     )
     out = p.add_argument_group("output")
     fmt = out.add_mutually_exclusive_group()
@@ -220,7 +235,8 @@ def _session_options() -> argparse.ArgumentParser:
         "--no-progress",
         dest="progress",
         action="store_false",
-        help="no progress bar on stderr (shown for files when stderr is a terminal)",
+        help="no progress bar on stderr (shown with elapsed time and ETA for files and "
+        "containers on stdin when stderr is a terminal, unless live text is on it)",
     )
     out.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     p.set_defaults(format="text")
@@ -234,9 +250,12 @@ def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="transcribe a file, standard input or the microphone in real time",
         description=(
             "Real-time transcription (SpeechTranscriber): sentences are printed as they "
-            "are recognised. FILE is any audio file libsndfile reads (WAV, FLAC, OGG...) "
-            "or a .pcm/.raw file; '-' reads PCM16LE mono from standard input."
+            "are recognised. FILE is any audio file libsndfile reads (WAV, FLAC, OGG, "
+            "MP3...) or a .pcm/.raw file; '-' reads standard input: a WAV, MP3, OGG or FLAC "
+            "stream is recognised by its header and decoded, anything else is PCM16LE mono "
+            "at --sample-rate."
         ),
+        epilog=EXIT_CODES,
     )
     p.add_argument("source", nargs="?", metavar="FILE|-", help="audio file, or - for stdin")
     p.add_argument("--mic", action="store_true", help="record from the microphone (Ctrl-C ends)")
@@ -258,8 +277,10 @@ def _add_recognize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="recognise one utterance (at most 60 s) from a file or standard input",
         description=(
             "Sentence recognition (SpeechRecognizer): one result for the whole audio, "
-            "which must be at most 60 s. '-' reads PCM16LE mono from standard input."
+            "which must be at most 60 s. '-' reads standard input (WAV, MP3, OGG, FLAC, "
+            "or PCM16LE mono at --sample-rate)."
         ),
+        epilog=EXIT_CODES,
     )
     p.add_argument("source", metavar="FILE|-", help="audio file, or - for stdin")
     p.set_defaults(
@@ -293,44 +314,86 @@ def _transcribe_cmd(args: argparse.Namespace) -> int:
         logging.getLogger("websockets").setLevel(logging.INFO)
     secrets = (args.token, os.environ.get("NLS_TOKEN"), os.environ.get("ALIYUN_AK_SECRET"))
     try:
-        with _open_output(args.output) as out:
-            return _run(_transcribe(args, out), verbose=args.verbose, secrets=secrets)
+        with _open_output(args.output) as output:
+            status = _run(_transcribe(args, output.file), verbose=args.verbose, secrets=secrets)
+            output.keep = status != EXIT_FAILURE
+            return status
     except OSError as exc:  # _run handles everything else: this is opening/closing FILE
         return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
 
 
+class _Output:
+    """Where the transcript goes; ``keep`` says whether a file written is to be kept."""
+
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+        self.keep = False
+
+
 @contextlib.contextmanager
-def _open_output(path: str | None) -> Iterator[TextIO]:
+def _open_output(path: str | None) -> Iterator[_Output]:
+    """Standard output, or ``path`` written atomically: into a temporary file in the same
+    directory that replaces ``path`` only if the run keeps it (a failed run destroys
+    nothing). A path that is not a regular file (``/dev/null``, a FIFO) is written as is."""
     if path is None or path == "-":
-        yield sys.stdout
+        yield _Output(sys.stdout)
         return
-    with open(path, "w", encoding="utf-8") as f:
-        yield f
+    target = os.path.realpath(path)  # replace a symlink's file, not the symlink
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.stat(target).st_mode):
+            with open(path, "w", encoding="utf-8") as f:
+                yield _Output(f)
+            return
+    folder, name = os.path.split(target)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    # O_EXCL: never follow or reuse anything already there; 0o666 & ~umask, as open() does.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))  # keep the old file's mode
+        with open(fd, "w", encoding="utf-8") as f:
+            output = _Output(f)
+            yield output
+        if output.keep:
+            os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 class _Interrupt:
-    """Ctrl-C handling: the first press runs the current graceful action (stop sending,
-    then drain the finals), the second cancels everything."""
+    """SIGINT (Ctrl-C) and SIGTERM handling: the first signal runs the current graceful
+    action (stop sending, then drain the finals), the second cancels everything."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.count = 0
+        self.status = EXIT_INTERRUPTED  # 128 + the first signal's number
         self.graceful: Callable[[], object] | None = None
         self._task: asyncio.Task[Any] | None = None
 
     def install(self) -> None:
         self._task = asyncio.current_task()
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # e.g. Windows
-            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_signal)
+        loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # e.g. Windows
+                loop.add_signal_handler(sig, self._on_signal, sig)
 
     def uninstall(self) -> None:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        loop = asyncio.get_running_loop()
+        for sig in self.SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
 
-    def _on_signal(self) -> None:
+    def _on_signal(self, sig: signal.Signals) -> None:
         self.count += 1
-        if self.count == 1 and self.graceful is not None:
-            self.graceful()
-        elif self._task is not None:
+        if self.count == 1:
+            self.status = 128 + sig
+            if self.graceful is not None:
+                self.graceful()
+                return
+        if self._task is not None:
             self._task.cancel()
 
 
@@ -341,7 +404,7 @@ async def _transcribe(args: argparse.Namespace, out: TextIO) -> int:
         return await _transcribe_session(args, out, interrupt)
     except asyncio.CancelledError:
         if interrupt.count:
-            return EXIT_INTERRUPTED
+            return interrupt.status
         raise
     finally:
         interrupt.uninstall()
@@ -349,12 +412,19 @@ async def _transcribe(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: _Interrupt) -> int:
     from .output import ProgressBar, renderer_for
-    from .quickstart import session_settings
+    from .quickstart import print_notice, session_settings
     from .session import Recognizer, Transcriber
 
     # Read and check the audio before connecting: a bad file costs no session.
     pcm: bytes | None = None
-    if args.source and args.source != "-":
+    stdin: AsyncGenerator[bytes, None] | None = None
+    if args.source == "-":
+        audio = await _stdin_audio(args.sample_rate)
+        if isinstance(audio, bytes):
+            pcm = audio
+        else:
+            stdin = audio
+    elif args.source:
         from .audio import load_file
 
         pcm = await asyncio.to_thread(load_file, args.source, args.sample_rate)
@@ -369,10 +439,20 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
         params["max_sentence_silence"] = args.max_sentence_silence
     # Live text and a progress bar on the same terminal would overwrite each other.
     show_progress = pcm is not None and args.progress and _isatty(sys.stderr) and not live
+    unsupported = [
+        flag for flag, on in (("--punctuation", args.punctuation), ("--itn", args.itn)) if on
+    ]
+
+    def notice(message: str) -> None:
+        print_notice(message)
+        if unsupported:
+            print_notice(f"the local gateway ignores {' and '.join(unsupported)} (cloud only)")
 
     async with contextlib.AsyncExitStack() as stack:
         source: Any
-        if args.mic:
+        if stdin is not None:
+            source = await stack.enter_async_context(contextlib.aclosing(stdin))
+        elif args.mic:
             from .mic import Microphone
 
             device: int | str | None = args.device
@@ -381,13 +461,11 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
             source = await stack.enter_async_context(
                 Microphone(sample_rate=args.sample_rate, device=device)
             )
-        elif pcm is not None:
-            source = pcm
         else:
-            source = _stdin_chunks()
+            source = pcm
 
         url, appkey, token = await stack.enter_async_context(
-            session_settings(url=args.url, appkey=args.appkey, token=args.token)
+            session_settings(url=args.url, appkey=args.appkey, token=args.token, notice=notice)
         )
         cls = Transcriber if args.kind == "transcriber" else Recognizer
         session = cls(
@@ -411,7 +489,7 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
                 if show_progress and pcm is not None:
                     progress = ProgressBar(len(pcm) * 1000 / (2 * args.sample_rate), sys.stderr)
                 # Live sources are already real time; pacing them again only adds delay.
-                pace = None if args.mic or args.pace == 0 else args.pace
+                pace = None if args.mic else args.pace
                 sender = asyncio.ensure_future(session.stream(source, pace=pace))
                 interrupt.graceful = sender.cancel
                 try:
@@ -423,13 +501,15 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
                     interrupt.graceful = None
                     if progress is not None:
                         progress.close()
-                await session.stop()
+                result = await session.stop()
         finally:
             renderer_error = await _finish_render(render_task)
             renderer.close()
         if renderer_error is not None and renderer_error is not session.error:
             raise renderer_error
-    return EXIT_INTERRUPTED if interrupt.count else EXIT_OK
+    if not result.text:
+        print_notice("no speech recognised")
+    return interrupt.status if interrupt.count else EXIT_OK
 
 
 async def _wait_sending(
@@ -471,8 +551,60 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-async def _stdin_chunks() -> AsyncIterator[bytes]:
-    """Standard input as PCM chunks, without blocking the event loop.
+async def _stdin_audio(sample_rate: int) -> bytes | AsyncGenerator[bytes, None]:
+    """Standard input as the session's audio, from its first bytes: a WAV of PCM16 mono
+    at ``sample_rate`` is streamed as it arrives (a live recorder's too); other WAV, MP3,
+    OGG and FLAC are read to the end and decoded to PCM; anything else is taken as raw
+    PCM16LE mono at ``sample_rate`` and streamed."""
+    from .audio import SNIFF_BYTES, decode_bytes, sniff_container, wav_stream_layout
+    from .errors import AudioFormatError
+
+    chunks = _stdin_chunks()
+    head = b""
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(chunks.aclose)  # unless handed on below
+        while len(head) < SNIFF_BYTES and (chunk := await anext(chunks, b"")):
+            head += chunk
+        if not head:
+            raise AudioFormatError("standard input is empty: there is no audio to transcribe")
+        kind = sniff_container(head)
+        if kind is None:
+            stack.pop_all()
+            return _chain(head, chunks)
+        if kind == "WAV":
+            layout = wav_stream_layout(head, sample_rate)
+            while layout is None and len(head) < _WAV_HEADER_MAX:
+                if not (chunk := await anext(chunks, b"")):
+                    break
+                head += chunk
+                layout = wav_stream_layout(head, sample_rate)
+            if layout is not None:
+                stack.pop_all()
+                offset, size = layout
+                return _chain(head[offset:], chunks, size)
+        rest = [chunk async for chunk in chunks]
+    name = f"standard input ({kind})"
+    return await asyncio.to_thread(decode_bytes, head + b"".join(rest), sample_rate, name)
+
+
+async def _chain(
+    first: bytes, rest: AsyncGenerator[bytes, None], limit: int | None = None
+) -> AsyncGenerator[bytes, None]:
+    """``first`` then ``rest``, ``limit`` bytes in all (``None``: to the end)."""
+    async with contextlib.aclosing(rest):
+        chunk = first
+        while limit != 0:
+            if limit is not None:
+                chunk = chunk[:limit]
+                limit -= len(chunk)
+            if chunk:
+                yield chunk
+            if not (chunk := await anext(rest, b"")):
+                return
+
+
+async def _stdin_chunks() -> AsyncGenerator[bytes, None]:
+    """Standard input as chunks of bytes, without blocking the event loop.
 
     Pipes and terminals are read through the event loop; regular files (``< file.pcm``)
     cannot be, and never block for long, so they are read in a worker thread.

@@ -19,14 +19,33 @@ Variables (empty values count as unset):
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from .auth import DEFAULT_REGION, AccessKeyTokenProvider, StaticTokenProvider, TokenProvider
+from .auth import (
+    DEFAULT_REGION,
+    AccessKeyTokenProvider,
+    StaticTokenProvider,
+    TokenProvider,
+    TokenSource,
+)
 from .errors import NlsError
+from .protocol import Namespace
 
-__all__ = ["DEFAULT_URL", "ConfigurationError", "Settings", "gateway_url"]
+__all__ = [
+    "DEFAULT_URL",
+    "ConfigurationError",
+    "Settings",
+    "check_token",
+    "gateway_url",
+    "start_parameters",
+]
 
 #: The gateway every official SDK connects to by default (docs/protocol.md §1.1).
 DEFAULT_URL = "wss://nls-gateway.cn-shanghai.aliyuncs.com/ws/v1"
@@ -113,3 +132,82 @@ class Settings:
             raise ConfigurationError(
                 "not configured for the cloud gateway: set " + ", ".join(missing)
             )
+
+
+# --------------------------------------------------------------------------- session arguments
+
+_HOW_TO_AUTHENTICATE = (
+    "pass token='...', or a token provider such as "
+    "nlsstream.AccessKeyTokenProvider(ak_id, ak_secret), or take them from the environment "
+    "(NLS_TOKEN, or ALIYUN_AK_ID + ALIYUN_AK_SECRET) with "
+    "nlsstream.Settings.from_env().token_provider"
+)
+
+
+def check_token(token: object) -> TokenSource:
+    """``token`` if a session can use it (a non-empty string or a token provider); else
+    :class:`ConfigurationError` (``None``, e.g. an unset ``os.environ.get("NLS_TOKEN")``)
+    or TypeError, saying how to give credentials."""
+    if token is None or token == "":
+        raise ConfigurationError(f"no token given: {_HOW_TO_AUTHENTICATE}")
+    if isinstance(token, str) or callable(getattr(token, "get_token", None)):
+        return token  # type: ignore[return-value]
+    raise TypeError(f"token must be a string or a token provider, not {type(token).__name__}")
+
+
+#: Parameter names already warned about (once per name and process).
+_warned: set[str] = set()
+
+
+def start_parameters(
+    namespace: Namespace,
+    owner: str,
+    extra: Mapping[str, Any],
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The extra Start parameters of a session of class ``owner``: ``extra`` (its keyword
+    arguments) then ``params`` (its explicit ``params={...}``).
+
+    Raises TypeError, naming the parameter, for a value that cannot be sent as JSON (a
+    callable is a callback the class does not have). Warns once per name for a keyword
+    argument outside ``namespace.parameters`` (most likely a typo); ``params`` is sent
+    as given, without a warning.
+    """
+    merged = {**extra, **(params or {})}
+    for name, value in merged.items():
+        if callable(value):
+            raise TypeError(
+                f"{owner}() got an unexpected keyword argument {name!r}: a callable cannot be "
+                f"a Start parameter, and {owner} has no such callback"
+            )
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"{owner}() parameter {name!r} cannot be sent to the gateway as JSON: {exc}"
+            ) from None
+    for name in extra:
+        if name in namespace.parameters or name in _warned:
+            continue
+        _warned.add(name)
+        close = difflib.get_close_matches(name, namespace.parameters, n=1)
+        maybe = f" (did you mean {close[0]!r}?)" if close else ""
+        warnings.warn(
+            f"{owner}() parameter {name!r} is not a documented {namespace.name} parameter"
+            f"{maybe}; it is sent as given. Pass it in params={{...}} to send it without "
+            "this warning.",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
+    return merged
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside nlsstream."""
+    package = os.path.dirname(__file__)
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -32,6 +32,7 @@ __all__ = [
     "is_retryable",
     "is_server_side",
     "redact",
+    "status_hint",
     "status_text",
     "task_error",
     "with_note",
@@ -61,7 +62,7 @@ STATUS_CODES: dict[int, StatusCode] = _table(
     (40000000, "CLIENT_ERROR", "Generic client error.", False),
     (40000001, "ACCESS_DENIED", "Token invalid or expired: refresh the token and reconnect.", True),
     (40000002, "MESSAGE_INVALID", "Malformed message, or a bad message/task id.", False),
-    (40000003, "PARAMETER_INVALID", "Bad parameter (appkey not set or invalid).", False),
+    (40000003, "PARAMETER_INVALID", "A parameter is invalid: the text says which.", False),
     (40000004, "IDLE_TIMEOUT", "Nothing was sent for 10 s.", True),
     (40000005, "TOO_MANY_REQUESTS", "Concurrency or QPS limit reached: retry with backoff.", True),
     (40000009, "INVALID_AUDIO_HEADER", "Bad audio container (WAV header, Ogg/Opus).", False),
@@ -110,6 +111,23 @@ def status_text(status: int, detail: str, *, source: str | None = None) -> str:
     return f"{source}:{name}:{detail}"
 
 
+#: Advice that fits only when the server's text is about the same thing: code ->
+#: (a word the text must contain, the advice). Elsewhere the table's meaning is the hint.
+_TEXT_HINTS: dict[int, tuple[str, str]] = {
+    40000003: ("appkey", "The appkey is not set or invalid: use the project's appkey."),
+}
+
+
+def status_hint(status: int, text: str) -> str | None:
+    """What a failed task's ``status`` means, worded so that it never contradicts the
+    server's own ``text`` (``None`` for an undocumented code)."""
+    special = _TEXT_HINTS.get(status)
+    if special is not None and special[0] in text.lower():
+        return special[1]
+    known = STATUS_CODES.get(status)
+    return known.meaning if known is not None else None
+
+
 def is_retryable(status: int) -> bool:
     """Whether a task that failed with ``status`` may succeed if tried again.
 
@@ -122,16 +140,30 @@ def is_retryable(status: int) -> bool:
     return 50000000 <= status < 60000000
 
 
-# The gateway quotes the token back in its error texts ("The token '...' is invalid!").
+# Where a token can appear whatever its value: quoted back in a server's text ("The token
+# '...' is invalid!"), in the X-NLS-Token header (websockets' DEBUG lines), in a URL's
+# token parameter.
 _QUOTED_TOKEN = re.compile(r"(token\s*')[^']*(')", re.IGNORECASE)
+_TOKEN_HEADER = re.compile(r"(X-NLS-Token\s*:\s*)\S+", re.IGNORECASE)
+_TOKEN_PARAM = re.compile(r"([?&;]token=)[^&#;\s'\"]*", re.IGNORECASE)
+# A secret is replaced only where it stands on its own, never inside a longer word: not
+# next to a character a token is made of, nor a "." inside a word (token "1" leaves
+# "ws://127.0.0.1/ws/v1" alone, but not "says 1."). "=" may end a secret (base64
+# padding) but also introduces a value ("token=...").
+_WORD = r"A-Za-z0-9_~+/%-"
+_ALONE = (rf"(?<![{_WORD}])(?<![{_WORD}]\.)", rf"(?![={_WORD}])(?!\.[{_WORD}])")
 
 
 def redact(text: str, *secrets: str | None) -> str:
-    """Return ``text`` with quoted tokens and the given secrets replaced by ``***``."""
+    """Return ``text`` with every token hidden as ``***``: quoted tokens, the
+    ``X-NLS-Token`` header, a URL's ``token`` parameter, and each of ``secrets`` where it
+    stands as a whole word (however short), never part of a longer one."""
     text = _QUOTED_TOKEN.sub(r"\1***\2", text)
+    text = _TOKEN_HEADER.sub(r"\1***", text)
+    text = _TOKEN_PARAM.sub(r"\1***", text)
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "***")
+            text = re.sub(_ALONE[0] + re.escape(secret) + _ALONE[1], "***", text)
     return text
 
 
@@ -256,8 +288,8 @@ class TaskFailedError(NlsError):
         self.status_text = status_text
         self.task_id = task_id
         self.retryable = is_retryable(status)
-        known = STATUS_CODES.get(status)
-        hint = f" ({known.meaning})" if known is not None else ""
+        meaning = status_hint(status, status_text)
+        hint = f" ({meaning})" if meaning else ""
         super().__init__(f"task {task_id or '?'} failed with status {status}: {status_text}{hint}")
 
 

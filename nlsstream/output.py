@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
@@ -32,6 +33,7 @@ __all__ = [
     "TimedText",
     "cue_from_event",
     "event_to_json",
+    "format_duration",
     "format_srt",
     "format_timestamp",
     "format_vtt",
@@ -317,33 +319,57 @@ def _isatty(stream: TextIO) -> bool:
 # --------------------------------------------------------------------------- progress
 
 
+def format_duration(seconds: float) -> str:
+    """``M:SS`` (``H:MM:SS`` from an hour on) for a duration in seconds, rounded down."""
+    minutes, secs = divmod(max(0, int(seconds)), 60)
+    hours, mins = divmod(minutes, 60)
+    return f"{hours}:{mins:02d}:{secs:02d}" if hours else f"{mins}:{secs:02d}"
+
+
 class ProgressBar:
-    """A one-line progress bar (``\\r``-rewritten) for a terminal, typically stderr.
+    """A one-line progress bar (``\\r``-rewritten) for a terminal, typically stderr, with
+    the time elapsed since it was created and, while under way, the time left at the
+    rate so far: ``[#####-----]  50% sent  0:05 elapsed, ETA 0:05``.
 
     :meth:`update` takes the amount done so far (e.g. ms of audio sent) and redraws only
-    when the shown percentage changes; :meth:`close` erases the line.
+    when the shown percentage or second changes; :meth:`close` erases the line.
+    ``clock`` gives the time in seconds (default :func:`time.monotonic`).
     """
 
-    def __init__(self, total: float, out: TextIO, *, label: str = "sent", width: int = 30):
+    def __init__(
+        self,
+        total: float,
+        out: TextIO,
+        *,
+        label: str = "sent",
+        width: int = 30,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.total = max(float(total), 1e-9)
         self.out = out
         self.label = label
         self.width = width
-        self._shown: int | None = None
+        self._clock = clock
+        self._start = clock()
+        self._shown: tuple[int, int] | None = None
 
-    def render(self, done: float) -> str:
-        """The bar's text for ``done`` (clamped to 0..total)."""
+    def render(self, done: float, elapsed: float = 0.0) -> str:
+        """The bar's text for ``done`` (clamped to 0..total) after ``elapsed`` seconds."""
         fraction = min(max(done / self.total, 0.0), 1.0)
         filled = round(fraction * self.width)
         bar = "#" * filled + "-" * (self.width - filled)
-        return f"[{bar}] {fraction * 100:3.0f}% {self.label}"
+        text = f"[{bar}] {fraction * 100:3.0f}% {self.label}  {format_duration(elapsed)} elapsed"
+        if 0.0 < fraction < 1.0:
+            text += f", ETA {format_duration(elapsed * (1 - fraction) / fraction)}"
+        return text
 
     def update(self, done: float) -> None:
-        percent = int(min(max(done / self.total, 0.0), 1.0) * 100)
-        if percent == self._shown:
+        elapsed = self._clock() - self._start
+        shown = (int(min(max(done / self.total, 0.0), 1.0) * 100), int(elapsed))
+        if shown == self._shown:
             return
-        self._shown = percent
-        self.out.write("\r" + self.render(done))
+        self._shown = shown
+        self.out.write(CLEAR_LINE + self.render(done, elapsed))
         self.out.flush()
 
     def close(self) -> None:

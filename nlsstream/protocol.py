@@ -102,12 +102,22 @@ class Namespace:
     started: str
     result_changed: str
     completed: str
+    #: The Start parameters docs/protocol.md documents for this namespace (§3.2, §4.1).
+    parameters: frozenset[str] = frozenset()
 
     @property
     def directives(self) -> tuple[str, ...]:
         return tuple(n for n in (self.start, self.stop, self.control) if n is not None)
 
 
+#: The five keys every Start payload has (§3.2).
+BASE_PARAMETERS = (
+    "format",
+    "sample_rate",
+    "enable_intermediate_result",
+    "enable_punctuation_prediction",
+    "enable_inverse_text_normalization",
+)
 TRANSCRIBER = Namespace(
     name="SpeechTranscriber",
     start="StartTranscription",
@@ -116,6 +126,27 @@ TRANSCRIBER = Namespace(
     started="TranscriptionStarted",
     result_changed="TranscriptionResultChanged",
     completed="TranscriptionCompleted",
+    parameters=frozenset(
+        (
+            *BASE_PARAMETERS,
+            "customization_id",
+            "vocabulary_id",
+            "max_sentence_silence",
+            "enable_words",
+            "disfluency",
+            "speech_noise_threshold",
+            "enable_semantic_sentence_detection",
+            "special_word_filter",
+            "enable_multi_thresh_mod",
+            "enable_ignore_sentence_timeout",
+            "enable_nlp",
+            "nlp_model",
+            "session_id",
+            "vad_silence_duration",
+            "class_vocabulary_id",
+            "enable_gender_detect",
+        )
+    ),
 )
 RECOGNIZER = Namespace(
     name="SpeechRecognizer",
@@ -125,6 +156,17 @@ RECOGNIZER = Namespace(
     started="RecognitionStarted",
     result_changed="RecognitionResultChanged",
     completed="RecognitionCompleted",
+    parameters=frozenset(
+        (
+            *BASE_PARAMETERS,
+            "customization_id",
+            "vocabulary_id",
+            "enable_voice_detection",
+            "max_start_silence",
+            "max_end_silence",
+            "audio_address",
+        )
+    ),
 )
 NAMESPACES: dict[str, Namespace] = {ns.name: ns for ns in (TRANSCRIBER, RECOGNIZER)}
 

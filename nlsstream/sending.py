@@ -115,10 +115,10 @@ class AudioSender:
 
     async def stream(self, chunks: AsyncIterator[bytes], pace: float | None) -> None:
         """``chunks`` of PCM as 640-byte frames, paced at ``pace`` times real time, or
-        as fast as the socket takes them (``None``)."""
+        as fast as the socket takes them (``None`` or ``0``)."""
         self.streaming = True
         try:
-            if pace is None:
+            if not pace:
                 await self._unpaced(chunks)
             else:
                 await self._paced_stream(chunks, pace)

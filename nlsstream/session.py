@@ -25,14 +25,14 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 from . import audio
 from .auth import TokenProvider, TokenSource, as_provider
-from .config import DEFAULT_URL
+from .config import DEFAULT_URL, check_token, start_parameters
 from .connection import Connection, ProxySetting, connect
 from .errors import (
     AudioFormatError,
@@ -105,7 +105,8 @@ class Session(abc.ABC):
     Args:
         appkey: the project's appkey (sent in every directive's header).
         token: a token string or a :class:`~nlsstream.auth.TokenProvider`; asked for a
-            token once, before connecting.
+            token once, before connecting. ``None`` raises
+            :class:`~nlsstream.config.ConfigurationError` saying how to give one.
         url: the gateway (default: the cloud's Shanghai endpoint).
         format: audio format declared to the gateway; :meth:`stream` needs ``"pcm"``.
         sample_rate: 8000 or 16000.
@@ -140,8 +141,13 @@ class Session(abc.ABC):
             :class:`~nlsstream.Resumed`. When every attempt fails, the original error
             is raised.
         on_resume: called with each :class:`~nlsstream.Resumed`.
-        params: extra Start parameters (``max_sentence_silence``, ``enable_words``,
-            ``vocabulary_id``, ...), sent as given; ``None`` values are left out.
+        params: extra Start parameters, sent as given; ``None`` values are left out.
+        **extra: Start parameters as keyword arguments (``max_sentence_silence``,
+            ``enable_words``, ``vocabulary_id``, ...); one outside the documented set
+            (:attr:`~nlsstream.protocol.Namespace.parameters`, most likely a typo) draws a
+            warning, once per name; pass it in ``params`` instead to send it without.
+            A value that cannot be sent as JSON (e.g. a callback the class does not
+            have) raises TypeError here.
 
     Callbacks run on the event loop, in event order, as events arrive; a coroutine
     callback is awaited before later events are delivered, so a slow one delays only
@@ -183,7 +189,8 @@ class Session(abc.ABC):
         proxy: ProxySetting = True,
         reconnect: Reconnect | bool = True,
         on_resume: Handler[Resumed] | None = None,
-        **params: Any,
+        params: Mapping[str, Any] | None = None,
+        **extra: Any,
     ) -> None:
         if not isinstance(appkey, str) or not appkey:
             raise ValueError("appkey must be a non-empty string")
@@ -198,6 +205,8 @@ class Session(abc.ABC):
                 raise ValueError(f"{name} must be positive, got {value!r}")
         if event_queue_size < 1:
             raise ValueError(f"event_queue_size must be at least 1, got {event_queue_size}")
+        token = check_token(token)
+        extra = start_parameters(self.namespace, type(self).__name__, extra, params)
         self._provider: TokenProvider = as_provider(token)
         self._token: str | None = token if isinstance(token, str) else None
         self.url = url
@@ -218,7 +227,7 @@ class Session(abc.ABC):
                 "enable_intermediate_result": enable_intermediate_result,
                 "enable_punctuation_prediction": enable_punctuation_prediction,
                 "enable_inverse_text_normalization": enable_inverse_text_normalization,
-                **params,
+                **extra,
             },
             task_id=task_id,
         )
@@ -816,19 +825,29 @@ class Session(abc.ABC):
             assert self._audio is not None
             await self._audio.send(bytes(data))
 
-    async def stream(self, source: audio.AudioSource, pace: float | None = 1.0) -> None:
+    async def stream(
+        self,
+        source: audio.AudioSource,
+        pace: float | None = 1.0,
+        *,
+        sample_rate: float | None = None,
+    ) -> None:
         """Send ``source`` (anything :func:`nlsstream.audio.pcm_chunks` accepts) as
-        640-byte PCM frames, paced at ``pace`` times real time; ``pace=None`` sends as
-        fast as the socket takes it. Returns once the last frame is written; does not
-        send Stop. The last frame may be shorter and is never dropped.
+        640-byte PCM frames, paced at ``pace`` times real time; ``pace=None`` or ``0``
+        sends as fast as the socket takes it. Returns once the last frame is written;
+        does not send Stop. The last frame may be shorter and is never dropped.
+
+        ``sample_rate``: the rate of a numpy array or PCM bytes when it is not the
+        session's (they are resampled); without it they are taken to be at the
+        session's rate. Files carry their own rate.
 
         Raises AudioFormatError for audio that cannot be converted (before anything is
         sent), InvalidStateError if the task is not accepting audio or ends first (e.g.
         the gateway's VAD completed it, or ``stop()`` was called meanwhile), and the
         task's error if it fails meanwhile.
         """
-        if pace is not None and not pace > 0:
-            raise ValueError(f"pace must be positive or None, got {pace!r}")
+        if pace is not None and not pace >= 0:
+            raise ValueError(f"pace must be positive, or 0/None for as fast as possible: {pace!r}")
         if self.format != "pcm":
             raise AudioFormatError(
                 f"stream() sends PCM but the session format is {self.format!r}; "
@@ -840,18 +859,19 @@ class Session(abc.ABC):
         if self._audio.streaming:
             raise InvalidStateError("stream() is already running on this session")
         limit = self._audio_limit()
+        cut: list[bool] = []
         if limit is None:
-            chunks = audio.pcm_chunks(source, self.sample_rate)
+            chunks = audio.pcm_chunks(source, self.sample_rate, sample_rate)
         elif audio.is_whole(source):
             # Known length: refuse before sending anything rather than fail at the limit.
-            pcm = await audio.whole_pcm(source, self.sample_rate)
+            pcm = await audio.whole_pcm(source, self.sample_rate, sample_rate)
             self._check_length(len(pcm), limit)
             chunks = audio.pcm_chunks(pcm, self.sample_rate)
         else:
-            chunks = _up_to(audio.pcm_chunks(source, self.sample_rate), limit)
+            chunks = _up_to(audio.pcm_chunks(source, self.sample_rate, sample_rate), limit, cut)
         async with contextlib.aclosing(chunks) as limited:
             await self._audio.stream(limited, pace)
-        if limit is not None and self.metrics.bytes_sent >= limit:
+        if cut:
             raise AudioFormatError(
                 f"stream() stopped sending at {self._limit_text()}: the rest of the live "
                 "source was not sent; stop() returns what was recognised up to there"
@@ -898,13 +918,17 @@ class Session(abc.ABC):
 _S = TypeVar("_S", bound=Session)
 
 
-async def _up_to(chunks: AsyncGenerator[bytes, None], limit: int) -> AsyncGenerator[bytes, None]:
-    """``chunks`` until ``limit`` bytes have come (the last one cut to fit); then ends."""
+async def _up_to(
+    chunks: AsyncGenerator[bytes, None], limit: int, cut: list[bool]
+) -> AsyncGenerator[bytes, None]:
+    """``chunks`` until ``limit`` bytes have come (the last one cut to fit); then ends,
+    appending to ``cut`` if there was more."""
     async with contextlib.aclosing(chunks) as source:
         async for chunk in source:
-            if len(chunk) >= limit:
+            if len(chunk) > limit:
                 if limit:
                     yield chunk[:limit]
+                cut.append(True)
                 return
             limit -= len(chunk)
             yield chunk
@@ -983,8 +1007,8 @@ class Recognizer(Session):
     an array) or ``send_audio()`` chunk is refused with AudioFormatError before anything of
     it is sent; a live source is sent up to 60 s, then ``stream()`` raises
     AudioFormatError and ``stop()`` returns what those 60 s held. With
-    ``enable_voice_detection=True`` the gateway may end the task by itself; ``stop()`` then
-    returns that result. See :class:`Session` for arguments.
+    ``enable_voice_detection=True`` the gateway may end the task by itself; ``stop()``
+    then returns that result. See :class:`Session` for arguments.
     """
 
     namespace = RECOGNIZER

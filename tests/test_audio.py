@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import random
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +23,9 @@ from nlsstream.audio import (
     frame_bytes_for,
     load_file,
     pcm_chunks,
+    sniff_container,
     to_pcm16,
+    wav_stream_layout,
 )
 from nlsstream.errors import AudioFormatError
 
@@ -516,3 +519,32 @@ async def test_array_after_odd_byte_is_rejected() -> None:
 def test_audio_format_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         to_pcm16(np.zeros(0), 16000, 16000)
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"RIFF\x24\x00\x00\x00WAVEfmt ", "WAV"),
+        (b"ID3\x04\x00\x00\x00\x00\x00\x00\x00\x00", "MP3"),
+        (b"\xff\xfb\x90\x64" + bytes(8), "MP3"),  # MPEG-1 layer III, 128 kbit/s, 44.1 kHz
+        (b"OggS\x00\x02" + bytes(6), "OGG"),
+        (b"fLaC\x00\x00\x00\x22" + bytes(4), "FLAC"),
+        (b"\xff\xff\xff\xff" + bytes(8), None),  # PCM: samples of -1 (bitrate index 15)
+        (b"\xff\xef\x00\x00" + bytes(8), None),  # PCM: reserved MPEG version bits
+        (bytes(12), None),  # PCM silence
+        (b"RIFF\x24\x00\x00\x00AVI LIST", None),  # RIFF, but not audio
+    ],
+)
+def test_sniff_container(head: bytes, kind: str | None) -> None:
+    assert sniff_container(head) == kind
+
+
+def test_wav_stream_layout() -> None:
+    wav = io.BytesIO()
+    sf.write(wav, np.zeros(160, dtype=np.int16), 16000, format="WAV", subtype="PCM_16")
+    data = wav.getvalue()
+    assert wav_stream_layout(data, 16000) == (44, 320)
+    assert wav_stream_layout(data, 8000) is None  # another rate: decode it whole
+    assert wav_stream_layout(data[:30], 16000) is None  # the header is not complete yet
+    open_ended = data[:40] + b"\xff\xff\xff\xff"
+    assert wav_stream_layout(open_ended, 16000) == (44, None)

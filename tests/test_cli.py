@@ -9,19 +9,24 @@ runs are started together by one fixture and checked by several tests.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import select
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 from helpers import (
     AK_ID,
     AK_SECRET,
@@ -189,19 +194,37 @@ def test_recognize_sentence_mode(runs: dict[str, tuple[object, ...]]) -> None:
 # --------------------------------------------------------------------------- quick runs
 
 
-def test_stdin_raw_pcm() -> None:
-    pcm = load_file(HELLO, 8000)
+def _encode(path: str, fmt: str, subtype: str | None, rate: int, channels: int) -> bytes:
+    data, source_rate = sf.read(path, dtype="float64")
+    if rate != source_rate:
+        data = soxr.resample(data, source_rate, rate)
+    if channels == 2:
+        data = np.column_stack([data, data])
+    out = io.BytesIO()
+    sf.write(out, data, rate, format=fmt, subtype=subtype)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["raw-pcm-8k", "mp3"])
+def test_stdin_is_recognised(kind: str) -> None:
+    if kind == "mp3":
+        if "MP3" not in sf.available_formats():
+            pytest.skip("libsndfile without MP3")
+        data, rate = _encode(HELLO, "MP3", None, 16000, 1), 16000
+    else:
+        data, rate = load_file(HELLO, 8000), 8000
+    timeout = sphinx_timeout(HELLO)
     proc = run_cli(
         "transcribe",
         "-",
         "--pace",
         "0",
         "--timeout",
-        str(sphinx_timeout(HELLO)),
+        str(timeout),
         "--sample-rate",
-        "8000",
-        input=pcm,
-        timeout=process_timeout(sphinx_timeout(HELLO)),
+        str(rate),
+        input=data,
+        timeout=process_timeout(timeout),
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "hello world\n"
@@ -254,6 +277,7 @@ def test_help(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("usage: nlsstream" + (f" {command}" if command else ""))
     if command in ("transcribe", "recognize"):
         assert "NLS_TOKEN" in out  # --token's help points to the environment instead
+        assert "130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM" in " ".join(out.split())
 
 
 def test_entry_point_version_and_usage_status() -> None:
@@ -301,8 +325,22 @@ def test_config_error_is_one_line() -> None:
     assert_one_line_error(proc, "ALIYUN_AK_SECRET")
 
 
-def test_ctrl_c_stops_cleanly_with_130(span_gateway: Gateway) -> None:
-    # stdin stays open, as with a live source: only Ctrl-C ends the session.
+def live_wav_header(rate: int = 16000) -> bytes:
+    """A WAV header as live recorders (arecord) write it: PCM16 mono, length unknown."""
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, 2 * rate, 2, 16)
+    return b"RIFF\xff\xff\xff\xffWAVEfmt " + struct.pack("<I", 16) + fmt + b"data\xff\xff\xff\xff"
+
+
+@pytest.mark.parametrize(
+    ("sig", "status", "header"),
+    [(signal.SIGINT, 130, b""), (signal.SIGTERM, 143, live_wav_header())],
+    ids=["SIGINT-raw-pcm", "SIGTERM-live-wav"],
+)
+def test_a_signal_stops_cleanly_keeping_the_sentences(
+    span_gateway: Gateway, sig: signal.Signals, status: int, header: bytes
+) -> None:
+    # stdin stays open, as with a live source: only the signal ends the session. A live
+    # WAV stream is sent as it comes, not read to an end that never comes.
     proc = subprocess.Popen(
         [*CLI, "transcribe", "-", "--pace", "0", "--url", span_gateway.url],
         stdin=subprocess.PIPE,
@@ -312,16 +350,16 @@ def test_ctrl_c_stops_cleanly_with_130(span_gateway: Gateway) -> None:
     )
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        proc.stdin.write(load_file(THREE, 16000))
+        proc.stdin.write(header + load_file(THREE, 16000))
         proc.stdin.flush()
         first = readline_within(proc.stdout, TIMEOUT).decode()  # once a sentence is final
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     lines = [first.rstrip("\n"), *rest.decode().splitlines()]
     # Finals already due are still printed; a sentence cut by the Stop just after it
     # began may have no text, and empty finals are not printed.
@@ -398,3 +436,102 @@ def test_progress_bar_on_a_terminal() -> None:
     assert out == "hello world\n"
     assert "] 100% sent" in shown and "\r" in shown
     assert NOTICE.search(shown)
+
+
+def test_a_progress_bar_with_elapsed_and_eta_when_writing_a_file(
+    span_gateway: Gateway, tmp_path: Path
+) -> None:
+    target = tmp_path / "out.txt"
+    args = ("transcribe", HELLO, "--pace", "2", "--url", span_gateway.url, "-o", str(target))
+    code, shown, out = run_with_terminal(*args, stream="stderr")
+    assert code == 0, shown
+    assert out == ""
+    assert target.read_text() == "".join(f"{s}\n" for s in span_gateway.sessions[-1].sentences)
+    assert re.search(r"\] +\d+% sent  0:0\d elapsed, ETA 0:0\d", shown), shown
+    assert re.search(r"\] 100% sent  0:0\d elapsed", shown), shown
+
+
+# --------------------------------------------------------------------------- -o FILE
+
+
+def test_a_failed_run_destroys_no_output_file(tmp_path: Path) -> None:
+    target = tmp_path / "x.srt"
+    target.write_text("keep\n")
+    missing = tmp_path / "missing.wav"
+    assert_one_line_error(run_cli("transcribe", str(missing), "--srt", "-o", str(target)))
+    with Gateway(recognizer="span").run_in_thread() as gw:
+        url = gw.url  # closed again: the run fails after the output was opened
+    proc = run_cli("transcribe", HELLO, "--srt", "-o", str(target), "--url", url)
+    assert_one_line_error(proc, "cannot connect")
+    assert target.read_text() == "keep\n"
+    assert os.listdir(tmp_path) == ["x.srt"]  # no temporary file left behind
+
+
+def test_a_successful_run_replaces_the_output_file_whole(
+    span_gateway: Gateway, tmp_path: Path
+) -> None:
+    target = tmp_path / "x.srt"
+    target.write_text("old subtitles\n")
+    target.chmod(0o640)
+    proc = run_cli("transcribe", HELLO, "--srt", "-o", str(target), "--url", span_gateway.url)
+    assert proc.returncode == 0, proc.stderr
+    cues = parse_subtitles(target.read_text(), "srt")
+    assert [c[2] for c in cues] == span_gateway.sessions[-1].sentences != []
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert os.listdir(tmp_path) == ["x.srt"]
+
+
+# --------------------------------------------------------------------------- standard input
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "rate", "channels"),
+    [
+        ("WAV", "PCM_16", 16000, 1),  # streamed as it comes
+        ("WAV", "FLOAT", 44100, 2),  # decoded whole
+        ("FLAC", None, 16000, 1),
+        ("OGG", "VORBIS", 22050, 1),
+        ("MP3", None, 16000, 1),
+    ],
+)
+def test_containers_on_stdin_are_decoded(
+    span_gateway: Gateway, fmt: str, subtype: str | None, rate: int, channels: int
+) -> None:
+    if fmt not in sf.available_formats():
+        pytest.skip(f"libsndfile without {fmt}")
+    data = _encode(HELLO, fmt, subtype, rate, channels)
+    proc = run_cli("transcribe", "-", "--pace", "0", "--url", span_gateway.url, input=data)
+    assert proc.returncode == 0, proc.stderr
+    sent = span_gateway.sessions[-1].audio_bytes
+    expected = len(load_file(HELLO, 16000))
+    if (fmt, rate) == ("WAV", 16000):
+        assert sent == expected  # exactly the samples: the header is not audio
+    else:
+        assert abs(sent - expected) < 0.1 * expected  # codec padding aside, the same audio
+
+
+def test_empty_stdin_is_a_clear_error() -> None:
+    proc = run_cli("transcribe", "-", input=b"")
+    assert_one_line_error(proc, "standard input is empty")
+
+
+def test_silence_says_no_speech_was_recognised(span_gateway: Gateway) -> None:
+    silence = b"\0\0" * 16000
+    proc = run_cli("transcribe", "-", "--pace", "0", "--url", span_gateway.url, input=silence)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == "nlsstream: no speech recognised\n"
+
+
+def test_punctuation_and_itn_on_the_local_gateway_are_said_to_be_ignored() -> None:
+    proc = run_cli("transcribe", "-", "--pace", "0", "--punctuation", "--itn", input=b"\0\0" * 800)
+    assert proc.returncode == 0, proc.stderr
+    ignored = "nlsstream: the local gateway ignores --punctuation and --itn (cloud only)"
+    assert proc.stderr.count(ignored) == 1, proc.stderr
+
+
+def test_a_short_token_does_not_garble_the_error() -> None:
+    with Gateway(recognizer="span").run_in_thread() as gw:
+        url = gw.url  # closed again: nothing listens there
+    proc = run_cli("transcribe", HELLO, "--url", url, "--token", "1", "--timeout", "5")
+    assert_one_line_error(proc, f"cannot connect to {url}")

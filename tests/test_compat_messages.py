@@ -167,7 +167,9 @@ async def test_transcriber_directives_match_the_official_sdk(recorder: Recorder)
 async def test_recognizer_directives_match_the_official_sdk(recorder: Recorder) -> None:
     await asyncio.wait_for(asyncio.to_thread(run_official_recognizer, recorder.url), 20)
     official = recorder.raw()
-    async with Recognizer(APPKEY, TOKEN, url=recorder.url, sample_rate=8000, a="é") as r:
+    async with Recognizer(
+        APPKEY, TOKEN, url=recorder.url, sample_rate=8000, params={"a": "é"}
+    ) as r:
         await r.send_audio(b"\x00\x00" * 160)
         await r.stop()
     ours = recorder.raw()

@@ -35,6 +35,7 @@ def test_callbacks() -> None:
     for i, text in enumerate(EXPECTED["three_sentences.wav"], 1):
         assert any(line.startswith(f"[sentence {i},") and line.endswith(text) for line in lines)
     assert "  ... " in proc.stdout  # intermediate results
+    assert "  ... " not in lines  # but no empty one
     assert lines[-2] == "[completed]"
     assert lines[-1].startswith("transcript: 'the weather is nice today i would like")
     assert "embedded local gateway" in proc.stderr
@@ -46,6 +47,7 @@ def test_iterators() -> None:
     finals = [line.split("] ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("[")]
     assert finals == EXPECTED["three_sentences.wav"]
     assert "  ... " in proc.stdout
+    assert "  ... " not in proc.stdout.splitlines()  # no empty intermediate result
     assert proc.stdout.splitlines()[-1] == "3 sentences"
 
 
@@ -89,3 +91,27 @@ def test_replay_test_passes_under_pytest() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 passed" in proc.stdout
+
+
+def readme_block(heading: str) -> str:
+    """The first python code block after ``heading`` in the README."""
+    text = (ROOT / "README.md").read_text().split(heading, 1)[1]
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_pytest_example_runs_as_shown(tmp_path: Path) -> None:
+    # As in a user's project: no asyncio_mode = "auto", only what the example says.
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    test = tmp_path / "test_readme_example.py"
+    test.write_text(readme_block("### In your tests"))
+    ini = tmp_path / "pytest.ini"
+    pytest_args = ["-q", "-p", "no:cacheprovider", "-c", str(ini), "--rootdir", str(tmp_path)]
+    proc = run_example("-m", "pytest", *pytest_args, str(test))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
+
+
+def test_readme_does_not_say_stop_twice_raises() -> None:
+    errors = (ROOT / "README.md").read_text().split("## Errors", 1)[1].split("\n## ", 1)[0]
+    row = next(line for line in errors.splitlines() if line.startswith("| `InvalidStateError`"))
+    assert "stop twice" not in row  # stop() again returns the same result (test_session.py)

@@ -214,15 +214,21 @@ def test_renderer_for() -> None:
 
 def test_progress_bar_redraws_on_change_and_clears() -> None:
     out = io.StringIO()
-    bar = ProgressBar(1000, out, width=10)
+    now = [100.0]
+    bar = ProgressBar(1000, out, width=10, clock=lambda: now[0])
     bar.update(0)
-    bar.update(1)  # still 0 %: no redraw
+    bar.update(1)  # still 0 % and 0 s: no redraw
+    now[0] += 5.5
     bar.update(500)
+    now[0] += 0.2
+    bar.update(500)  # the same percentage and second: no redraw
+    now[0] += 4.5
     bar.update(5000)  # clamped
-    assert out.getvalue().split("\r")[1:] == [
-        "[----------]   0% sent",
-        "[#####-----]  50% sent",
-        "[##########] 100% sent",
+    assert out.getvalue().split(CLEAR_LINE)[1:] == [
+        "[----------]   0% sent  0:00 elapsed",
+        "[#####-----]  50% sent  0:05 elapsed, ETA 0:05",
+        "[##########] 100% sent  0:10 elapsed",
     ]
     bar.close()
     assert out.getvalue().endswith(CLEAR_LINE)
+    assert bar.render(250, 3600.0) == "[##--------]  25% sent  1:00:00 elapsed, ETA 3:00:00"

@@ -11,8 +11,9 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from nlsstream import AuthenticationError, Transcriber
+from nlsstream import AuthenticationError, GatewayConnectionError, Transcriber
 from nlsstream import protocol as p
+from nlsstream.errors import redact
 from nlsstream.gateway import Gateway
 from nlsstream.gateway.light import LightGateway
 
@@ -101,3 +102,26 @@ async def test_a_refused_handshake_keeps_no_context_quoting_the_token() -> None:
     assert error.__context__ is None and error.__cause__ is None
     assert "'***'" in error.status_text
     assert SECRET not in "".join(traceback.format_exception(error))
+
+
+def test_redaction_hides_tokens_where_they_appear_and_nothing_else() -> None:
+    url = "ws://127.0.0.1:8765/ws/v1"
+    # A short token leaves unrelated text alone...
+    assert redact(f"cannot connect to {url}: [Errno 111] refused", "1") == (
+        f"cannot connect to {url}: [Errno 111] refused"
+    )
+    # ...and is still hidden wherever a token goes: header, query, quoted, on its own.
+    assert redact("> X-NLS-Token: 1\r\n", "1") == "> X-NLS-Token: ***\r\n"
+    assert redact(f"{url}?token=1&x=1", "1") == f"{url}?token=***&x=***"
+    assert redact("The token '1' is invalid!", "1") == "The token '***' is invalid!"
+    assert redact(f"leaky server says {SECRET}.", SECRET) == "leaky server says ***."
+    assert redact(f"{url}?token={SECRET}") == f"{url}?token=***"  # even when not named
+
+
+async def test_a_short_token_does_not_garble_the_error() -> None:
+    async with Gateway(recognizer="span") as gw:
+        url = gw.url  # closed again below: nothing listens there
+    with pytest.raises(GatewayConnectionError) as info:
+        async with Transcriber("app", "1", url=url, proxy=None, connect_timeout=5):
+            pass
+    assert f"cannot connect to {url}" in str(info.value)

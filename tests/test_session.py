@@ -389,7 +389,7 @@ async def test_bad_audio_is_refused_before_sending(gw: Gateway) -> None:
         with pytest.raises(AudioFormatError):
             await t.stream(str(FIXTURES / "transcripts.json"))
         with pytest.raises(ValueError, match="pace"):
-            await t.stream(HELLO, pace=0)
+            await t.stream(HELLO, pace=-1)
         assert t.metrics.bytes_sent == 0
         await t.stop()
     assert gw.sessions[-1].audio_bytes == 0

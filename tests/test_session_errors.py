@@ -454,3 +454,15 @@ async def test_recognizer_stops_a_live_source_at_60_s_with_a_clear_error(gw: Gat
         assert r.metrics.bytes_sent == 2 * 16000 * 60
         result = await r.stop()  # what the 60 s held, not a timeout
     assert result.duration == 60_000
+
+
+async def test_a_live_source_within_what_is_left_of_the_60_s_is_not_refused(gw: Gateway) -> None:
+    async def live() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"\x00\x00" * 16000
+
+    async with Recognizer("app", TOKEN, **kw(gw)) as r:
+        await r.send_audio(b"\x00\x00" * 16000 * 40)
+        await r.stream(live(), pace=None)  # 10 s more: 50 s in all
+        await r.stop()
+    assert r.metrics.bytes_sent == 2 * 16000 * 50
