@@ -11,13 +11,14 @@ Design (sized for thousands of concurrent sessions in one process):
   timer per distinct due time would mean up to 50k wake-ups a second at 1,000 sessions
   whose phases differ).
 * **A stream's schedule starts when its audio does**: at the first tick after its first
-  frame is ready (cut and encoded by the producer), not when the stream is opened. If
-  the loop is too busy to run that tick on time (a thousand ``stream()`` calls that
-  start at once all frame their first second of audio in the same loop iteration), the
-  schedule starts at the tick that actually sends the first frame: nothing has been
-  sent yet, so there is nothing to catch up with, and a thundering herd of starts gives
-  neither late first frames (beyond that tick's own jitter, under one tick) nor a
-  catch-up burst behind them.
+  frame is ready (cut and encoded by the producer), not when the stream is opened.
+  Nothing has been sent yet, so nothing is owed: if the loop is too busy to run that
+  tick on time (a thousand ``stream()`` calls that start at once all frame their first
+  second of audio in the same loop iteration), the first frame waits for the next tick
+  instead of going out late, and the schedule starts there. It waits once: if that
+  tick is late too, the schedule starts at it, the first frame as late as the tick (by
+  construction under one tick). Either way nothing else is due yet, so a thundering
+  herd of starts gives neither late first frames nor a catch-up burst behind them.
 * Frames fall on ticks: when a stream's frame period is a multiple of the tick (16 kHz
   or 8 kHz at ``pace=1``) every frame is due on a tick and goes out on time, plus timer
   jitter. A frame is never sent before it is due (beyond ``tolerance``, default 0.5 ms,
@@ -37,7 +38,7 @@ Design (sized for thousands of concurrent sessions in one process):
   next chunk comes late, a producer starved of CPU) leaves the buffer empty when a frame
   is due. That frame did not exist at its tick, so the pacer does not try to catch up
   with the source: when the frame is ready, the schedule restarts as it started, at the
-  first tick after it (counted in :attr:`Metrics.underruns`). The gap shows as a pause
+  first tick after it, on time (counted in :attr:`Metrics.underruns`). The gap shows as a pause
   in the audio's arrival, not as a burst after it, and not as lateness of every frame
   that follows. A frame that arrives before the tick it is due on was no underrun: it
   keeps its place on the schedule.
@@ -48,7 +49,7 @@ Design (sized for thousands of concurrent sessions in one process):
   ``pause_writing()`` / ``resume_writing()``; a held stream is skipped and counted in
   :attr:`Metrics.stalled_ticks`, its frames wait and their lateness shows in its
   metrics. It cannot stall the others. (A stream held before its first frame went out
-  starts, like any other, at the tick that sends that frame.)
+  starts, like any other, when that frame can go.)
 
 The clock is injectable: ``Pacer(clock=..., autorun=False)`` never touches a timer and is
 driven by calling :meth:`Pacer.run_due` with a fake time (each call is a tick; the grid
@@ -197,8 +198,8 @@ class PacedStream:
     :meth:`put` takes PCM of any length and cuts it into ``frame_bytes`` frames (the
     remainder waits for the next put, or :meth:`finish`, which sends it as a shorter last
     frame). Frame *k* is due at ``t0 + k * frame_bytes / bytes_per_second``; ``t0`` is
-    set when the first frame is ready (the first tick after it, or the tick that sends
-    it if that one ran late) and moved only by an underrun (the module docstring).
+    the tick at which the first frame is written (the first one after it was ready,
+    unless that ran late) and moves only after an underrun (see the module docstring).
 
     Memory bound: at most ``max_ahead_bytes`` plus one :meth:`put` are buffered;
     :meth:`put` waits for space beyond that.
@@ -220,6 +221,7 @@ class PacedStream:
         "_pacer",
         "_period",
         "_restart",
+        "_restart_waited",
         "_space",
         "_start",
         "_t0",
@@ -266,6 +268,7 @@ class PacedStream:
         # first one after an underrun. When the tick that writes it is late, the
         # schedule moves to that tick instead of catching up (see _catch_up).
         self._restart = -1
+        self._restart_waited = False  # that frame already waited for a later tick
         self._start: float | None = None  # when the first frame is (or was) due
         self._closed = False
         self._error: BaseException | None = None
@@ -321,7 +324,7 @@ class PacedStream:
                 # The first frame is ready now (framed and encoded): the schedule starts
                 # at the next tick, not at one that was due before there was audio.
                 due = self._start = self._t0 = pacer._register(self)
-                self._restart = 0
+                self._restart, self._restart_waited = 0, False
             else:
                 due = self._t0 + index * self._period
                 if due <= pacer._ran_until:
@@ -330,7 +333,7 @@ class PacedStream:
                     # tick from now rather than burst to catch up with a late source.
                     due = pacer._tick_after(pacer.clock())
                     self._t0 = due - index * self._period
-                    self._restart = index
+                    self._restart, self._restart_waited = index, False
                     self.metrics.underruns += 1
             self._next_due = due
         buf.extend(frames)
@@ -422,15 +425,24 @@ class PacedStream:
         index = self._index
         due = self._next_due
         if index == self._restart:
-            # The frame that (re)starts the schedule, and the tick writing it ran late
-            # (the loop was busy, e.g. with a herd of producers framing their first
-            # audio; or the stream was held). Nothing of this run went out yet, so the
-            # schedule starts at this tick: the frame is as late as the tick's jitter
-            # (under one tick) and the ones after it are not due yet, no burst.
-            due = max(due, self._pacer._tick_before(horizon))
+            # The frame that (re)starts the schedule, and this tick runs late (the loop
+            # was busy, e.g. with a herd of producers framing their first audio), or
+            # after ticks it missed (the stream was held). Nothing of this run went out
+            # yet, so nothing is owed: the schedule starts at the next tick, which
+            # should be on time, or, if this frame already waited for one, at this
+            # tick (as late as the tick, under one tick). Nothing after it is due yet:
+            # no burst.
+            pacer = self._pacer
+            due = max(due, pacer._tick_before(horizon))
+            if now - due >= 0.001 and not self._restart_waited:
+                due += pacer.tick
+                self._restart_waited = True
             self._t0 = due - index * self._period
             if index == 0:
                 self._start = due
+            if due > horizon:
+                self._next_due = due
+                return
         t0, period = self._t0, self._period
         frames: list[bytes] = []
         while buf and due <= horizon:

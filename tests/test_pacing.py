@@ -394,9 +394,9 @@ async def test_a_herd_of_starts_gives_no_late_first_frame_and_no_burst(
 ) -> None:
     # 100 streams open at once; each producer takes 2 ms of the (single) loop to frame
     # its first second of audio, and no tick can run meanwhile: the last producer is
-    # done 200 ms after the first, and the first tick after that runs 3 ms late.
-    # Every stream starts at the tick that sends its first frame: one frame per tick
-    # from the start, no first frame late by more than the tick's own 3 ms.
+    # done 200 ms after the first, and the first tick after that runs 3 ms late. No
+    # first frame goes out late: they wait for the next tick, and every stream starts
+    # there, one frame per tick.
     t0 = clock.now
     origin = t0 + 0.002  # the first audio is ready: the pacer's ticks start
     sinks = [Sink(clock, encode_cost=0.002) for _ in range(100)]
@@ -408,19 +408,43 @@ async def test_a_herd_of_starts_gives_no_late_first_frame_and_no_burst(
     for stream in streams:
         await stream.put(b"".join(frames(50)))
     assert clock.now == pytest.approx(t0 + 0.2)
-    first = origin + 0.2  # the first tick at or after the last producer's audio
-    clock.now = first + 0.003
+    late = origin + 0.2  # the first tick at or after the last producer's audio
+    clock.now = late + 0.003
     pacer.run_due()
-    for k in range(1, 10):
-        clock.now = first + k * 0.02 + random.Random(k).uniform(0, 0.004)
+    assert [len(sink.sent) for sink in sinks] == [0] * 100
+    for k in range(1, 11):
+        clock.now = late + k * 0.02 + random.Random(k).uniform(0, 0.0009)
         pacer.run_due(early=EARLY)
     for sink, m, stream in zip(sinks, metrics, streams, strict=True):
         assert sink.batches == [1] * 10  # no catch-up burst
-        assert [when for when, _ in sink.sent][1:] == pytest.approx(
-            [first + k * 0.02 for k in range(1, 10)], abs=0.0041
+        assert [when for when, _ in sink.sent] == pytest.approx(
+            [late + k * 0.02 for k in range(1, 11)], abs=0.001
         )
-        assert stream.start_time == pytest.approx(first)
-        assert m.max_lateness_ms < 5.0 and m.late_frames == 0
+        assert stream.start_time == pytest.approx(late + 0.02)
+        assert m.max_lateness_ms < 1.0
+
+
+async def test_a_first_frame_waits_for_one_later_tick_only(pacer: Pacer, clock: FakeClock) -> None:
+    # A loop late at every tick must not hold a stream back: after one wait, its first
+    # frame goes out at the tick that runs, late by that tick's lateness (under one
+    # tick) and alone.
+    sink = Sink(clock)
+    metrics = Metrics()
+    stream = pacer.open(sink, BPS_16K, metrics, max_ahead_bytes=10 * FRAME)
+    t0 = clock.now
+    await fill(stream, frames(3))
+    clock.now = t0 + 0.003
+    pacer.run_due()
+    assert sink.sent == [] and stream.start_time == pytest.approx(t0 + 0.02)
+    for k in (1, 2, 3):
+        clock.now = t0 + k * 0.02 + 0.005
+        pacer.run_due(early=EARLY)
+    assert sink.batches == [1, 1, 1]
+    assert [when for when, _ in sink.sent] == pytest.approx(
+        [t0 + k * 0.02 + 0.005 for k in (1, 2, 3)]
+    )
+    assert stream.start_time == pytest.approx(t0 + 0.02)
+    assert metrics.max_lateness_ms == pytest.approx(5.0)
 
 
 async def test_a_busy_loop_does_not_start_streams_on_a_stale_tick(clock: FakeClock) -> None:
