@@ -14,11 +14,11 @@ Design (sized for thousands of concurrent sessions in one process):
   frame is ready (cut and encoded by the producer), not when the stream is opened.
   Nothing has been sent yet, so nothing is owed: if the loop is too busy to run that
   tick on time (a thousand ``stream()`` calls that start at once all frame their first
-  second of audio in the same loop iteration), the first frame waits for the next tick
+  batch of audio in the same loop iteration), the first frame waits for the next tick
   instead of going out late, and the schedule starts there. It waits once: if that
-  tick is late too, the schedule starts at it, the first frame as late as the tick (by
-  construction under one tick). Either way nothing else is due yet, so a thundering
-  herd of starts gives neither late first frames nor a catch-up burst behind them.
+  tick is late too, the schedule starts at it, the first frame as late as that tick ran
+  (under one tick, by construction). Either way nothing else is due yet, so a
+  thundering herd of starts gives neither late first frames nor a catch-up burst.
 * Frames fall on ticks: when a stream's frame period is a multiple of the tick (16 kHz
   or 8 kHz at ``pace=1``) every frame is due on a tick and goes out on time, plus timer
   jitter. A frame is never sent before it is due (beyond ``tolerance``, default 0.5 ms,
@@ -38,10 +38,12 @@ Design (sized for thousands of concurrent sessions in one process):
   next chunk comes late, a producer starved of CPU) leaves the buffer empty when a frame
   is due. That frame did not exist at its tick, so the pacer does not try to catch up
   with the source: when the frame is ready, the schedule restarts as it started, at the
-  first tick after it, on time (counted in :attr:`Metrics.underruns`). The gap shows as a pause
-  in the audio's arrival, not as a burst after it, and not as lateness of every frame
-  that follows. A frame that arrives before the tick it is due on was no underrun: it
-  keeps its place on the schedule.
+  first tick after it (counted in :attr:`Metrics.underruns`). The gap shows as a pause
+  in the audio's arrival, not as a burst after it, nor as lateness of every frame that
+  follows. A frame that arrives before the tick it is due on was no underrun: it keeps
+  its place on the schedule. (Before, the frames of a late chunk were due in the past:
+  they went out in one burst, and for a live source that never gets ahead again, every
+  later chunk too, each frame counted late by the length of the gap.)
 * Per frame, a tick does what it must and no more: take the next encoded frame and hand
   it to the transport's ``write``. Flow control is pushed, not polled: a session whose
   socket is backed up (transport above its write high-water mark) or whose connection
