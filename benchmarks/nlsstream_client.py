@@ -8,7 +8,11 @@ SentenceEnd events are collected with the ``on_sentence_end`` callback, so the h
 can check that none was lost.
 
 Ramp: session *i* connects at ``i * ramp / N`` seconds (default ``max(1, N / 400)`` s),
-the same ramp as ``official_client.py``. Uses uvloop when it is installed
+the same ramp as ``official_client.py``, and streams as soon as its task has started.
+``--stream-spread S`` separates connecting from streaming: every session connects (over
+the ramp) and waits; once all have started (or failed), session *i* calls ``stream()``
+at ``i * S / N`` s, and with ``S = 0`` all N ``stream()`` calls start in the same
+event-loop iteration (a thundering herd of starts). Uses uvloop when it is installed
 (``--loop asyncio`` to compare). Prints one JSON object (``benchmarks.common``).
 """
 
@@ -39,6 +43,43 @@ from benchmarks.common import (
     write_result,
 )
 
+#: After the last session has started, the gate waits this long before releasing the
+#: streams, so that the tail of the connect storm is not part of the herd.
+GATE_SETTLE_S = 0.5
+
+
+class StartGate:
+    """Holds every session's ``stream()`` until all sessions are ready (or failed), then
+    releases them: all at once (``spread`` 0) or session *i* at ``i * spread / N`` s."""
+
+    def __init__(self, sessions: int, spread: float) -> None:
+        self.sessions = sessions
+        self.spread = spread
+        self.arrived: set[int] = set()  # ready to stream, or failed before
+        self.all_arrived = asyncio.Event()
+        self.go = asyncio.Event()
+        self.go_at = 0.0  # loop time of the release
+
+    def arrive(self, index: int) -> None:
+        self.arrived.add(index)
+        if len(self.arrived) >= self.sessions:
+            self.all_arrived.set()
+
+    async def wait(self, index: int) -> None:
+        """Session ``index`` is ready: return when it may call ``stream()``."""
+        self.arrive(index)
+        await self.go.wait()
+        if self.spread > 0:
+            loop = asyncio.get_running_loop()
+            delay = self.go_at + index * self.spread / self.sessions - loop.time()
+            await asyncio.sleep(max(0.0, delay))
+        # With no spread, nothing awaits between the release and stream(): every
+        # session's first frames are cut and framed in the same loop iteration.
+
+    def release(self) -> None:
+        self.go_at = asyncio.get_running_loop().time()
+        self.go.set()
+
 
 class _Record:
     __slots__ = (
@@ -50,6 +91,7 @@ class _Record:
         "sentence_ends",
         "started",
         "task_id",
+        "underruns",
     )
 
     def __init__(self) -> None:
@@ -62,10 +104,17 @@ class _Record:
         self.delivery: list[float] = []
         self.p99_ms = 0.0
         self.max_ms = 0.0
+        self.underruns = 0
 
 
 async def _session(
-    index: int, url: str, start_at: float, pcm: bytes, rec: _Record, frames: list[int]
+    index: int,
+    url: str,
+    start_at: float,
+    pcm: bytes,
+    rec: _Record,
+    frames: list[int],
+    gate: StartGate | None = None,
 ) -> None:
     from nlsstream.errors import NlsError
     from nlsstream.protocol import SentenceEnd
@@ -90,19 +139,28 @@ async def _session(
     try:
         async with t:
             rec.started = True
+            if gate is not None:
+                await gate.wait(index)
             await t.stream(pcm, pace=1.0)
             await t.stop()
             rec.completed = True
     except (NlsError, OSError, ValueError) as exc:
         rec.errors.append(f"session {index}: {type(exc).__name__}: {exc}"[:300])
     finally:
+        if gate is not None:
+            gate.arrive(index)  # a session that failed early must not hold the others
         frames[index] = t.metrics.frames_sent
         rec.p99_ms = t.metrics.p99_lateness_ms
         rec.max_ms = t.metrics.max_lateness_ms
+        # getattr: A/B runs against versions of nlsstream that did not count underruns.
+        rec.underruns = getattr(t.metrics, "underruns", 0)
 
 
-async def run_async(url: str, sessions: int, seconds: float, ramp: float) -> dict[str, Any]:
-    """Run the sessions on the running loop and return the client result."""
+async def run_async(
+    url: str, sessions: int, seconds: float, ramp: float, spread: float | None = None
+) -> dict[str, Any]:
+    """Run the sessions on the running loop and return the client result; with
+    ``spread``, their ``stream()`` calls wait for a :class:`StartGate`."""
     import nlsstream.session  # noqa: F401  (imported before the clock starts)
 
     loop = asyncio.get_running_loop()
@@ -111,17 +169,33 @@ async def run_async(url: str, sessions: int, seconds: float, ramp: float) -> dic
     clock = Clock()
     t_start = loop.time() + 0.2
     # loop.time() is time.monotonic() for both asyncio and uvloop loops on Linux.
-    steady = SteadyCpu.for_run(time.monotonic() + 0.2, ramp, seconds, sessions)
+    gate = StartGate(sessions, spread) if spread is not None else None
+    steady = None
+    if gate is None:
+        steady = SteadyCpu.for_run(time.monotonic() + 0.2, ramp, seconds, sessions)
     records = [_Record() for _ in range(sessions)]
     frames = [0] * sessions
     tasks = [
-        asyncio.create_task(_session(i, url, t_start + i * ramp / sessions, pcm, rec, frames))
+        asyncio.create_task(_session(i, url, t_start + i * ramp / sessions, pcm, rec, frames, gate))
         for i, rec in enumerate(records)
     ]
-    done, pending = await asyncio.wait(tasks, timeout=ramp + seconds + 60)
+    deadline = loop.time() + ramp + seconds + 60
+    errors: list[str] = []
+    if gate is not None:
+        try:
+            await asyncio.wait_for(gate.all_arrived.wait(), ramp + 60)
+        except asyncio.TimeoutError:
+            errors.append(f"{sessions - len(gate.arrived)} sessions not ready at the release")
+        await asyncio.sleep(GATE_SETTLE_S)
+        gate.release()
+        # loop.time() is time.monotonic(): the steady window starts 1 s after the last
+        # stream() call and ends when the first stream does.
+        steady = SteadyCpu(gate.go_at + gate.spread + 1.0, gate.go_at + seconds, sessions)
+        deadline = gate.go_at + gate.spread + seconds + 60
+    done, pending = await asyncio.wait(tasks, timeout=max(1.0, deadline - loop.time()))
     for task in pending:
         task.cancel()
-    errors = [e for r in records for e in r.errors]
+    errors += [e for r in records for e in r.errors]
     if pending:
         errors.append(f"{len(pending)} sessions still running at the deadline")
     for task in done:
@@ -150,11 +224,22 @@ async def run_async(url: str, sessions: int, seconds: float, ramp: float) -> dic
         extra={
             "loop": type(loop).__module__.split(".")[0],
             "event_delivery": lag_summary([d for r in records for d in r.delivery]),
+            "stream_spread_s": spread,
+            # The pacer found a session's buffer empty when a frame was due: the client
+            # could not produce audio in time (counted in nlsstream.pacing.Metrics).
+            "underruns": sum(r.underruns for r in records),
         },
     )
 
 
-def run(url: str, sessions: int, seconds: float, ramp: float, loop: str = "auto") -> dict[str, Any]:
+def run(
+    url: str,
+    sessions: int,
+    seconds: float,
+    ramp: float,
+    loop: str = "auto",
+    spread: float | None = None,
+) -> dict[str, Any]:
     raise_nofile_limit()
     logging.getLogger("nlsstream").setLevel(logging.CRITICAL)
     use_uvloop = loop == "uvloop"
@@ -165,7 +250,7 @@ def run(url: str, sessions: int, seconds: float, ramp: float, loop: str = "auto"
             use_uvloop = True
         except ImportError:
             use_uvloop = False
-    coro = run_async(url, sessions, seconds, ramp)
+    coro = run_async(url, sessions, seconds, ramp, spread)
     if use_uvloop:
         import uvloop
 
@@ -182,13 +267,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="audio per session")
     parser.add_argument("--ramp", type=float, help="seconds over which sessions start")
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
+    parser.add_argument(
+        "--stream-spread",
+        type=float,
+        help="connect every session first, then start their stream() calls spread over "
+        "this many seconds (0: all at once); default: each streams once started",
+    )
     parser.add_argument("--out", help="write the JSON result here instead of stdout")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.seconds <= 0:
         parser.error("--sessions must be >= 1 and --seconds > 0")
+    if args.stream_spread is not None and args.stream_spread < 0:
+        parser.error("--stream-spread must be >= 0")
     ramp = args.ramp if args.ramp is not None else default_ramp(args.sessions)
     started = time.monotonic()
-    result = run(args.url, args.sessions, args.seconds, ramp, args.loop)
+    result = run(args.url, args.sessions, args.seconds, ramp, args.loop, args.stream_spread)
     result["process_wall_s"] = round(time.monotonic() - started, 3)
     write_result(result, args.out)
     return 0

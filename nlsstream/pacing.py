@@ -4,42 +4,68 @@ Design (sized for thousands of concurrent sessions in one process):
 
 * One :class:`Pacer` per event loop (:meth:`Pacer.for_loop`) with **one** periodic timer
   that wakes once per ``tick`` (default 20 ms, one 16 kHz frame period) while any stream
-  is open. Each wake-up (:meth:`Pacer.run_due`) writes every frame due by then, for
-  every session, synchronously. There is no sleeping task per session or per frame,
-  and the number of wake-ups does not grow with the number of sessions (a timer per
-  distinct due time would mean up to 50k wake-ups a second at 1,000 sessions whose
-  phases differ).
-* A stream's schedule starts at the next tick, so when its frame period is a multiple of
-  the tick (16 kHz or 8 kHz at ``pace=1``) every frame falls on a tick and goes out on
-  time, plus timer jitter. A frame is never sent before it is due (beyond ``tolerance``,
-  default 0.5 ms, for timers that fire early), so with a period that is not a multiple
-  (``pace=1.5``) frames go out up to one tick late: use a smaller ``tick`` for those.
+  is open, on a fixed grid of ticks (``origin + k * tick``, the origin set when the
+  pacer goes from idle to busy). Each wake-up (:meth:`Pacer.run_due`) writes every frame
+  due by then, for every session, synchronously. There is no sleeping task per session
+  or per frame, and the number of wake-ups does not grow with the number of sessions (a
+  timer per distinct due time would mean up to 50k wake-ups a second at 1,000 sessions
+  whose phases differ).
+* **A stream's schedule starts when its audio does**: at the first tick after its first
+  frame is ready (cut and encoded by the producer), not when the stream is opened.
+  Nothing has been sent yet, so nothing is owed: if the loop is too busy to run that
+  tick on time (a thousand ``stream()`` calls that start at once all frame their first
+  batch of audio in the same loop iteration), the first frame waits for the next tick
+  instead of going out late, and the schedule starts there. It waits once: if that
+  tick is late too, the schedule starts at it, the first frame as late as that tick ran
+  (under one tick, by construction). Either way nothing else is due yet, so a
+  thundering herd of starts gives neither late first frames nor a catch-up burst.
+* Frames fall on ticks: when a stream's frame period is a multiple of the tick (16 kHz
+  or 8 kHz at ``pace=1``) every frame is due on a tick and goes out on time, plus timer
+  jitter. A frame is never sent before it is due (beyond ``tolerance``, default 0.5 ms,
+  for timers that fire early), so with a period that is not a multiple (``pace=1.5``)
+  frames go out up to one tick late: use a smaller ``tick`` for those.
 * Each ``stream()`` call owns a :class:`PacedStream`: a bounded buffer (about one second
   of audio ahead) that the caller's task fills and the pacer drains. The producer cuts
   and frames its audio in batches ahead of time (the sink's ``encode_frames``: for a
   connection, masking in one vectorised pass per batch) and is woken only once the
   buffer is half empty, so it runs about twice per second, not per frame.
 * Scheduling is drift-free: frame *k* is due at ``t0 + k * frame_bytes /
-  bytes_per_second``, so rounding and timer jitter never accumulate. A late frame is
-  sent at once and counted, never dropped.
+  bytes_per_second``, so rounding and timer jitter never accumulate. A frame the pacer
+  itself could not send on time (its socket was backed up, the loop was too busy to
+  tick) is sent at once and counted late, never dropped; a backlog goes out in one
+  write, which brings the stream back onto its schedule.
+* **Underruns restart the schedule.** A source that cannot keep up (a live source whose
+  next chunk comes late, a producer starved of CPU) leaves the buffer empty when a frame
+  is due. That frame did not exist at its tick, so the pacer does not try to catch up
+  with the source: when the frame is ready, the schedule restarts as it started, at the
+  first tick after it (counted in :attr:`Metrics.underruns`). The gap shows as a pause
+  in the audio's arrival, not as a burst after it, nor as lateness of every frame that
+  follows. A frame that arrives before the tick it is due on was no underrun: it keeps
+  its place on the schedule. (Before, the frames of a late chunk were due in the past:
+  they went out in one burst, and for a live source that never gets ahead again, every
+  later chunk too, each frame counted late by the length of the gap.)
 * Per frame, a tick does what it must and no more: take the next encoded frame and hand
   it to the transport's ``write``. Flow control is pushed, not polled: a session whose
   socket is backed up (transport above its write high-water mark) or whose connection
   is closing marks its stream :attr:`~PacedStream.held`, from the transport's own
   ``pause_writing()`` / ``resume_writing()``; a held stream is skipped and counted in
   :attr:`Metrics.stalled_ticks`, its frames wait and their lateness shows in its
-  metrics. It cannot stall the others.
+  metrics. It cannot stall the others. (A stream held before its first frame went out
+  starts, like any other, when that frame can go.)
 
 The clock is injectable: ``Pacer(clock=..., autorun=False)`` never touches a timer and is
-driven by calling :meth:`Pacer.run_due` with a fake time, which is how pacing accuracy is
-tested. The writing itself goes through a :class:`FrameSink` (a session's
-:class:`~nlsstream.connection.Connection`, which also sets :attr:`PacedStream.held`).
+driven by calling :meth:`Pacer.run_due` with a fake time (each call is a tick; the grid
+of ticks starts at the clock's time when the first stream registers while none is
+open), which is how pacing accuracy is tested. The writing itself goes through a
+:class:`FrameSink` (a session's :class:`~nlsstream.connection.Connection`, which also
+sets :attr:`PacedStream.held`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -58,6 +84,9 @@ LATE_THRESHOLD_MS = 5.0
 _HIST_MS = 200
 #: Default pacer tick: one 640-byte frame of 16 kHz PCM16.
 DEFAULT_TICK_S = 0.02
+#: Slack, in ticks, when a time is placed on the grid of ticks: float rounding must not
+#: push a time computed to fall on a tick to the next one.
+_GRID_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------- metrics
@@ -72,6 +101,8 @@ class Metrics:
     measured only for paced frames: how long after its due time each frame was written.
     ``stalled_ticks`` counts pacer ticks at which this session had a frame due but its
     socket was backed up (a session that cannot keep up shows here and in its lateness).
+    ``underruns`` counts the times the source was late instead: the buffer was empty when
+    a frame was due, and the schedule restarted once audio came (see :mod:`.pacing`).
     """
 
     sample_rate: int = 16000
@@ -80,6 +111,7 @@ class Metrics:
     late_frames: int = 0
     max_lateness_ms: float = 0.0
     stalled_ticks: int = 0
+    underruns: int = 0
     #: From the first audio byte sent to the first recognition result (partial or final).
     time_to_first_partial_ms: float | None = None
     #: From sending Stop to receiving Completed.
@@ -174,7 +206,9 @@ class PacedStream:
 
     :meth:`put` takes PCM of any length and cuts it into ``frame_bytes`` frames (the
     remainder waits for the next put, or :meth:`finish`, which sends it as a shorter last
-    frame). Frame *k* is due at ``t0 + k * frame_bytes / bytes_per_second``.
+    frame). Frame *k* is due at ``t0 + k * frame_bytes / bytes_per_second``; ``t0`` is
+    the tick at which the first frame is written (the first one after it was ready,
+    unless that ran late) and moves only after an underrun (see the module docstring).
 
     Memory bound: at most ``max_ahead_bytes`` plus one :meth:`put` are buffered;
     :meth:`put` waits for space beyond that.
@@ -195,7 +229,10 @@ class PacedStream:
         "_next_due",
         "_pacer",
         "_period",
+        "_restart",
+        "_restart_waited",
         "_space",
+        "_start",
         "_t0",
         "_tail",
         "_write",
@@ -236,6 +273,12 @@ class PacedStream:
         self._tail = 0  # PCM bytes of the short last frame, once finish() queued it
         self._t0 = 0.0
         self._next_due = float("inf")  # due time of the buffer's first frame
+        # The index of the frame that (re)starts the schedule: the first frame, or the
+        # first one after an underrun. When the tick that writes it is late, the
+        # schedule moves to that tick instead of catching up (see _catch_up).
+        self._restart = -1
+        self._restart_waited = False  # that frame already waited for a later tick
+        self._start: float | None = None  # when the first frame is (or was) due
         self._closed = False
         self._error: BaseException | None = None
         self._space: asyncio.Future[None] | None = None
@@ -259,8 +302,9 @@ class PacedStream:
 
     @property
     def start_time(self) -> float | None:
-        """When the first frame was due (on the pacer's clock), once one was queued."""
-        return self._t0 if self._index or self._buf else None
+        """When the first frame is due (on the pacer's clock), once one was queued: the
+        first tick after it was ready, or, once it was written, the tick that wrote it."""
+        return self._start
 
     @property
     def finished(self) -> bool:
@@ -291,10 +335,24 @@ class PacedStream:
     def _append(self, frames: list[bytes]) -> None:
         buf = self._buf
         if not buf:
-            if self._index == 0 and self._next_due == float("inf"):
-                # The first frame: the schedule starts at the next tick.
-                self._t0 = self._pacer._start_time(self)
-            self._next_due = self._t0 + self._index * self._period
+            pacer = self._pacer
+            index = self._index
+            if self._start is None:
+                # The first frame is ready now (framed and encoded): the schedule starts
+                # at the next tick, not at one that was due before there was audio.
+                due = self._start = self._t0 = pacer._register(self)
+                self._restart, self._restart_waited = 0, False
+            else:
+                due = self._t0 + index * self._period
+                if due <= pacer._ran_until:
+                    # Underrun: a tick that was due to write this frame ran while the
+                    # source had not delivered it. Restart the schedule at the first
+                    # tick from now rather than burst to catch up with a late source.
+                    due = pacer._tick_after(pacer.clock())
+                    self._t0 = due - index * self._period
+                    self._restart, self._restart_waited = index, False
+                    self.metrics.underruns += 1
+            self._next_due = due
         buf.extend(frames)
 
     async def finish(self) -> None:
@@ -377,12 +435,32 @@ class PacedStream:
     def _catch_up(self, now: float, horizon: float) -> None:
         """Write a late frame, or a backlog of frames due (after a stall, or a loop too
         busy to tick on time) in **one** write: catching up then costs one system call
-        per session, not one per frame, so a loop that fell behind recovers fast."""
+        per session, not one per frame, so a loop that fell behind recovers fast. A
+        stream (re)starting its schedule has no backlog: it starts at this tick."""
         buf = self._buf
         metrics = self.metrics
-        t0, period = self._t0, self._period
         index = self._index
         due = self._next_due
+        if index == self._restart:
+            # The frame that (re)starts the schedule, and this tick runs late (the loop
+            # was busy, e.g. with a herd of producers framing their first audio), or
+            # after ticks it missed (the stream was held). Nothing of this run went out
+            # yet, so nothing is owed: the schedule starts at the next tick, which
+            # should be on time, or, if this frame already waited for one, at this
+            # tick (as late as the tick, under one tick). Nothing after it is due yet:
+            # no burst.
+            pacer = self._pacer
+            due = max(due, pacer._tick_before(horizon))
+            if now - due >= 0.001 and not self._restart_waited:
+                due += pacer.tick
+                self._restart_waited = True
+            self._t0 = due - index * self._period
+            if index == 0:
+                self._start = due
+            if due > horizon:
+                self._next_due = due
+                return
+        t0, period = self._t0, self._period
         frames: list[bytes] = []
         while buf and due <= horizon:
             frames.append(buf.popleft())
@@ -427,7 +505,9 @@ class Pacer:
     ``clock`` is the monotonic time source (default: the loop's). With ``autorun=False``
     no timer is ever set and the owner calls :meth:`run_due` itself (tests, custom loops).
     ``tick`` is the timer period; each tick sends the frames due within ``tolerance``
-    seconds after it (timers may fire up to the clock's resolution early).
+    seconds after it (timers may fire up to the clock's resolution early). Ticks are
+    due at ``origin + k * tick``; the origin is the clock's time when a stream registers
+    while none is open (and, with the timer, none is armed).
     """
 
     _per_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pacer]] = (
@@ -455,7 +535,11 @@ class Pacer:
         # when it is finished or aborted.
         self._streams: dict[PacedStream, None] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._next_tick = 0.0
+        self._origin = 0.0  # the grid of ticks: origin + k * tick
+        self._tick_index = 0  # k of the tick the timer is armed for
+        #: The horizon of the latest run_due: frames due by then that were not in their
+        #: stream's buffer missed their tick (an underrun).
+        self._ran_until = float("-inf")
         #: Timer wake-ups so far (one per tick, however many sessions it serves).
         self.ticks = 0
 
@@ -485,22 +569,34 @@ class Pacer:
         """Streams currently open on this pacer (with or without frames buffered)."""
         return len(self._streams)
 
-    def _start_time(self, stream: PacedStream) -> float:
-        """Register ``stream`` and return when its first frame is due: the next tick
-        (or now, without a timer)."""
+    def _register(self, stream: PacedStream) -> float:
+        """Register ``stream``, whose first frame is ready now, and return when that
+        frame is due: the first tick from now (now, if the pacer was idle)."""
+        now = self.clock()
+        idle = self._timer is None if self.autorun else not self._streams
+        if idle:  # a new grid of ticks, its first tick now
+            self._origin = now
+            self._tick_index = 0
+            if self.autorun:
+                self._arm()
         self._streams[stream] = None
-        if not self.autorun:
-            return self.clock()
-        if self._timer is None:
-            self._next_tick = self.clock()
-            self._arm()
-        return self._next_tick
+        return self._tick_after(now)
+
+    def _tick_after(self, when: float) -> float:
+        """The first tick at or after ``when``."""
+        k = math.ceil((when - self._origin) / self.tick - _GRID_EPS)
+        return self._origin + k * self.tick
+
+    def _tick_before(self, when: float) -> float:
+        """The last tick at or before ``when``."""
+        k = math.floor((when - self._origin) / self.tick + _GRID_EPS)
+        return self._origin + k * self.tick
 
     def _detach(self, stream: PacedStream) -> None:
         self._streams.pop(stream, None)
 
     def _arm(self) -> None:
-        when = self._next_tick
+        when = self._origin + self._tick_index * self.tick
         loop_when = when if self._loop_clock else self.loop.time() + (when - self.clock())
         self._timer = self.loop.call_at(loop_when, self._on_timer)
 
@@ -512,12 +608,12 @@ class Pacer:
             self.run_due(now, early=self.tolerance)
         finally:
             if self._streams:
-                # Stay on the grid t0 + k * tick (drift-free); if the loop was so busy
-                # that ticks were missed, skip them rather than fire in a burst.
-                nxt = self._next_tick + self.tick
-                if nxt <= now:
-                    nxt += (int((now - nxt) / self.tick) + 1) * self.tick
-                self._next_tick = nxt
+                # Stay on the grid origin + k * tick (drift-free); if the loop was so
+                # busy that ticks were missed, skip them rather than fire in a burst.
+                k = self._tick_index + 1
+                if self._origin + k * self.tick <= now:
+                    k = math.floor((now - self._origin) / self.tick + _GRID_EPS) + 1
+                self._tick_index = k
                 self._arm()
 
     def run_due(self, now: float | None = None, *, early: float = 0.0) -> int:
@@ -530,6 +626,7 @@ class Pacer:
         if now is None:
             now = self.clock()
         horizon = now + early
+        self._ran_until = horizon
         # A copy of the streams: ending ones leave the dict meanwhile.
         for stream in list(self._streams):
             stream.run_due(now, horizon)
