@@ -39,8 +39,9 @@ if __package__ in (None, ""):
 from benchmarks.common import BENCH_TOKEN, ROOT
 
 #: Benchmark clients; "nlsstream-asyncio" is nlsstream on the stdlib event loop (the
-#: plain "nlsstream" uses uvloop when it is installed).
-CLIENTS = ("nlsstream", "nlsstream-asyncio", "official")
+#: plain "nlsstream" uses uvloop when it is installed); "compat" is the official client's
+#: code with ``import nlsstream.compat.nls as nls`` instead of ``import nls``.
+CLIENTS = ("nlsstream", "nlsstream-asyncio", "official", "compat")
 DEFAULT_SESSIONS = (100, 250, 500, 1000, 2000)
 #: The issue's criteria.
 LATENESS_LIMIT_MS = 20.0
@@ -168,7 +169,7 @@ def run_client(
         raise ValueError(f"unknown client {client!r}; expected one of {CLIENTS}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        module = client.split("-")[0]
+        module = "official" if client == "compat" else client.split("-")[0]
         cmd = [
             sys.executable,
             "-m",
@@ -186,6 +187,8 @@ def run_client(
             cmd += ["--ramp", str(ramp)]
         if client == "nlsstream-asyncio":
             cmd += ["--loop", "asyncio"]
+        if client == "compat":
+            cmd += ["--sdk", "compat"]
         proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )

@@ -83,6 +83,9 @@ class LoopThread:
     def __init__(self, name: str = "nlsstream-loop") -> None:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._posted: list[Callable[[], object]] = []
+        self._post_lock = threading.Lock()
+        self._post_pending = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
         if not self._ready.wait(SHUTDOWN_TIMEOUT):
@@ -138,9 +141,27 @@ class LoopThread:
             raise RuntimeError("nlsstream's event-loop thread has stopped")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
-        """Run ``callback(*args)`` on the loop thread soon (never waits)."""
-        self.loop.call_soon_threadsafe(callback, *args)
+    def post(self, callback: Callable[[], object]) -> None:
+        """Run ``callback()`` on the loop thread soon, never waiting, in posting order
+        (and before anything handed to the loop later). Callbacks posted before the loop
+        ran the earlier ones share their wake-up: many threads posting often cost one
+        wake-up per loop iteration, not one each. An exception is logged."""
+        with self._post_lock:
+            self._posted.append(callback)
+            if self._post_pending:
+                return
+            self._post_pending = True
+        self.loop.call_soon_threadsafe(self._run_posted)
+
+    def _run_posted(self) -> None:
+        with self._post_lock:
+            batch, self._posted = self._posted, []
+            self._post_pending = False
+        for callback in batch:
+            try:
+                callback()
+            except Exception:
+                logger.exception("callback posted to the loop thread raised")
 
     def run(self, make: Callable[[], Awaitable[T]], timeout: float | None) -> T:
         """Await ``make()`` on the loop and return its result (or raise its exception).

@@ -298,19 +298,55 @@ def test_compat_returns_true_runs_on_the_shared_loop_and_accepts_old_spellings(
     tr.shutdown()  # repeated calls do nothing
 
 
-def test_compat_ctrl_and_shutdown_from_a_callback(nls_gateway: Gateway) -> None:
+def test_compat_ctrl_and_shutdown_from_a_callback(
+    nls_gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
     pcm, _ = read_pcm("three_sentences.wav")
     closed = threading.Event()
     holder: list[Any] = []
+    ends: list[str] = []
+
+    def on_sentence_end(message: str, *args: Any) -> None:
+        ends.append(message)
+        if len(ends) == 1:
+            assert holder[0].ctrl(max_sentence_silence=700) is True  # queued, not waited for
+            raise RuntimeError("a failing user callback")  # logged; the session goes on
+        holder[0].shutdown()
+
     tr = compat_nls.NlsSpeechTranscriber(
         url=nls_gateway.url,
         token=nls_gateway.token,
         appkey=nls_gateway.appkey,
-        on_sentence_end=lambda m, *a: holder[0].shutdown(),
+        on_sentence_end=on_sentence_end,
         on_close=lambda *a: closed.set(),
     )
     holder.append(tr)
     tr.start()
     tr.send_audio(pcm)
-    assert closed.wait(WAIT)  # shutdown() from the callback closed the connection
-    assert tr.stop() is False  # the task was aborted: no Completed
+    assert closed.wait(WAIT)  # shutdown() from the second callback closed the connection
+    assert len(ends) == 2 and tr.stop() is False  # aborted: no Completed
+    assert "a failing user callback" in caplog.text
+
+
+def test_compat_reports_a_lost_connection_where_the_official_sdk_is_silent(
+    nls_gateway: Gateway,
+) -> None:
+    pcm, _ = read_pcm("three_sentences.wav")
+    calls = Calls()
+    nls_gateway.queue_faults(Faults(drop_at="audio", drop_after_bytes=32000))
+    tr = compat_nls.NlsSpeechTranscriber(
+        url=nls_gateway.url,
+        token=nls_gateway.token,
+        appkey=nls_gateway.appkey,
+        on_error=calls.cb("on_error"),
+        on_close=calls.on_close,
+    )
+    assert tr.start() is True
+    for i in range(0, len(pcm), 3200):
+        if not tr.send_audio(pcm[i : i + 3200]):
+            break
+    assert calls.closed.wait(WAIT)
+    assert tr.stop() is False
+    assert calls.names() == ["on_error", "on_close"]
+    [header] = calls.headers("on_error")
+    assert header["status_text"].startswith("nlsstream:GatewayConnectionError:")

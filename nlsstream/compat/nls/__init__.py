@@ -40,6 +40,7 @@ from ...config import DEFAULT_URL
 from ...errors import (
     AuthenticationError,
     CallbackError,
+    InvalidStateError,
     NlsError,
     StartTimeoutError,
     StopTimeoutError,
@@ -152,13 +153,16 @@ class _Task:
         self.runner = runner
         self.closed = False  # on_close was called
         self.reported: NlsError | None = None  # the last error given to on_error
-        # The audio queue: filled by send_audio() on any thread, drained on the loop.
+        # The audio queue: filled by send_audio() on any thread, sent by one sender
+        # task on the loop, woken (through LoopThread.post) when audio arrives.
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._chunks: deque[bytes] = deque()
         self._queued = 0
-        self._draining = False
-        self._drain_task: asyncio.Task[None] | None = None
+        self._busy = False  # the sender has audio to send or a wake-up is on its way
+        self._wakeup: asyncio.Future[None] | None = None
+        self._flushed: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
         self.failed: NlsError | None = None  # audio can no longer be sent
 
     # ------------------------------------------------------------ callbacks (loop)
@@ -179,6 +183,10 @@ class _Task:
         self.owner._call("on_error", _error_message(error, self.session.task_id))
 
     def on_close(self) -> None:
+        """The session is over (called once the connection closed)."""
+        self.refuse_audio(InvalidStateError(f"task {self.session.task_id} is over"))
+        if self._sender is not None:
+            self._sender.cancel()
         if not self.closed:
             self.closed = True
             self.owner._call("on_close")
@@ -186,10 +194,10 @@ class _Task:
     # ------------------------------------------------------------ audio queue
 
     def put(self, data: bytes) -> bool:
-        """Queue ``data`` for the session (any thread but the loop's); False if the
-        task can no longer take audio."""
+        """Queue ``data`` for the session (from any thread but the loop's); False if the
+        task can no longer take audio. Waits (bounded) while too much is queued."""
         with self._lock:
-            if not self._room.wait_for(
+            if self._queued >= MAX_QUEUED_BYTES and not self._room.wait_for(
                 lambda: self.failed is not None or self._queued < MAX_QUEUED_BYTES,
                 QUEUE_TIMEOUT,
             ):
@@ -201,50 +209,72 @@ class _Task:
                 return False
             self._chunks.append(data)
             self._queued += len(data)
-            kick = not self._draining
-            self._draining = True
-        if kick:
-            self.runner.call_soon(self._kick)
+            if self._busy:
+                return True
+            self._busy = True
+        self.runner.post(self._wake)
         return True
 
-    def _kick(self) -> None:
-        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
-    async def _drain(self) -> None:
+    async def _send(self) -> None:
+        """The sender: writes the queued audio in order, sleeps while there is none."""
         session = self.session
+        loop = asyncio.get_running_loop()
         while True:
             with self._lock:
-                if not self._chunks:
-                    self._draining = False
-                    return
-                chunk = self._chunks.popleft()
-                self._queued -= len(chunk)
-                self._room.notify_all()
+                chunk = self._chunks.popleft() if self._chunks else None
+                if chunk is None:
+                    self._busy = False
+                else:
+                    self._queued -= len(chunk)
+                    if self._queued < MAX_QUEUED_BYTES <= self._queued + len(chunk):
+                        self._room.notify_all()
+            if chunk is None:
+                self._flush_done()
+                self._wakeup = loop.create_future()
+                await self._wakeup
+                continue
             try:
                 await session.send_audio(chunk)
             except NlsError as exc:  # the task ended: on_error has heard why, if it failed
                 self.refuse_audio(exc)
                 return
 
+    def _flush_done(self) -> None:
+        flushed, self._flushed = self._flushed, None
+        if flushed is not None and not flushed.done():
+            flushed.set_result(None)
+
     def refuse_audio(self, error: NlsError) -> None:
+        """No more audio: drop what is queued (saying so) and wake whoever waits."""
         with self._lock:
             if self.failed is None:
                 self.failed = error
-                logger.warning(
-                    "task %s: audio is no longer accepted (%s); %d queued bytes dropped",
-                    self.session.task_id,
-                    error,
-                    self._queued,
-                )
+                if self._queued:
+                    logger.warning(
+                        "task %s: audio is no longer accepted (%s); %d queued bytes dropped",
+                        self.session.task_id,
+                        error,
+                        self._queued,
+                    )
             self._chunks.clear()
             self._queued = 0
-            self._draining = False
+            self._busy = False
             self._room.notify_all()
+        self._flush_done()
 
     async def flush(self) -> None:
         """Wait until the audio queued so far is written (or refused)."""
-        while (task := self._drain_task) is not None and not task.done():
-            await asyncio.wait([task])
+        with self._lock:
+            if not self._busy:
+                return
+        if self._flushed is None:
+            self._flushed = asyncio.get_running_loop().create_future()
+        await self._flushed
 
     # ------------------------------------------------------------ lifecycle (loop)
 
@@ -260,6 +290,7 @@ class _Task:
             await session.abort()
             self.on_close()  # the official SDK's on_close follows even a refused handshake
             return False
+        self._sender = asyncio.get_running_loop().create_task(self._send())
         return True
 
     async def stop(self, timeout: float) -> bool:
@@ -432,7 +463,8 @@ class _NlsSession:
             return True
         if task.session.format == "pcm" and len(pcm_data) % 2:
             raise InvalidParameter(f"PCM16 audio must be an even number of bytes: {len(pcm_data)}")
-        loop_thread().check_caller()
+        if threading.current_thread() is task.runner.thread:
+            task.runner.check_caller()  # raises: a full queue would deadlock the loop
         if task.put(bytes(pcm_data)):
             return True
         self._not_started()
