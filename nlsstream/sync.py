@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from . import session as _session
+from .auth import TokenSource
 from .pacing import Metrics
 from .protocol import State
 
@@ -359,7 +360,7 @@ class _BlockingSession(BlockingFacade[S]):
 
     _async_class: type[S]
 
-    def __init__(self, appkey: str, token: Any, **kwargs: Any) -> None:
+    def __init__(self, appkey: str, token: TokenSource, **kwargs: Any) -> None:
         super().__init__(self._async_class(appkey, token, **kwargs))
         s = self.wrapped
         self.call_timeout = s.connect_timeout + s.start_timeout + 2 * s.stop_timeout + CALL_MARGIN

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 import pytest
-from helpers import read_pcm
+from helpers import AK_ID, AK_SECRET, FakeTokenService, read_pcm
 
 import nlsstream.compat.nls as compat_nls
 from nlsstream.gateway import Faults, Gateway
@@ -63,8 +63,16 @@ class Calls:
 
 
 def transcribe(
-    nls: Any, gw: Gateway, pcm: bytes, *, appkey: str | None = None, **start: Any
+    nls: Any,
+    gw: Gateway,
+    pcm: bytes,
+    *,
+    appkey: str | None = None,
+    ctrl_at: int | None = None,
+    **start: Any,
 ) -> Calls:
+    """Every callback; 640-byte chunks; ``ctrl(max_sentence_silence=2000)`` after
+    ``ctrl_at`` bytes, if given."""
     calls = Calls()
     tr = nls.NlsSpeechTranscriber(
         url=gw.url,
@@ -81,32 +89,12 @@ def transcribe(
     )
     tr.start(**start)
     for i in range(0, len(pcm), 640):
+        if i == ctrl_at:
+            tr.ctrl(max_sentence_silence=2000)
         tr.send_audio(pcm[i : i + 640])
     tr.stop()
     assert calls.closed.wait(WAIT)
     tr.shutdown()
-    return calls
-
-
-def transcribe_with_ctrl(nls: Any, gw: Gateway, pcm: bytes) -> Calls:
-    calls = Calls()
-    tr = nls.NlsSpeechTranscriber(
-        url=gw.url,
-        token=gw.token,
-        appkey=gw.appkey,
-        on_sentence_end=calls.cb("on_sentence_end"),
-        on_completed=calls.cb("on_completed"),
-        on_close=calls.on_close,
-    )
-    tr.start()
-    cut = 32000 * 32 // 10  # inside the first pause, after the first sentence ended
-    for i in range(0, cut, 3200):
-        tr.send_audio(pcm[i : i + 3200])
-    tr.ctrl(max_sentence_silence=2000)
-    for i in range(cut, len(pcm), 3200):
-        tr.send_audio(pcm[i : i + 3200])
-    tr.stop()
-    assert calls.closed.wait(WAIT)
     return calls
 
 
@@ -166,7 +154,8 @@ def test_transcriber_same_callbacks_and_texts(nls_gateway: Gateway) -> None:
 
 def test_transcriber_ctrl_same_effect(nls_gateway: Gateway) -> None:
     pcm, _ = read_pcm("three_sentences.wav")
-    official, compat = both(transcribe_with_ctrl, nls_gateway, pcm)
+    cut = 32000 * 32 // 10  # inside the first pause, after the first sentence ended
+    official, compat = both(transcribe, nls_gateway, pcm, ctrl_at=cut)
     assert compat.names() == official.names()
     assert official.names().count("on_sentence_end") == 2
     assert compat.payloads("on_sentence_end") == official.payloads("on_sentence_end")
@@ -350,3 +339,13 @@ def test_compat_reports_a_lost_connection_where_the_official_sdk_is_silent(
     assert calls.names() == ["on_error", "on_close"]
     [header] = calls.headers("on_error")
     assert header["status_text"].startswith("nlsstream:GatewayConnectionError:")
+
+
+def test_get_token_from_an_access_key(service: FakeTokenService) -> None:
+    token = compat_nls.token.getToken(AK_ID, AK_SECRET, url=service.url)
+    assert token and service.requests[0][0] == "POST"
+    with pytest.raises(compat_nls.exception.GetTokenFailed) as failed:
+        compat_nls.token.getToken(AK_ID, "wrong-secret", url=service.url)
+    assert "wrong-secret" not in str(failed.value)
+    with pytest.raises(compat_nls.exception.GetTokenFailed):
+        compat_nls.token.getToken(None, None)

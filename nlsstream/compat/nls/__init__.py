@@ -71,7 +71,7 @@ from .exception import (
     StopTimeoutException,
 )
 
-__all__ = [
+__all__ = [  # the official top level, plus its exception classes (nls.exception.*)
     "CompleteTimeoutException",
     "ConnectionTimeout",
     "ConnectionUnavailable",
