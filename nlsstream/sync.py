@@ -73,6 +73,8 @@ F = TypeVar("F", bound="BlockingFacade[Any]")
 _WAIT_SLICE = 1.0
 #: Added to a session's own timeouts to bound a blocking call (scheduling delays).
 CALL_MARGIN = 10.0
+#: How long :meth:`LoopThread.post` lets posts gather before running them (s).
+POST_WINDOW = 0.002
 #: How long interpreter exit waits for the loop thread to close what is left.
 SHUTDOWN_TIMEOUT = 5.0
 
@@ -143,10 +145,12 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def post(self, callback: Callable[[], object]) -> None:
-        """Run ``callback()`` on the loop thread soon, never waiting, in posting order
-        (and before anything handed to the loop later). Callbacks posted before the loop
-        ran the earlier ones share their wake-up: many threads posting often cost one
-        wake-up per loop iteration, not one each. An exception is logged."""
+        """Run ``callback()`` on the loop thread within about :data:`POST_WINDOW`
+        seconds, in posting order, never waiting. For work posted often by many
+        threads (audio frames): after running a batch, the loop collects what is posted
+        during the next window and runs it together, so a busy process pays one loop
+        wake-up per window instead of one per call; a post to an idle loop runs at
+        once. An exception is logged."""
         with self._post_lock:
             self._posted.append(callback)
             if self._post_pending:
@@ -157,7 +161,11 @@ class LoopThread:
     def _run_posted(self) -> None:
         with self._post_lock:
             batch, self._posted = self._posted, []
-            self._post_pending = False
+            if not batch:
+                self._post_pending = False
+                return
+        # Still pending: what is posted meanwhile waits for this timer, not a wake-up.
+        self.loop.call_later(POST_WINDOW, self._run_posted)
         for callback in batch:
             try:
                 callback()

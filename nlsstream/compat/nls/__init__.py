@@ -20,7 +20,8 @@ swallows (HTTP 403, a refused or lost connection, a gateway that stops answering
 reach ``on_error`` as a TaskFailed-shaped JSON message; ``start()``, ``stop()``,
 ``send_audio()`` and ``ctrl()`` return ``True`` on success and ``False`` where the
 official SDK silently returns ``None``; ``send_audio()`` queues the audio and returns
-(it is written on the loop thread, in order, before a later ``ctrl()`` or ``stop()``);
+(it is written on the loop thread, in order, before a later ``ctrl()`` or ``stop()``,
+within about :data:`nlsstream.sync.POST_WINDOW`);
 sample rates other than 8000/16000 and odd-length PCM are refused at once.
 """
 
