@@ -40,6 +40,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import functools
+import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -257,6 +258,25 @@ class BlockingFacade(Generic[A]):
             timeout = self.call_timeout + extra
         return self._runner.run(make, timeout)
 
+    # For a wrapped async context manager: ``with`` enters and leaves it.
+
+    def __enter__(self: F) -> F:
+        self._run(self._async_cm().__aenter__, bounded=True)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._run(lambda: self._async_cm().__aexit__(exc_type, exc, tb), bounded=True)
+
+    def _async_cm(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        if not isinstance(self.wrapped, contextlib.AbstractAsyncContextManager):
+            raise TypeError(f"{type(self.wrapped).__name__} is not an async context manager")
+        return self.wrapped
+
 
 class blocking(Generic[P, T]):
     """A blocking method made from the async ``method`` of the wrapped object.
@@ -272,6 +292,9 @@ class blocking(Generic[P, T]):
         self.method = method
         self.bounded = bounded
         self.__doc__ = method.__doc__
+        names = list(inspect.signature(method).parameters)
+        #: Where a ``timeout`` argument sits among the positional ones (after self).
+        self._timeout_at = names.index("timeout") - 1 if "timeout" in names else None
 
     @overload
     def __get__(self, obj: None, owner: type[Any]) -> blocking[P, T]: ...
@@ -282,11 +305,11 @@ class blocking(Generic[P, T]):
     ) -> blocking[P, T] | Callable[P, T]:
         if obj is None:
             return self
-        method, bounded = self.method, self.bounded
+        method, bounded, at = self.method, self.bounded, self._timeout_at
 
         @functools.wraps(method)
         def call(*args: P.args, **kwargs: P.kwargs) -> T:
-            extra = kwargs.get("timeout")
+            extra = args[at] if at is not None and len(args) > at else kwargs.get("timeout")
             return obj._run(
                 lambda: method(obj.wrapped, *args, **kwargs),
                 bounded,
@@ -381,18 +404,6 @@ class _BlockingSession(BlockingFacade[S]):
     stream = blocking(_session.Session.stream, bounded=False)
     events = iterating(_session.Session.events)
     results = iterating(_session.Session.results)
-
-    def __enter__(self: F) -> F:
-        self._run(self.wrapped.__aenter__, bounded=True)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._run(lambda: self.wrapped.__aexit__(exc_type, exc, tb), bounded=True)
 
     @property
     def task_id(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -164,3 +165,58 @@ def test_blocking_call_from_a_callback_is_reported(nls_gateway: Gateway) -> None
     assert len(result.sentences) == 3  # the session went on
     assert errors and all(isinstance(e, CallbackError) for e in errors)
     assert "must not block" in str(errors[0].__cause__)
+
+
+# --------------------------------------------------------------- the generic bridge
+
+
+class AsyncThing:
+    """Any async client (as the recording clients will be): a context manager with a
+    coroutine method, an async iterator and a method that may hang."""
+
+    def __init__(self) -> None:
+        self.entered = self.exited = False
+        self.cancelled = threading.Event()
+
+    async def __aenter__(self) -> AsyncThing:
+        self.entered = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.exited = True
+
+    async def add(self, a: int, b: int, timeout: float | None = None) -> int:
+        await asyncio.sleep(0)
+        if a < 0:
+            raise InvalidStateError("negative")
+        return a + b
+
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async def hang(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.cancelled.set()
+
+
+class BlockingThing(nlsstream.sync.BlockingFacade[AsyncThing]):
+    call_timeout = 0.5
+    add = nlsstream.sync.blocking(AsyncThing.add)
+    count = nlsstream.sync.iterating(AsyncThing.count)
+    hang = nlsstream.sync.blocking(AsyncThing.hang)
+
+
+def test_any_async_object_gets_a_blocking_face_with_bounded_waits() -> None:
+    with BlockingThing(AsyncThing()) as thing:
+        assert thing.wrapped.entered
+        assert thing.add(2, 3) == 5
+        assert list(thing.count(4)) == [0, 1, 2, 3]
+        with pytest.raises(InvalidStateError, match="negative"):
+            thing.add(-1, 1)
+        with pytest.raises(TimeoutError, match="does a callback block"):
+            thing.hang()
+        assert thing.wrapped.cancelled.wait(10)  # the stuck coroutine was cancelled
+    assert thing.wrapped.exited
