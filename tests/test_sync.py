@@ -4,6 +4,7 @@ inside a running event loop."""
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import threading
 from collections.abc import AsyncIterator
@@ -220,3 +221,20 @@ def test_any_async_object_gets_a_blocking_face_with_bounded_waits() -> None:
             thing.hang()
         assert thing.wrapped.cancelled.wait(10)  # the stuck coroutine was cancelled
     assert thing.wrapped.exited
+
+
+def test_ctrl_c_during_stream_cancels_it_and_aborts_the_session(nls_gateway: Gateway) -> None:
+    pcm, _ = read_pcm("three_sentences.wav")
+    closed = threading.Event()
+    with (
+        pytest.raises(KeyboardInterrupt),
+        nlsstream.sync.Transcriber(
+            **kwargs(nls_gateway),
+            on_sentence_begin=lambda e: _thread.interrupt_main(),  # as if Ctrl-C
+            on_close=closed.set,
+        ) as t,
+    ):
+        t.stream(pcm, pace=1.0)  # ~11 s at real time: interrupted in the first sentence
+    assert closed.wait(10)
+    assert t.state is State.FAILED
+    assert t.metrics.bytes_sent < len(pcm)
