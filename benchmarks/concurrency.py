@@ -50,8 +50,9 @@ if __package__ in (None, ""):
 from benchmarks.common import BENCH_TOKEN, ROOT
 
 #: Benchmark clients; "nlsstream-asyncio" is nlsstream on the stdlib event loop (the
-#: plain "nlsstream" uses uvloop when it is installed).
-CLIENTS = ("nlsstream", "nlsstream-asyncio", "official")
+#: plain "nlsstream" uses uvloop when it is installed); "compat" is the official client's
+#: code with ``import nlsstream.compat.nls as nls`` instead of ``import nls``.
+CLIENTS = ("nlsstream", "nlsstream-asyncio", "official", "compat")
 DEFAULT_SESSIONS = (100, 250, 500, 1000, 2000)
 #: The issue's criteria.
 LATENESS_LIMIT_MS = 20.0
@@ -187,7 +188,7 @@ def run_client(
         raise ValueError(f"{client} has no --stream-spread; only the nlsstream clients do")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        module = client.split("-")[0]
+        module = "official" if client == "compat" else client.split("-")[0]
         cmd = [
             sys.executable,
             "-m",
@@ -207,6 +208,8 @@ def run_client(
             cmd += ["--loop", "asyncio"]
         if spread is not None:
             cmd += ["--stream-spread", str(spread)]
+        if client == "compat":
+            cmd += ["--sdk", "compat"]
         proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )

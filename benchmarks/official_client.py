@@ -2,6 +2,9 @@
 
 This is the best user code the official SDK allows: its API is blocking, so each session
 gets its own thread (the SDK adds two more per session: its socket reader and its pinger).
+``--sdk compat`` runs the very same code with only the import changed: ``import
+nlsstream.compat.nls as nls`` (no SDK thread; every session on nlsstream's one loop
+thread), the benchmark's ``compat`` client.
 Each thread paces against absolute deadlines (frame k is sent at ``t0 + k * 20 ms`` with
 ``time.monotonic`` and ``sleep(max(0, deadline - now))``, so a late frame does not shift
 the ones after it), streaming 640-byte frames of ``tests/fixtures/three_sentences.wav``
@@ -18,6 +21,7 @@ Prints one JSON object (``benchmarks.common.client_result``); run
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -109,12 +113,18 @@ class _Session:
             self.errors.append(f"session {self.index}: {type(exc).__name__}: {exc}"[:300])
 
 
-def run(url: str, sessions: int, seconds: float, ramp: float) -> dict[str, Any]:
+#: The module each ``--sdk`` imports as ``nls``; the user code is the same.
+SDKS = {"official": "nls", "compat": "nlsstream.compat.nls"}
+
+
+def run(
+    url: str, sessions: int, seconds: float, ramp: float, sdk: str = "official"
+) -> dict[str, Any]:
     """Run the sessions and return the client result (see ``benchmarks.common``)."""
-    import nls  # the official SDK (alibabacloud-nls-python-sdk)
+    nls = importlib.import_module(SDKS[sdk])
 
     # The SDK attaches stream handlers to these loggers; keep the benchmark output clean.
-    for name in ("nls", "websocket"):
+    for name in ("nls", "websocket", "nlsstream"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     raise_nofile_limit()
     frames = split_frames(load_pcm(seconds))
@@ -145,7 +155,7 @@ def run(url: str, sessions: int, seconds: float, ramp: float) -> dict[str, Any]:
     if stuck:
         errors.append(f"{stuck} session threads still running at the deadline")
     return client_result(
-        client="official",
+        client=sdk,
         sessions=sessions,
         seconds=seconds,
         ramp=ramp,
@@ -158,13 +168,15 @@ def run(url: str, sessions: int, seconds: float, ramp: float) -> dict[str, Any]:
         sentence_ends={s.task_id: s.sentence_ends for s in states if s.task_id},
         send_lag=lag_summary([x for s in states for x in s.send_lag]),
         steady_cpu=steady,
-        extra={"threads_peak": peak_threads, "sdk": _sdk_version()},
+        extra={"threads_peak": peak_threads, "sdk": _sdk_version(nls)},
     )
 
 
-def _sdk_version() -> str:
+def _sdk_version(nls: Any) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
+    if nls.__name__ != "nls":
+        return f"{nls.__name__} {nls.__version__}"
     try:
         return f"alibabacloud-nls-python-sdk {version('alibabacloud-nls-python-sdk')}"
     except PackageNotFoundError:
@@ -178,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="audio per session")
     parser.add_argument("--ramp", type=float, help="seconds over which sessions start")
     parser.add_argument("--out", help="write the JSON result here instead of stdout")
+    parser.add_argument(
+        "--sdk", choices=sorted(SDKS), default="official", help="the module imported as nls"
+    )
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.seconds <= 0:
         parser.error("--sessions must be >= 1 and --seconds > 0")
     ramp = args.ramp if args.ramp is not None else default_ramp(args.sessions)
-    write_result(run(args.url, args.sessions, args.seconds, ramp), args.out)
+    write_result(run(args.url, args.sessions, args.seconds, ramp, args.sdk), args.out)
     return 0
 
 

@@ -4,7 +4,9 @@ What a user needs is here: the sessions (:class:`Transcriber`, :class:`Recognize
 events, :class:`State` (what ``session.state`` returns), :class:`Result` and
 :class:`Metrics` (``session.metrics``), token providers, settings, the error tree, and
 :class:`Pacer` for sharing or driving the real-time clock. The local gateway lives in
-:mod:`nlsstream.gateway`, the pytest fixture in :mod:`nlsstream.testing`.
+:mod:`nlsstream.gateway`, the pytest fixture in :mod:`nlsstream.testing`, the blocking
+face of the sessions in :mod:`nlsstream.sync`, and a drop-in for the official SDK's
+``nls`` module in :mod:`nlsstream.compat.nls`.
 """
 
 from ._version import __version__

@@ -47,6 +47,20 @@ def test_official_client_through_harness(tmp_path: Path) -> None:
         assert png.read_bytes().startswith(b"\x89PNG")
 
 
+def test_compat_client_through_harness() -> None:
+    """The official client's code with only the import changed (``--sdk compat``)."""
+    gw = concurrency.start_gateway()
+    try:
+        row = concurrency.run_step(gw, "compat", 3, 2.0, ramp=0.2)
+    finally:
+        concurrency.stop_gateway(gw)
+    assert row["client"] == "compat"
+    assert row["sessions_started"] == row["sessions_completed_at_server"] == 3
+    assert row["errors"] == 0, row["client_errors_sample"]
+    assert row["events_lost"] == 0 and row["frames_lost"] == 0
+    assert row["extra"]["sdk"].startswith("nlsstream.compat.nls 1.0.2+nlsstream")
+
+
 def test_nlsstream_client_through_harness() -> None:
     gw = concurrency.start_gateway()
     try:

@@ -1,0 +1,240 @@
+"""The blocking face (``nlsstream.sync``) against the local gateway over loopback:
+results, typed errors, iterators, the one shared loop thread, and the refusal to block
+inside a running event loop."""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from helpers import read_pcm
+
+import nlsstream
+import nlsstream.sync
+from nlsstream import (
+    AuthenticationError,
+    CallbackError,
+    InvalidStateError,
+    NlsError,
+    SentenceEnd,
+    StartTimeoutError,
+    TaskFailedError,
+)
+from nlsstream.gateway import Faults, Gateway
+from nlsstream.protocol import State
+from nlsstream.sync import loop_thread
+
+pytestmark = pytest.mark.nls_gateway(recognizer="span")
+
+
+def kwargs(gw: Gateway, **kw: Any) -> dict[str, Any]:
+    return {"appkey": gw.appkey, "token": gw.token, "url": gw.url, "stop_timeout": 5.0, **kw}
+
+
+def test_transcriber_stream_stop_and_buffered_sentences(nls_gateway: Gateway) -> None:
+    pcm, _ = read_pcm("three_sentences.wav")
+    with nlsstream.sync.Transcriber(**kwargs(nls_gateway)) as t:
+        assert t.state is State.STARTED
+        sentences = t.sentences()  # subscribed before any audio: misses nothing
+        t.stream(pcm, pace=None)
+        result = t.stop()
+        assert t.stop() == result  # as the async session: the same result again
+    assert isinstance(result, nlsstream.Result) and len(result.sentences) == 3
+    assert [s.text for s in sentences] == [s.text for s in result.sentences]
+    assert t.result == result and t.state is State.COMPLETED
+    record = nls_gateway.sessions[-1]
+    assert record.outcome == "completed" and record.audio_bytes == len(pcm)
+
+
+def test_sentences_iterated_while_another_thread_streams(nls_gateway: Gateway) -> None:
+    pcm, _ = read_pcm("three_sentences.wav")
+    got: list[SentenceEnd] = []
+    with nlsstream.sync.Transcriber(**kwargs(nls_gateway)) as t, ThreadPoolExecutor(1) as pool:
+        sentences = t.sentences()
+        sending = pool.submit(lambda: (t.stream(pcm, pace=None), t.stop())[1])
+        for s in sentences:  # ends at Completed
+            got.append(s)
+        result = sending.result(timeout=30)
+    assert len(got) == 3 and tuple(got) == result.sentences
+
+
+def test_recognizer_send_audio_callbacks_and_result(nls_gateway: Gateway) -> None:
+    pcm, _ = read_pcm("weather.wav")
+    seen: list[str] = []
+    with nlsstream.sync.Recognizer(
+        **kwargs(nls_gateway),
+        enable_intermediate_result=True,
+        on_start=lambda e: seen.append(type(e).__name__),
+        on_completed=lambda e: seen.append(type(e).__name__),
+        on_close=lambda: seen.append("close"),
+    ) as r:
+        events = r.events()
+        for i in range(0, len(pcm), 6400):
+            r.send_audio(pcm[i : i + 6400])
+        result = r.stop()
+    assert result.text.startswith("speech ") and result.duration == len(pcm) // 32
+    assert seen == ["Started", "Completed", "close"]
+    names = [type(e).__name__ for e in events]
+    assert names[-1] == "Completed" and "ResultChanged" in names
+
+
+def test_typed_errors_propagate(nls_gateway: Gateway) -> None:
+    with pytest.raises(AuthenticationError):
+        nlsstream.sync.Transcriber(**kwargs(nls_gateway, token="wrong")).__enter__()
+
+    nls_gateway.queue_faults(Faults(start_delay=3.0))
+    with pytest.raises(StartTimeoutError):
+        nlsstream.sync.Transcriber(**kwargs(nls_gateway, start_timeout=0.2)).__enter__()
+
+    nls_gateway.queue_faults(Faults(fail_status=50000000, fail_at="stop"))
+    with (
+        pytest.raises(TaskFailedError) as failed,
+        nlsstream.sync.Transcriber(**kwargs(nls_gateway)) as t,
+    ):
+        t.send_audio(bytes(6400))
+        t.stop()
+    assert failed.value.status == 50000000 and failed.value.retryable
+    with pytest.raises(TaskFailedError):  # as the async session: the task's error again
+        t.send_audio(bytes(640))
+    with pytest.raises(InvalidStateError):
+        nlsstream.sync.Transcriber(**kwargs(nls_gateway)).stop()  # before start
+
+    with pytest.raises(ValueError, match="sample_rate"):
+        nlsstream.sync.Recognizer(**kwargs(nls_gateway, sample_rate=44100))
+
+
+def test_an_exception_in_the_block_aborts_the_session(nls_gateway: Gateway) -> None:
+    closed = threading.Event()
+    with (
+        pytest.raises(KeyError),
+        nlsstream.sync.Transcriber(**kwargs(nls_gateway, on_close=closed.set)) as t,
+    ):
+        t.send_audio(bytes(640))
+        raise KeyError("boom")
+    assert closed.wait(10)
+    assert t.state is State.FAILED
+
+
+def test_many_sessions_share_one_loop_thread(nls_gateway: Gateway) -> None:
+    pcm, _ = read_pcm("hello.wav")
+    threads: set[threading.Thread] = set()
+
+    def one(_: int) -> str:
+        with nlsstream.sync.Recognizer(
+            **kwargs(nls_gateway), on_start=lambda e: threads.add(threading.current_thread())
+        ) as r:
+            r.stream(pcm, pace=None)
+            return r.stop().text
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(one, range(24)))
+    assert all(text.startswith("speech ") for text in texts)
+    assert threads == {loop_thread().thread}
+    assert loop_thread().thread.name == "nlsstream-loop"
+    # Besides the test's own threads: the one loop thread and, at most, the loop's
+    # bounded default executor (name resolution); nothing per session.
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("nlsstream-loop") == 1, names
+    assert len(names) < 24, names
+
+
+def test_blocking_call_inside_a_running_loop_raises() -> None:
+    async def inside() -> None:
+        nlsstream.sync.Transcriber(appkey="app", token="tok", url="ws://127.0.0.1:9/ws/v1").start()
+
+    with pytest.raises(RuntimeError, match="running event loop"):
+        asyncio.run(inside())
+
+
+def test_blocking_call_from_a_callback_is_reported(nls_gateway: Gateway) -> None:
+    errors: list[NlsError] = []
+    pcm, _ = read_pcm("three_sentences.wav")
+    holder: list[nlsstream.sync.Transcriber] = []
+    with nlsstream.sync.Transcriber(
+        **kwargs(nls_gateway),
+        on_sentence_end=lambda s: holder[0].ctrl(max_sentence_silence=500),
+        on_error=errors.append,
+    ) as t:
+        holder.append(t)
+        t.stream(pcm, pace=None)
+        result = t.stop()
+    assert len(result.sentences) == 3  # the session went on
+    assert errors and all(isinstance(e, CallbackError) for e in errors)
+    assert "must not block" in str(errors[0].__cause__)
+
+
+# --------------------------------------------------------------- the generic bridge
+
+
+class AsyncThing:
+    """Any async client (as the recording clients will be): a context manager with a
+    coroutine method, an async iterator and a method that may hang."""
+
+    def __init__(self) -> None:
+        self.entered = self.exited = False
+        self.cancelled = threading.Event()
+
+    async def __aenter__(self) -> AsyncThing:
+        self.entered = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.exited = True
+
+    async def add(self, a: int, b: int, timeout: float | None = None) -> int:
+        await asyncio.sleep(0)
+        if a < 0:
+            raise InvalidStateError("negative")
+        return a + b
+
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async def hang(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.cancelled.set()
+
+
+class BlockingThing(nlsstream.sync.BlockingFacade[AsyncThing]):
+    call_timeout = 0.5
+    add = nlsstream.sync.blocking(AsyncThing.add)
+    count = nlsstream.sync.iterating(AsyncThing.count)
+    hang = nlsstream.sync.blocking(AsyncThing.hang)
+
+
+def test_any_async_object_gets_a_blocking_face_with_bounded_waits() -> None:
+    with BlockingThing(AsyncThing()) as thing:
+        assert thing.wrapped.entered
+        assert thing.add(2, 3) == 5
+        assert list(thing.count(4)) == [0, 1, 2, 3]
+        with pytest.raises(InvalidStateError, match="negative"):
+            thing.add(-1, 1)
+        with pytest.raises(TimeoutError, match="does a callback block"):
+            thing.hang()
+        assert thing.wrapped.cancelled.wait(10)  # the stuck coroutine was cancelled
+    assert thing.wrapped.exited
+
+
+def test_ctrl_c_during_stream_cancels_it_and_aborts_the_session(nls_gateway: Gateway) -> None:
+    pcm, _ = read_pcm("three_sentences.wav")
+    closed = threading.Event()
+    with (
+        pytest.raises(KeyboardInterrupt),
+        nlsstream.sync.Transcriber(
+            **kwargs(nls_gateway),
+            on_sentence_begin=lambda e: _thread.interrupt_main(),  # as if Ctrl-C
+            on_close=closed.set,
+        ) as t,
+    ):
+        t.stream(pcm, pace=1.0)  # ~11 s at real time: interrupted in the first sentence
+    assert closed.wait(10)
+    assert t.state is State.FAILED
+    assert t.metrics.bytes_sent < len(pcm)
