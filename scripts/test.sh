@@ -22,7 +22,7 @@ pip install 'aliyun-python-sdk-core>=2.13.3'
 # gateway against them (scripts/lowest-versions.txt).
 [ -x .venv-lowest/bin/python ] || "$PY" -m venv .venv-lowest
 .venv-lowest/bin/python -m pip --disable-pip-version-check -q install \
-    -c scripts/lowest-versions.txt -e '.[local,proxy,uvloop]' 'pytest>=8' 'pytest-asyncio>=0.24'
+    -c scripts/lowest-versions.txt -e '.[files,local,proxy,uvloop]' 'pytest>=8' 'pytest-asyncio>=0.24'
 .venv-lowest/bin/python -m pip list 2>/dev/null |
     grep -E '^(websockets|numpy|soundfile|soxr|python-socks|aiohttp|pocketsphinx|uvloop) '
 .venv-lowest/bin/python -m pytest -q -p no:cacheprovider tests/test_connection.py \
