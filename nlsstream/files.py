@@ -299,10 +299,12 @@ def _prepare(
         if suffix in (".pcm", ".raw"):
             return _raw_pcm(path.read_bytes(), sample_rate, keep_channels)
         data = path.read_bytes()
+        container = True  # only .pcm/.raw files are headerless
         if fmt is None and keep_channels and suffix in _FLASH_OPAQUE:
             fmt = _FLASH_OPAQUE[suffix]
     elif isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
+        container = fmt == "wav" or data[:4] in (b"RIFF", b"OggS", b"fLaC", b"ID3\x03", b"ID3\x04")
     else:
         raise AudioFormatError(
             f"unsupported recording source {type(source).__name__}: use a path, bytes or a "
@@ -316,7 +318,7 @@ def _prepare(
     try:
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError):
-        if fmt == "wav" or data[:4] in (b"RIFF", b"OggS", b"fLaC", b"ID3\x03", b"ID3\x04"):
+        if container:
             raise AudioFormatError("the recording could not be decoded") from None
         return _raw_pcm(data, sample_rate, keep_channels)
     if info.frames <= 0 or info.samplerate <= 0:

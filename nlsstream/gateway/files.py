@@ -211,11 +211,11 @@ class FileServices:
         async def emit(name: str, payload: dict[str, Any] | None) -> None:
             if name == "SentenceEnd" and payload is not None and payload["result"]:
                 words = [(w["text"], w["startTime"], w["endTime"]) for w in payload["words"]]
-                sentences.append(
-                    Sentence(
-                        channel, payload["begin_time"], payload["time"], payload["result"], words
-                    )
-                )
+                # A recording's sentence spans its words (the decoder hears some audio
+                # before the voice detector's start).
+                begin = min([payload["begin_time"], *(b for _, b, _ in words)])
+                end = max([payload["time"], *(e for _, _, e in words)])
+                sentences.append(Sentence(channel, begin, end, payload["result"], words))
 
         params = StartParams(TRANSCRIBER.name, sample_rate=rate, enable_words=True)
         task = TranscriberTask(params, self.gw.recognizer, self.gw._run, emit, self.gw._slots)
