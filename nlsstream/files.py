@@ -541,7 +541,12 @@ class _TokenClient(_Client):
             if body is None:
                 headers["Content-Type"] = "application/text"
             answer = await self._request(
-                "POST", self.url, params=query, data=body, headers=headers, secrets=(token,)
+                "POST",
+                self.url,
+                params=query,
+                data=io.BytesIO(body) if body is not None else None,
+                headers=headers,
+                secrets=(token,),
             )
             try:
                 return self._check(answer, token)

@@ -8,6 +8,7 @@ Waits are bounded by :data:`TIMEOUT`; nothing sleeps to synchronise.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
 import logging
@@ -242,7 +243,7 @@ async def test_rest_too_long_is_also_refused_by_the_gateway(gw: Gateway) -> None
             gw.http_url + "/stream/v1/asr",
             params={"appkey": APPKEY, "format": "pcm", "sample_rate": "16000"},
             headers={"X-NLS-Token": TOKEN},
-            data=pcm,
+            data=io.BytesIO(pcm),
         ) as r,
     ):
         body = await r.json()

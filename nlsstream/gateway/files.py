@@ -170,9 +170,13 @@ class FileServices:
 
     # ------------------------------------------------------------ faults, bodies
 
-    async def _faults(self, request: web.Request) -> Faults | web.Response:
-        """The faults of this request, with the delay and drop applied, or the answer an
-        injected HTTP status wants instead."""
+    async def _guarded(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request, Faults], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Every recording endpoint: this request's faults applied (delay, drop, HTTP
+        status), then ``handler``; a client that left is no error of the gateway's."""
         faults = self.gw._next_faults()
         if faults.start_delay:
             await asyncio.sleep(faults.start_delay)
@@ -180,10 +184,14 @@ class FileServices:
             log.info("%s %s: injected drop", request.method, request.path)
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("injected drop")
+            return web.Response(status=499)  # reaches nobody
         if faults.http_status is not None:
             return web.Response(status=faults.http_status, text="injected fault")
-        return faults
+        try:
+            return await handler(request, faults)
+        except ConnectionError:
+            log.info("%s %s: the client left before the answer", request.method, request.path)
+            return web.Response(status=499)
 
     async def _body(self, request: web.Request, limit: int) -> bytes:
         if request.content_length is not None and request.content_length > limit:
@@ -275,22 +283,29 @@ class FileServices:
     # ------------------------------------------------------------ Flash and REST
 
     async def _flash(self, request: web.Request) -> web.StreamResponse:
-        return await self._token_service(request, self._flash_answer)
+        return await self._guarded(request, self._flash_service)
 
     async def _rest(self, request: web.Request) -> web.StreamResponse:
-        return await self._token_service(request, self._rest_answer)
+        return await self._guarded(request, self._rest_service)
+
+    async def _pop(self, request: web.Request) -> web.StreamResponse:
+        return await self._guarded(request, self._pop_service)
+
+    async def _flash_service(self, request: web.Request, faults: Faults) -> web.StreamResponse:
+        return await self._token_service(request, faults, self._flash_answer)
+
+    async def _rest_service(self, request: web.Request, faults: Faults) -> web.StreamResponse:
+        return await self._token_service(request, faults, self._rest_answer)
 
     async def _token_service(
         self,
         request: web.Request,
-        answer: Callable[[web.Request, Faults], Awaitable[dict[str, Any]]],
+        faults: Faults,
+        answer: Callable[[web.Request], Awaitable[dict[str, Any]]],
     ) -> web.StreamResponse:
-        """What Flash and REST share: faults, the token and appkey checks, the JSON
-        answer ``{"task_id", "result", "status", "message", ...}``."""
+        """What Flash and REST share: the token and appkey checks, the injected status,
+        the JSON answer ``{"task_id", "result", "status", "message", ...}``."""
         task_id = uuid.uuid4().hex
-        faults = await self._faults(request)
-        if isinstance(faults, web.Response):
-            return faults
         refusal = self.gw._token_refusal(request)
         try:
             if refusal is not None:
@@ -302,7 +317,7 @@ class FileServices:
                 raise _Failure(40020105, "Appkey not exist!")
             if faults.fail_status is not None:
                 raise _Failure(faults.fail_status, "Injected fault!")
-            body = {"task_id": task_id, **(await answer(request, faults))}
+            body = {"task_id": task_id, **(await answer(request))}
             body.update(status=SUCCESS, message="SUCCESS")
             http = 200
         except _Failure as exc:
@@ -344,7 +359,7 @@ class FileServices:
             raise _Failure(too_long, f"The audio is longer than {max_ms // 1000} s!")
         return channels, rate, ms
 
-    async def _flash_answer(self, request: web.Request, faults: Faults) -> dict[str, Any]:
+    async def _flash_answer(self, request: web.Request) -> dict[str, Any]:
         started = time.monotonic()
         fmt = request.query.get("format", "").lower()
         if fmt and fmt not in _FLASH_FORMATS:
@@ -382,7 +397,7 @@ class FileServices:
             },
         }
 
-    async def _rest_answer(self, request: web.Request, faults: Faults) -> dict[str, Any]:
+    async def _rest_answer(self, request: web.Request) -> dict[str, Any]:
         channels, rate, _ = await self._audio(request, FLASH_MAX_BYTES, REST_MAX_MS, 41010104)
         if len(channels) > 1:
             mixed = np.mean([np.frombuffer(c, dtype="<i2") for c in channels], axis=0)
@@ -392,11 +407,8 @@ class FileServices:
 
     # ------------------------------------------------------------ POP RPC
 
-    async def _pop(self, request: web.Request) -> web.StreamResponse:
+    async def _pop_service(self, request: web.Request, faults: Faults) -> web.StreamResponse:
         """POP RPC on ``/``: query and form body merged, signature checked, dispatched."""
-        faults = await self._faults(request)
-        if isinstance(faults, web.Response):
-            return faults
         params: dict[str, str] = dict(request.query)
         if request.method == "POST" and request.content_type in (
             "application/x-www-form-urlencoded",
