@@ -503,7 +503,8 @@ class _TokenClient(_Client):
     refreshed once when the gateway rejects it), an appkey, the audio preparation."""
 
     _path = ""
-    _keep_channels = True
+    #: FlashRecognizer (every channel kept, token in the query, its limits) or REST.
+    _flash = True
 
     def __init__(self, appkey: str, token: auth.TokenSource, url: str, timeout: float) -> None:
         super().__init__(timeout)
@@ -516,25 +517,37 @@ class _TokenClient(_Client):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(appkey={self.appkey!r}, url={self.url!r})"
 
-    async def _upload(
-        self, source: Any, sample_rate: int | None, fmt: str | None, service: str
-    ) -> _Upload:
+    async def _recognize(
+        self,
+        source: Any,
+        audio_address: str | None,
+        fmt: str | None,
+        sample_rate: int | None,
+        params: Mapping[str, Any],
+    ) -> tuple[dict[str, Any], _Upload | None]:
+        """Send the audio (checked before upload) or its address with ``params`` as the
+        query; the success answer and what was uploaded."""
+        query = {k: _flag(v) for k, v in params.items() if v is not None}
+        if audio_address is not None:
+            query["audio_address"] = audio_address
+            query["format"] = fmt or Path(urllib.parse.urlsplit(audio_address).path).suffix[1:]
+            query["sample_rate"] = str(sample_rate or 16000)
+            return await self._call(query, None), None
         upload = await asyncio.to_thread(
-            _prepare, source, sample_rate=sample_rate, fmt=fmt, keep_channels=self._keep_channels
+            _prepare, source, sample_rate=sample_rate, fmt=fmt, keep_channels=self._flash
         )
-        _check_limits(upload, service)
-        return upload
+        _check_limits(upload, "flash" if self._flash else "rest")
+        query["format"], query["sample_rate"] = upload.format, str(upload.sample_rate)
+        return await self._call(query, upload.body), upload
 
-    async def _call(
-        self, params: dict[str, str], body: bytes | None, *, token_in_query: bool
-    ) -> dict[str, Any]:
+    async def _call(self, params: dict[str, str], body: bytes | None) -> dict[str, Any]:
         """POST (or, without a body, still POST) and return the success answer; a
         rejected token is refreshed and tried once more when the provider can."""
         for attempt in (1, 2):
             token = await self._tokens.get_token()
             query = {"appkey": self.appkey, **params}
             headers = {"Content-Type": "application/octet-stream"}
-            if token_in_query:
+            if self._flash:
                 query["token"] = token
             else:
                 headers["X-NLS-Token"] = token
@@ -605,17 +618,8 @@ class FlashRecognizer(_TokenClient):
         ``first_channel_only``, ``vocabulary_id``, ...)."""
         if (source is None) == (audio_address is None):
             raise ValueError("give either a source or audio_address=, not both or neither")
-        query = {k: _flag(v) for k, v in params.items() if v is not None}
-        body: bytes | None = None
-        if audio_address is not None:
-            query["audio_address"] = audio_address
-            query["format"] = format or Path(urllib.parse.urlsplit(audio_address).path).suffix[1:]
-            query["sample_rate"] = str(sample_rate or 16000)
-        else:
-            upload = await self._upload(source, sample_rate, format, "flash")
-            body = upload.body
-            query["format"], query["sample_rate"] = upload.format, str(upload.sample_rate)
-        return _flash_result(await self._call(query, body, token_in_query=True))
+        data, _ = await self._recognize(source, audio_address, format, sample_rate, params)
+        return _flash_result(data)
 
 
 class RestRecognizer(_TokenClient):
@@ -630,7 +634,7 @@ class RestRecognizer(_TokenClient):
 
     _service = "REST recognizer"
     _path = REST_PATH
-    _keep_channels = False
+    _flash = False
 
     def __init__(
         self, appkey: str, token: auth.TokenSource, url: str = REST_URL, *, timeout: float = 60.0
@@ -647,10 +651,8 @@ class RestRecognizer(_TokenClient):
     ) -> FileResult:
         """Recognise up to 60 s of audio; ``params`` are the service's query parameters
         (``enable_punctuation_prediction``, ``enable_inverse_text_normalization``, ...)."""
-        upload = await self._upload(source, sample_rate, format, "rest")
-        query = {k: _flag(v) for k, v in params.items() if v is not None}
-        query["format"], query["sample_rate"] = upload.format, str(upload.sample_rate)
-        data = await self._call(query, upload.body, token_in_query=False)
+        data, upload = await self._recognize(source, None, format, sample_rate, params)
+        assert upload is not None
         duration = round(upload.duration * 1000) if upload.duration is not None else 0
         text = str(data.get("result", ""))
         sentences = (FileSentence(text, 0, duration),) if text else ()
