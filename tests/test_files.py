@@ -466,3 +466,23 @@ def test_missing_aiohttp_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "aiohttp", None)
     with pytest.raises(ImportError, match=r"nlsstream\[files\]"):
         FlashRecognizer(APPKEY, TOKEN)
+
+
+async def test_debug_logs_and_errors_never_show_token_or_secret(
+    caplog: pytest.LogCaptureFixture, files: Files
+) -> None:
+    caplog.set_level(logging.DEBUG)  # the root logger: aiohttp's and ours
+    token, secret = "SECRET-tok-5e1d", "SECRET-ak-77c2"
+    async with Gateway(tokens=[token], access_keys={AK_ID: secret}) as gw:
+        async with FlashRecognizer(APPKEY, token, url=gw.http_url) as flash:
+            await flash.recognize(audio_address=f"{files.url}/f/hello.wav")
+            gw.queue_faults(Faults(http_status=500))
+            with pytest.raises(GatewayConnectionError) as info:
+                await flash.recognize(FIXTURES / "hello.wav")
+        async with ft_client(gw, secret=secret) as ft:
+            await ft.transcribe(f"{files.url}/f/hello.wav", timeout=TIMEOUT)
+        provider = AccessKeyTokenProvider(AK_ID, secret, endpoint=gw.http_url + "/")
+        issued = await provider.get_token()
+    assert caplog.records
+    for text in (caplog.text, str(info.value), repr(ft), repr(flash)):
+        assert token not in text and secret not in text and issued not in text
