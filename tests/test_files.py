@@ -289,19 +289,43 @@ async def test_filetrans_file_url_transcribe_and_result(gw: Gateway, tmp_path: P
     assert again.text == result.text and "Words" not in result.raw["Result"]
 
 
-async def test_filetrans_states_queueing_running_success(gw: Gateway, files: Files) -> None:
-    gw.file_workers = 1  # one worker: the second task waits
-    assert gw.files is not None
-    gw.files._workers = asyncio.Semaphore(1)
-    gw.queue_faults(Faults(complete_delay=2.0))  # the first task stays RUNNING a while
+async def test_filetrans_states_queueing_running_success(files: Files) -> None:
+    async with Gateway(appkeys=[APPKEY], file_workers=1) as gw:  # the second task waits
+        gw.queue_faults(Faults(complete_delay=2.0))  # the first one stays RUNNING a while
+        results = await _two_tasks(gw, files)
+    assert [r.status for r in results] == [21050000, 21050000]
+    assert_says(results[1].text, TRANSCRIPTS["weather.wav"][0])
+
+
+async def _two_tasks(gw: Gateway, files: Files) -> list[nlsstream.FileResult]:
     async with ft_client(gw) as ft:
         first = await ft.submit(f"{files.url}/f/hello.wav")
         second = await ft.submit(f"{files.url}/f/weather.wav")
         assert await first.poll() is None and first.status == 21050001
         assert await second.poll() is None and second.status == 21050002
-        results = await asyncio.gather(first.wait(TIMEOUT), second.wait(TIMEOUT))
-    assert [r.status for r in results] == [21050000, 21050000]
-    assert_says(results[1].text, TRANSCRIPTS["weather.wav"][0])
+        return list(await asyncio.gather(first.wait(TIMEOUT), second.wait(TIMEOUT)))
+
+
+async def test_filetrans_keeps_the_newest_tasks(files: Files) -> None:
+    async with Gateway(recognizer="span", max_file_tasks=2) as gw, ft_client(gw) as ft:
+        done = [await ft.transcribe(f"{files.url}/f/hello.wav", timeout=TIMEOUT) for _ in "abc"]
+        with pytest.raises(TaskFailedError) as info:
+            await ft.result(done[0].task_id)
+        assert info.value.status == 41050010  # forgotten, as the cloud does after 72 h
+        assert (await ft.result(done[2].task_id)).text == done[2].text
+
+
+@pytest.mark.parametrize("fmt", ["MP3", "OGG"])
+async def test_compressed_recordings(gw: Gateway, tmp_path: Path, fmt: str) -> None:
+    data, rate = sf.read(FIXTURES / "weather.wav", dtype="float32")
+    path = tmp_path / f"weather.{fmt.lower()}"
+    sf.write(path, data, rate, format=fmt)
+    expected = TRANSCRIPTS["weather.wav"][0]
+    async with FlashRecognizer(APPKEY, TOKEN, url=gw.http_url) as flash:
+        assert_says((await flash.recognize(path)).text, expected, max_errors=2)
+    async with ft_client(gw) as ft:
+        result = await ft.transcribe(path.as_uri(), timeout=TIMEOUT)
+    assert_says(result.text, expected, max_errors=2)
 
 
 async def test_filetrans_polls_back_off_never_above_one_per_second_and_time_out(
