@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import io
 import json
 import logging
@@ -222,7 +223,7 @@ def _file_trans_result(data: Mapping[str, Any]) -> FileResult:
         words.setdefault(members[channel][k], []).append(word)
     for i, ws in words.items():
         ws.sort(key=lambda w: w.start_time)
-        ordered[i] = FileSentence(**{**ordered[i].__dict__, "words": tuple(ws)})
+        ordered[i] = dataclasses.replace(ordered[i], words=tuple(ws))
     return FileResult(
         tuple(ordered),
         _int(data.get("BizDuration")),
@@ -503,15 +504,24 @@ class _TokenClient(_Client):
     refreshed once when the gateway rejects it), an appkey, the audio preparation."""
 
     _path = ""
+    _default_url = ""
+    _default_timeout = 60.0
     #: FlashRecognizer (every channel kept, token in the query, its limits) or REST.
     _flash = True
 
-    def __init__(self, appkey: str, token: auth.TokenSource, url: str, timeout: float) -> None:
-        super().__init__(timeout)
+    def __init__(
+        self,
+        appkey: str,
+        token: auth.TokenSource,
+        url: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(timeout or self._default_timeout)
         if not appkey:
             raise ValueError("appkey must not be empty")
         self.appkey = appkey
-        self.url = _service_url(url, self._path)
+        self.url = _service_url(url or self._default_url, self._path)
         self._tokens = auth.as_provider(token)
 
     def __repr__(self) -> str:
@@ -591,18 +601,17 @@ class FlashRecognizer(_TokenClient):
     go as they are; other formats libsndfile reads (FLAC, Vorbis, other rates) are
     converted to WAV first; AAC/MP4 go unchecked. Limits: 100 MB and 2 h
     (:class:`AudioFormatError` before upload). ``token``: a string or a token provider
-    (sent as the ``token`` query parameter). ``url``: the endpoint, or just
-    ``http(s)://host:port`` (e.g. a local gateway). ``timeout`` bounds each request.
+    (sent as the ``token`` query parameter). ``url``: the endpoint (default
+    :data:`FLASH_URL`, Shanghai), or just ``http(s)://host:port`` (e.g. a local gateway).
+    ``timeout`` bounds each request (default 120 s).
     The cloud offers this service to commercial-edition appkeys only.
     """
 
     _service = "FlashRecognizer"
     _path = FLASH_PATH
 
-    def __init__(
-        self, appkey: str, token: auth.TokenSource, url: str = FLASH_URL, *, timeout: float = 120.0
-    ) -> None:
-        super().__init__(appkey, token, url, timeout)
+    _default_url = FLASH_URL
+    _default_timeout = 120.0
 
     async def recognize(
         self,
@@ -628,18 +637,17 @@ class RestRecognizer(_TokenClient):
     Sources as for :class:`FlashRecognizer`; the audio is sent as PCM16 mono (channels
     mixed), so that its length is checked before upload (more than 60 s:
     :class:`AudioFormatError`). An explicit ``format=`` other than pcm/wav sends bytes as
-    they are, unchecked. The token goes in the ``X-NLS-Token`` header. The result has one
-    sentence spanning the audio.
+    they are, unchecked. The token goes in the ``X-NLS-Token`` header. ``url`` as for
+    :class:`FlashRecognizer` (default :data:`REST_URL`); ``timeout`` default 60 s. The
+    result has one sentence spanning the audio.
     """
 
     _service = "REST recognizer"
     _path = REST_PATH
     _flash = False
 
-    def __init__(
-        self, appkey: str, token: auth.TokenSource, url: str = REST_URL, *, timeout: float = 60.0
-    ) -> None:
-        super().__init__(appkey, token, url, timeout)
+    _default_url = REST_URL
+    _default_timeout = 60.0
 
     async def recognize(
         self,
