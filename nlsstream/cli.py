@@ -556,6 +556,9 @@ limits (what a client sees when it hits one):
                       wrong path: 404; missing or wrong token: 403
   connections         no limit of its own: the process's open-file limit
   session records     the newest 1000 (Gateway.sessions)
+  recordings          FlashRecognizer 100 MB and 2 h (status 40000000), REST 60 s
+                      (41010104); FileTrans: 2 tasks recognised at once, the rest
+                      QUEUEING; the newest 1000 tasks kept (older: 41050010)
 """
 
 
@@ -595,7 +598,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         metavar="ID:SECRET",
         help="AccessKey pair accepted by the POP RPC on / (FileTrans, CreateToken; "
-        "repeatable); without it any AccessKey is accepted and signatures are not checked",
+        "repeatable; or NLS_GATEWAY_ACCESS_KEYS, comma-separated, which keeps the secrets "
+        "out of `ps`); without either any AccessKey is accepted and signatures are not "
+        "checked",
     )
     p.add_argument(
         "--recognizer",
@@ -636,6 +641,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not args.token and os.environ.get("NLS_GATEWAY_TOKEN"):
         args.token = [t for t in os.environ["NLS_GATEWAY_TOKEN"].split(",") if t.strip()]
+    if not args.access_key and os.environ.get("NLS_GATEWAY_ACCESS_KEYS"):
+        pairs = os.environ["NLS_GATEWAY_ACCESS_KEYS"].split(",")
+        args.access_key = [k for k in pairs if k.strip()]
     try:
         if args.light:
             if args.recognizer is not None:
