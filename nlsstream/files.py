@@ -40,7 +40,7 @@ import numpy.typing as npt
 import soundfile
 
 from . import auth
-from .audio import decode_channels, to_pcm16
+from .audio import _check_array, decode_channels, to_pcm16
 from .errors import (
     FILE_TRANS_DONE,
     FILE_TRANS_PENDING,
@@ -261,13 +261,17 @@ def _pcm_upload(pcm: bytes, rate: int, *, container: bool) -> _Upload:
     return _Upload(pcm, "pcm", rate, seconds)
 
 
+def _target_rate(rate: int) -> int:
+    """The service rate for audio at ``rate``: 8000 or 16000 as they are, else the
+    nearer of the two from above (resampled)."""
+    return rate if rate in (8000, 16000) else (8000 if rate < 8000 else 16000)
+
+
 def _array_channels(data: npt.NDArray[Any], rate: int) -> tuple[list[bytes], int]:
-    target = rate if rate in (8000, 16000) else (8000 if rate < 8000 else 16000)
+    """Each channel of ``(samples,)`` / ``(samples, channels)`` audio as PCM16LE."""
+    _check_array(data)
+    target = _target_rate(rate)
     columns = [data] if data.ndim == 1 else [data[:, c] for c in range(data.shape[1])]
-    if data.ndim == 2 and data.shape[1] > 64:
-        raise AudioFormatError(
-            f"audio array has {data.shape[1]} channels: pass (samples, channels)"
-        )
     return [to_pcm16(col, rate, target) for col in columns], target
 
 
@@ -282,13 +286,11 @@ def _prepare(
     if isinstance(source, np.ndarray):
         if sample_rate is None:
             raise AudioFormatError("a numpy array needs its sample_rate= (in Hz)")
-        channels, rate = _array_channels(source, sample_rate)
         if keep_channels:
+            channels, rate = _array_channels(source, sample_rate)
             return _Upload(_wav(channels, rate), "wav", rate, len(channels[0]) / (2 * rate))
-        mono, rate = _array_channels(
-            source.mean(axis=1) if source.ndim == 2 else source, sample_rate
-        )
-        return _pcm_upload(mono[0], rate, container=False)
+        rate = _target_rate(sample_rate)
+        return _pcm_upload(to_pcm16(source, sample_rate, rate), rate, container=False)
     if isinstance(source, (str, os.PathLike)):
         path = Path(os.fspath(source))
         if not path.is_file():

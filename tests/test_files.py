@@ -223,9 +223,13 @@ async def test_rest_recognises_one_sentence(gw: Gateway) -> None:
     async with RestRecognizer(APPKEY, TOKEN, url=gw.http_url) as rest:
         result = await asyncio.wait_for(rest.recognize(FIXTURES / "weather.wav"), TIMEOUT)
         stereo = await rest.recognize(FIXTURES / TWO)  # channels are mixed
+        pcm, rate = read_pcm("weather.wav")
+        both = np.frombuffer(pcm, "<i2").repeat(2).reshape(-1, 2)  # int16 (samples, 2)
+        array = await rest.recognize(both, sample_rate=rate)
     assert_says(result.text, TRANSCRIPTS["weather.wav"][0])
     assert result.duration == pytest.approx(sf.info(FIXTURES / "weather.wav").duration * 1000, 2)
     assert stereo.text
+    assert_says(array.text, TRANSCRIPTS["weather.wav"][0])
 
 
 async def test_rest_token_goes_in_the_header_and_a_bad_one_is_rejected(gw: Gateway) -> None:

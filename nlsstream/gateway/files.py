@@ -320,8 +320,11 @@ class FileServices:
             body = {"task_id": task_id, **(await answer(request))}
             body.update(status=SUCCESS, message="SUCCESS")
             http = 200
-        except _Failure as exc:
-            text = exc.detail if exc.status == 40000001 else status_text(exc.status, exc.detail)
+        except (_Failure, DirectiveError) as exc:  # DirectiveError: no decoder free in time
+            if isinstance(exc, DirectiveError):
+                text = exc.status_text
+            else:
+                text = exc.detail if exc.status == 40000001 else status_text(exc.status, exc.detail)
             body = {"task_id": task_id, "result": "", "status": exc.status, "message": text}
             http = 403 if exc.status == 40000001 else 400 if exc.status < 50000000 else 500
             log.info("%s %s failed: %s", request.method, request.path, exc.status)
