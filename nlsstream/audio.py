@@ -349,7 +349,7 @@ def load_file(path: str | os.PathLike[str], sample_rate: int) -> bytes:
 
 
 def decode_channels(
-    source: bytes | str | os.PathLike[str], sample_rate: int | None = None
+    source: bytes | str | os.PathLike[str], sample_rate: int | None = None, *, mix: bool = False
 ) -> tuple[list[bytes], int]:
     """Decode an audio file (a path, or its bytes) into PCM16LE per channel (blocking).
 
@@ -357,6 +357,7 @@ def decode_channels(
     ``rate``, which is ``sample_rate`` if given (8000 or 16000), else 8000 for sources at
     8 kHz or less and 16000 for the rest. Anything libsndfile reads (WAV, FLAC, OGG,
     MP3 with libsndfile >= 1.1) is accepted; raises :class:`AudioFormatError` otherwise.
+    ``mix=True`` returns one channel, the mean of all.
     """
     name = "audio data" if isinstance(source, bytes) else f"audio file {os.fspath(source)}"
     file: Any = io.BytesIO(source) if isinstance(source, bytes) else Path(os.fspath(source))
@@ -368,7 +369,7 @@ def decode_channels(
         sample_rate = 8000 if native <= 8000 else 16000
         if isinstance(file, io.BytesIO):
             file.seek(0)
-    return _decode(file, name, _check_session_rate(sample_rate), split=True), sample_rate
+    return _decode(file, name, _check_session_rate(sample_rate), split=not mix), sample_rate
 
 
 def _decode(file: Any, name: str, rate: int, *, split: bool) -> list[bytes]:

@@ -336,11 +336,8 @@ def _prepare(
             return _Upload(data, native, rate, duration)
         channels, rate = decode_channels(data)
         return _Upload(_wav(channels, rate), "wav", rate, duration)
-    channels, rate = decode_channels(data)
-    if len(channels) == 1:
-        return _pcm_upload(channels[0], rate, container=False)
-    mixed = np.mean([np.frombuffer(c, dtype="<i2") for c in channels], axis=0)
-    return _pcm_upload(np.rint(mixed).astype("<i2").tobytes(), rate, container=False)
+    (mono,), rate = decode_channels(data, mix=True)
+    return _pcm_upload(mono, rate, container=False)
 
 
 def _raw_pcm(data: bytes, sample_rate: int | None, container: bool) -> _Upload:

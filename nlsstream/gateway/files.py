@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hmac
 import json
 import logging
@@ -33,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from .. import auth
@@ -235,7 +235,9 @@ class FileServices:
             await task.close()
         return sentences
 
-    async def _decode(self, data: bytes, fmt: str, rate: int) -> tuple[list[bytes], int]:
+    async def _decode(
+        self, data: bytes, fmt: str, rate: int, *, mix: bool
+    ) -> tuple[list[bytes], int]:
         if fmt == "pcm":
             if rate not in (8000, 16000):
                 raise _Failure(41010101, f"Unsupported sample rate {rate}!")
@@ -243,7 +245,7 @@ class FileServices:
                 raise _Failure(40270003, "PCM16 audio must be a non-empty, even number of bytes!")
             return [data], rate
         try:
-            channels, rate = await self.gw._run(decode_channels, data)
+            channels, rate = await self.gw._run(functools.partial(decode_channels, data, mix=mix))
         except AudioFormatError as exc:
             raise _Failure(40270003, f"Audio decode error: {exc}!") from None
         return channels, rate
@@ -331,7 +333,7 @@ class FileServices:
         return web.json_response(body, status=http, headers={"X-NLS-TaskId": task_id})
 
     async def _audio(
-        self, request: web.Request, limit: int, max_ms: int, too_long: int
+        self, request: web.Request, limit: int, max_ms: int, too_long: int, *, mix: bool = False
     ) -> tuple[list[bytes], int, int]:
         """The request's audio (body or ``audio_address``) decoded: channels, rate, ms."""
         query = request.query
@@ -356,7 +358,7 @@ class FileServices:
             data = await self._body(request, limit)
         if not data:
             raise _Failure(40000000, "No audio data!")
-        channels, rate = await self._decode(data, fmt, rate)
+        channels, rate = await self._decode(data, fmt, rate, mix=mix)
         ms = len(channels[0]) * 1000 // (2 * rate)
         if ms > max_ms:
             raise _Failure(too_long, f"The audio is longer than {max_ms // 1000} s!")
@@ -401,10 +403,9 @@ class FileServices:
         }
 
     async def _rest_answer(self, request: web.Request) -> dict[str, Any]:
-        channels, rate, _ = await self._audio(request, FLASH_MAX_BYTES, REST_MAX_MS, 41010104)
-        if len(channels) > 1:
-            mixed = np.mean([np.frombuffer(c, dtype="<i2") for c in channels], axis=0)
-            channels = [np.rint(mixed).astype("<i2").tobytes()]
+        channels, rate, _ = await self._audio(
+            request, FLASH_MAX_BYTES, REST_MAX_MS, 41010104, mix=True
+        )
         sentences = await self.recognise(channels, rate)
         return {"result": " ".join(s.text for s in sentences)}
 
