@@ -167,14 +167,22 @@ def _sorted(sentences: list[FileSentence]) -> tuple[FileSentence, ...]:
     return tuple(sorted(sentences, key=lambda s: (s.begin_time, s.channel_id)))
 
 
+def _sentence(s: Mapping[str, Any], keys: tuple[str, str, str, str], **more: Any) -> FileSentence:
+    """A sentence from either service's dialect: ``keys`` name its text, begin, end and
+    channel fields."""
+    text, begin, end, channel = keys
+    return FileSentence(
+        str(s.get(text, "")), _int(s.get(begin)), _int(s.get(end)), _int(s.get(channel)), **more
+    )
+
+
 def _flash_result(data: Mapping[str, Any]) -> FileResult:
     flash = data.get("flash_result") or {}
+    keys = ("text", "begin_time", "end_time", "channel_id")
     sentences = [
-        FileSentence(
-            text=str(s.get("text", "")),
-            begin_time=_int(s.get("begin_time")),
-            end_time=_int(s.get("end_time")),
-            channel_id=_int(s.get("channel_id")),
+        _sentence(
+            s,
+            keys,
             words=tuple(
                 Word(str(w.get("text", "")), _int(w.get("begin_time")), _int(w.get("end_time")))
                 for w in s.get("words") or ()
@@ -193,12 +201,11 @@ def _flash_result(data: Mapping[str, Any]) -> FileResult:
 
 def _file_trans_result(data: Mapping[str, Any]) -> FileResult:
     result = data.get("Result") or {}
+    keys = ("Text", "BeginTime", "EndTime", "ChannelId")
     sentences = [
-        FileSentence(
-            text=str(s.get("Text", "")),
-            begin_time=_int(s.get("BeginTime")),
-            end_time=_int(s.get("EndTime")),
-            channel_id=_int(s.get("ChannelId")),
+        _sentence(
+            s,
+            keys,
             speech_rate=_int(s["SpeechRate"]) if "SpeechRate" in s else None,
             emotion_value=float(s["EmotionValue"]) if "EmotionValue" in s else None,
             silence_duration=_int(s["SilenceDuration"]) if "SilenceDuration" in s else None,
@@ -704,7 +711,9 @@ class FileTransTask:
 
     async def wait(self, timeout: float = 3600.0) -> FileResult:
         """Poll until the task is done; the first poll comes ``poll_interval`` after the
-        call, then the interval grows by half each time up to ``max_poll_interval``.
+        call, then the interval grows by half each time up to ``max_poll_interval``. A
+        poll that fails for a transient reason (network, HTTP 5xx, throttling) is logged
+        and retried at the next interval; a failed task raises :class:`TaskFailedError`.
         Raises :class:`TimeoutError` after ``timeout`` seconds (the task goes on; wait
         again or call :meth:`FileTranscriber.result` later)."""
         loop = asyncio.get_running_loop()
@@ -721,6 +730,12 @@ class FileTransTask:
                 result = await asyncio.wait_for(self.poll(), max(deadline - loop.time(), 0.001))
             except asyncio.TimeoutError:
                 break
+            except (GatewayConnectionError, PopError) as exc:
+                if not exc.retryable:
+                    raise
+                # A network blip or throttling must not end a wait of hours: poll again.
+                log.warning("polling FileTrans task %s failed, will retry: %s", self.task_id, exc)
+                result = None
             if result is not None:
                 return result
             interval = min(interval * 1.5, self.client.max_poll_interval)
