@@ -124,8 +124,8 @@ class FileTask:
             "StatusText": _name(self.status),
             "StatusCode": self.status,
         }
-        if self.status != 21050002:
-            out["BizDuration"] = self.biz_duration
+        if self.status != 21050002:  # 0 while RUNNING, as the cloud reports it
+            out["BizDuration"] = self.biz_duration if self.done.is_set() else 0
         if self.solve_time is not None:
             out["SolveTime"] = self.solve_time
         if self.result is not None:
