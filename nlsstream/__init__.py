@@ -1,6 +1,8 @@
-"""nlsstream: asyncio SDK for Alibaba Cloud NLS real-time speech recognition.
+"""nlsstream: asyncio SDK for Alibaba Cloud NLS speech recognition.
 
-What a user needs is here: the sessions (:class:`Transcriber`, :class:`Recognizer`), their
+What a user needs is here: the sessions (:class:`Transcriber`, :class:`Recognizer`), the
+recording clients (:class:`FlashRecognizer`, :class:`FileTranscriber`,
+:class:`RestRecognizer`; they need the ``files`` extra) and their results, the sessions'
 events, :class:`State` (what ``session.state`` returns), :class:`Result` and
 :class:`Metrics` (``session.metrics``), token providers, settings, the error tree, and
 :class:`Pacer` for sharing or driving the real-time clock. The local gateway lives in
@@ -21,6 +23,7 @@ from .errors import (
     GatewayConnectionError,
     InvalidStateError,
     NlsError,
+    PopError,
     ProtocolError,
     StartTimeoutError,
     StatusCode,
@@ -29,6 +32,14 @@ from .errors import (
     TokenError,
 )
 from .events import EventStream
+from .files import (
+    FileResult,
+    FileSentence,
+    FileTranscriber,
+    FileTransTask,
+    FlashRecognizer,
+    RestRecognizer,
+)
 from .mic import Microphone, MicrophoneError
 from .pacing import Metrics, Pacer
 from .protocol import (
@@ -59,6 +70,11 @@ __all__ = [
     "Event",
     "EventOverflowError",
     "EventStream",
+    "FileResult",
+    "FileSentence",
+    "FileTransTask",
+    "FileTranscriber",
+    "FlashRecognizer",
     "GatewayConnectionError",
     "InvalidStateError",
     "Metrics",
@@ -66,9 +82,11 @@ __all__ = [
     "MicrophoneError",
     "NlsError",
     "Pacer",
+    "PopError",
     "ProtocolError",
     "Recognizer",
     "Reconnect",
+    "RestRecognizer",
     "Result",
     "ResultChanged",
     "Resumed",

@@ -52,6 +52,7 @@ __all__ = [
     "AudioSource",
     "Framer",
     "decode_bytes",
+    "decode_channels",
     "frame_bytes_for",
     "is_whole",
     "load_file",
@@ -351,7 +352,7 @@ def load_file(path: str | os.PathLike[str], sample_rate: int) -> bytes:
             raise AudioFormatError(f"audio file is empty: {p}")
         _check_pcm_length(len(pcm), f"raw PCM file {p}")
         return pcm
-    return _decode(p, rate, str(p))
+    return _decode(p, f"audio file {p}", rate, split=False)[0]
 
 
 def decode_bytes(data: bytes, sample_rate: int, name: str = "audio") -> bytes:
@@ -363,35 +364,65 @@ def decode_bytes(data: bytes, sample_rate: int, name: str = "audio") -> bytes:
     rate = _check_session_rate(sample_rate)
     if not data:
         raise AudioFormatError(f"{name} is empty: no audio")
-    return _decode(io.BytesIO(data), rate, name)
+    return _decode(io.BytesIO(data), name, rate, split=False)[0]
 
 
-def _decode(source: Path | io.BytesIO, rate: int, name: str) -> bytes:
-    """Decode ``source`` with soundfile, downmix and resample (blocking)."""
+def decode_channels(
+    source: bytes | str | os.PathLike[str], sample_rate: int | None = None, *, mix: bool = False
+) -> tuple[list[bytes], int]:
+    """Decode an audio file (a path, or its bytes) into PCM16LE per channel (blocking).
+
+    Returns ``(channels, rate)``: one PCM16LE mono buffer per channel of the file, all at
+    ``rate``, which is ``sample_rate`` if given (8000 or 16000), else 8000 for sources at
+    8 kHz or less and 16000 for the rest. Anything libsndfile reads (WAV, FLAC, OGG,
+    MP3 with libsndfile >= 1.1) is accepted; raises :class:`AudioFormatError` otherwise.
+    ``mix=True`` returns one channel, the mean of all.
+    """
+    name = "audio data" if isinstance(source, bytes) else f"audio file {os.fspath(source)}"
+    file: Any = io.BytesIO(source) if isinstance(source, bytes) else Path(os.fspath(source))
+    if sample_rate is None:
+        try:
+            native = soundfile.info(file).samplerate
+        except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError) as exc:
+            raise AudioFormatError(f"cannot read {name}: {exc}; {_ACCEPTED_FILES}") from exc
+        sample_rate = 8000 if native <= 8000 else 16000
+        if isinstance(file, io.BytesIO):
+            file.seek(0)
+    return _decode(file, name, _check_session_rate(sample_rate), split=not mix), sample_rate
+
+
+def _decode(file: Any, name: str, rate: int, *, split: bool) -> list[bytes]:
+    """Decode with soundfile (as float64, so 8/16/24/32-bit, unsigned and float subtypes
+    all convert exactly), then downmix (``split=False``) or keep each channel, and
+    resample to ``rate``. Float files that overshoot ±1.0 are clipped with a warning."""
     try:
-        f = soundfile.SoundFile(source)
+        f = soundfile.SoundFile(file)
     except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError) as exc:
-        raise AudioFormatError(f"cannot read audio file {name}: {exc}; {_ACCEPTED_FILES}") from exc
+        raise AudioFormatError(f"cannot read {name}: {exc}; {_ACCEPTED_FILES}") from exc
     with f:
-        conv = _Converter(f.samplerate, rate)
+        convs = [_Converter(f.samplerate, rate) for _ in range(f.channels if split else 1)]
         clipped = False
         while True:
             try:
                 block = f.read(BLOCK_FRAMES, dtype="float64", always_2d=True)
             except (soundfile.SoundFileError, RuntimeError, ValueError, OSError) as exc:
-                raise AudioFormatError(f"cannot decode audio file {name}: {exc}") from exc
+                raise AudioFormatError(f"cannot decode {name}: {exc}") from exc
             if not block.shape[0]:
                 break
             if not np.isfinite(block).all():
-                raise AudioFormatError(f"audio file {name} contains NaN or infinite samples")
+                raise AudioFormatError(f"{name} contains NaN or infinite samples")
             clipped = clipped or float(np.max(np.abs(block))) > 1.0
-            conv.feed(_to_float_mono(block, clip_floats=True))
+            if split:
+                for c, conv in enumerate(convs):
+                    conv.feed(np.clip(block[:, c], -1.0, 1.0))
+            else:
+                convs[0].feed(_to_float_mono(block, clip_floats=True))
     if clipped:
-        logger.warning("audio file %s has float samples beyond ±1.0; they were clipped", name)
-    pcm = conv.finish()
-    if not pcm:
-        raise AudioFormatError(f"audio file contains no audio: {name}")
-    return pcm
+        logger.warning("%s has float samples beyond ±1.0; they were clipped", name)
+    pcms = [conv.finish() for conv in convs]
+    if not any(pcms):
+        raise AudioFormatError(f"{name} contains no audio")
+    return pcms
 
 
 #: Bytes :func:`sniff_container` needs to recognise every container it knows.

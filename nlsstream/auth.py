@@ -3,7 +3,8 @@
 Besides a fixed token (:class:`StaticTokenProvider`), :class:`AccessKeyTokenProvider` fetches
 tokens with an AccessKey through the CreateToken POP RPC (docs/protocol.md §8), caches them and
 refreshes them before they expire. The request signing (§8.2, signature v1.0, HMAC-SHA1) is
-implemented here directly; no Alibaba Cloud SDK is needed.
+implemented here directly, once for every POP call of the project (CreateToken here,
+FileTrans in :mod:`nlsstream.files`); no Alibaba Cloud SDK is needed.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from .errors import TokenError, redact
+from .errors import PopError, TokenError, redact
 
 __all__ = [
     "CREATE_TOKEN_VERSION",
@@ -35,9 +36,12 @@ __all__ = [
     "TokenProvider",
     "TokenSource",
     "as_provider",
+    "canonical_query",
     "create_token",
     "percent_encode",
+    "pop_failure",
     "pop_signature",
+    "signed_params",
     "string_to_sign",
     "token_endpoint",
 ]
@@ -157,12 +161,25 @@ class Token:
 HttpMethod = Literal["GET", "POST"]
 
 
-def _signed_params(
-    access_key_id: str, access_key_secret: str, region: str, version: str, method: HttpMethod
+def signed_params(
+    method: HttpMethod,
+    access_key_id: str,
+    access_key_secret: str,
+    action: str,
+    *,
+    region: str,
+    version: str,
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
+    """Every parameter of a POP RPC call, ``Signature`` included (§8.2).
+
+    The one signer of the project: CreateToken and FileTrans' ``SubmitTask`` /
+    ``GetTaskResult`` all go through it. ``extra`` holds the business parameters
+    (``Task``, ``TaskId``); they are signed wherever they travel (query or form body).
+    """
     params = {
         "AccessKeyId": access_key_id,
-        "Action": "CreateToken",
+        "Action": action,
         "Format": "JSON",
         "RegionId": region,
         "SignatureMethod": "HMAC-SHA1",
@@ -170,9 +187,16 @@ def _signed_params(
         "SignatureVersion": "1.0",
         "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "Version": version,
+        **(extra or {}),
     }
     params["Signature"] = pop_signature(method, params, access_key_secret)
     return params
+
+
+def canonical_query(params: Mapping[str, str]) -> str:
+    """``params`` percent-encoded (§8.2 rule 2), sorted and joined: a query string or
+    form body as POP expects it."""
+    return _canonical_query(params)
 
 
 # Why urllib in a worker thread rather than a hand-written asyncio HTTP client: a token is
@@ -200,46 +224,84 @@ def _is_retryable(http_status: int, code: str | None) -> bool:
     return code is not None and (code.startswith("Throttling") or code == "ServiceUnavailable")
 
 
-def _parse_answer(status: int, body: bytes, host: str, secret: str) -> Token:
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """``body`` decoded as a JSON object, or ``None`` if it is not one."""
     try:
         data: Any = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        data = None
-    if not isinstance(data, dict):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+E = TypeVar("E", bound=PopError)
+
+
+def pop_failure(
+    action: str,
+    host: str,
+    http_status: int,
+    body: bytes,
+    secret: str,
+    error: type[E],
+    *,
+    data: Mapping[str, Any] | None = None,
+    detail: str = "",
+) -> E:
+    """The :class:`PopError` (of class ``error``) for a POP answer that is not a success:
+    the server's ``Code``/``Message``/``RequestId`` (the generic POP error envelope), or
+    a snippet of a non-JSON body; the secret redacted. ``data`` is ``body`` decoded,
+    when the caller already did that."""
+    data = data if data is not None else json_object(body)
+    if data is None:
         snippet = redact(body[:200].decode("utf-8", "replace"), secret)
-        raise TokenError(
-            f"CreateToken at {host} answered HTTP {status} with a non-JSON body: {snippet!r}",
-            http_status=status,
-            retryable=_is_retryable(status, None),
+        return error(
+            f"{action} at {host} answered HTTP {http_status} with a non-JSON body: {snippet!r}",
+            http_status=http_status,
+            retryable=_is_retryable(http_status, None),
         )
     request_id = data.get("RequestId")
     request_id = str(request_id) if request_id is not None else None
-    token = data.get("Token")
-    if status == 200 and isinstance(token, dict) and token.get("Id"):
-        expire = token.get("ExpireTime")
-        if isinstance(expire, (int, float)) and not isinstance(expire, bool):
-            return Token(str(token["Id"]), float(expire))
-        raise TokenError(
-            f"CreateToken at {host} answered without a numeric Token.ExpireTime",
-            code="InvalidResponse",
-            http_status=status,
-            request_id=request_id,
-        )
     code = data.get("Code")
     code = str(code) if code is not None else None
-    message = data.get("Message") or data.get("ErrMsg") or ""
-    message = redact(str(message), secret)
-    retryable = _is_retryable(status, code)
+    message = redact(str(data.get("Message") or data.get("ErrMsg") or ""), secret)
+    retryable = _is_retryable(http_status, code)
     if code is None and not message:
-        code, message = "InvalidResponse", "the answer has no Token.Id"
-    raise TokenError(
-        f"CreateToken at {host} failed (HTTP {status}): {code}: {message}"
+        code, message = "InvalidResponse", detail or "the answer is not a success"
+    return error(
+        f"{action} at {host} failed (HTTP {http_status}): {code}: {message}"
         + (f" (RequestId {request_id})" if request_id else ""),
         code=code,
         server_message=message,
-        http_status=status,
+        http_status=http_status,
         request_id=request_id,
         retryable=retryable,
+    )
+
+
+def _parse_answer(status: int, body: bytes, host: str, secret: str) -> Token:
+    data = json_object(body)
+    if data is not None and status == 200:
+        token = data.get("Token")
+        if isinstance(token, dict) and token.get("Id"):
+            expire = token.get("ExpireTime")
+            if isinstance(expire, (int, float)) and not isinstance(expire, bool):
+                return Token(str(token["Id"]), float(expire))
+            request_id = data.get("RequestId")
+            raise TokenError(
+                f"CreateToken at {host} answered without a numeric Token.ExpireTime",
+                code="InvalidResponse",
+                http_status=status,
+                request_id=str(request_id) if request_id is not None else None,
+            )
+    raise pop_failure(
+        "CreateToken",
+        host,
+        status,
+        body,
+        secret,
+        TokenError,
+        data=data,
+        detail="the answer has no Token.Id",
     )
 
 
@@ -268,7 +330,9 @@ async def create_token(
         raise ValueError(f"CreateToken endpoint must be an http(s) URL, not {url!r}")
     host = parts.netloc
     base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
-    params = _signed_params(access_key_id, access_key_secret, region, version, method)
+    params = signed_params(
+        method, access_key_id, access_key_secret, "CreateToken", region=region, version=version
+    )
     encoded = _canonical_query(params)
     if method == "GET":
         url, body = f"{base}?{encoded}", None

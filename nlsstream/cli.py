@@ -691,6 +691,9 @@ limits (what a client sees when it hits one):
                       wrong path: 404; missing or wrong token: 403
   connections         no limit of its own: the process's open-file limit
   session records     the newest 1000 (Gateway.sessions)
+  recordings          FlashRecognizer 100 MB and 2 h (status 40000000), REST 60 s
+                      (41010104); FileTrans: 2 tasks recognised at once, the rest
+                      QUEUEING; the newest 1000 tasks kept (older: 41050010)
 """
 
 
@@ -700,8 +703,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="run the local NLS gateway",
         description=(
             "Run a local NLS gateway on ws://HOST:PORT/ws/v1 that any NLS client (nlsstream "
-            "or the official SDKs) can use. Prints the URL once listening; stops cleanly "
-            "on Ctrl-C or SIGTERM."
+            "or the official SDKs) can use; the same port serves FlashRecognizer "
+            "(/stream/v1/FlashRecognizer), one-sentence REST (/stream/v1/asr) and POP RPC "
+            "on / (FileTrans SubmitTask/GetTaskResult, CreateToken). Prints every endpoint "
+            "once listening; stops cleanly on Ctrl-C or SIGTERM."
         ),
         epilog=GATEWAY_LIMITS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -722,6 +727,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="append",
         metavar="APPKEY",
         help="accepted appkey (repeatable); without it any appkey is accepted",
+    )
+    p.add_argument(
+        "--access-key",
+        action="append",
+        metavar="ID:SECRET",
+        help="AccessKey pair accepted by the POP RPC on / (FileTrans, CreateToken; "
+        "repeatable; or NLS_GATEWAY_ACCESS_KEYS, comma-separated, which keeps the secrets "
+        "out of `ps`); without either any AccessKey is accepted and signatures are not "
+        "checked",
     )
     p.add_argument(
         "--recognizer",
@@ -762,6 +776,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not args.token and os.environ.get("NLS_GATEWAY_TOKEN"):
         args.token = [t for t in os.environ["NLS_GATEWAY_TOKEN"].split(",") if t.strip()]
+    if not args.access_key and os.environ.get("NLS_GATEWAY_ACCESS_KEYS"):
+        pairs = os.environ["NLS_GATEWAY_ACCESS_KEYS"].split(",")
+        args.access_key = [k for k in pairs if k.strip()]
     try:
         if args.light:
             if args.recognizer is not None:
@@ -771,6 +788,8 @@ def _serve(args: argparse.Namespace) -> int:
             except ImportError as exc:
                 missing = f"--light needs the 'light' extra ({exc.name} is missing)"
                 raise ValueError(missing) from None
+            if args.access_key:
+                raise ValueError("--access-key applies to the full gateway, not --light")
             light = LightGateway(
                 args.host,
                 args.port,
@@ -787,6 +806,7 @@ def _serve(args: argparse.Namespace) -> int:
                 appkeys=args.appkey,
                 recognizer=args.recognizer or "auto",
                 idle_timeout=args.idle_timeout,
+                access_keys=_access_keys(args.access_key),
             )
             run = _run_gateway(gateway)
     except ValueError as exc:
@@ -802,12 +822,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _access_keys(pairs: list[str] | None) -> dict[str, str] | None:
+    """``--access-key ID:SECRET`` values as a dict (the secret is never echoed)."""
+    if not pairs:
+        return None
+    keys = {}
+    for pair in pairs:
+        key_id, sep, secret = pair.partition(":")
+        if not sep or not key_id or not secret:
+            raise ValueError("--access-key takes ID:SECRET")
+        keys[key_id] = secret
+    return keys
+
+
 async def _run_gateway(gateway: object) -> None:
     from .gateway import Gateway
 
     assert isinstance(gateway, Gateway)
     async with gateway:
         print(f"NLS gateway listening on {gateway.url}", flush=True)
+        for url, what in gateway.endpoints.items():
+            print(f"  {url:<48} {what}", flush=True)
         await _signalled()
         log.info("shutting down")
     done = sum(1 for s in gateway.sessions if s.outcome == "completed")

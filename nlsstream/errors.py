@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 __all__ = [
+    "FILE_TRANS_DONE",
+    "FILE_TRANS_PENDING",
     "STATUS_CODES",
     "SUCCESS",
     "AudioFormatError",
@@ -23,6 +25,7 @@ __all__ = [
     "GatewayConnectionError",
     "InvalidStateError",
     "NlsError",
+    "PopError",
     "ProtocolError",
     "StartTimeoutError",
     "StatusCode",
@@ -89,7 +92,50 @@ STATUS_CODES: dict[int, StatusCode] = _table(
     (50000001, "GRPC_ERROR", "Transient internal server error.", True),
     (52010001, "INSTANCE_POOL_EXHAUSTED", "Server capacity exhausted.", True),
     (50020003, "ROUTE_GROUP_NOT_FOUND", "Routing error on the server.", True),
+    # FlashRecognizer (docs/protocol.md §11.2); names not documented, meanings are.
+    (40270001, "UNSUPPORTED_FORMAT", "Unsupported audio format (FlashRecognizer).", False),
+    (40270004, "NO_VALID_AUDIO_STREAM", "No valid audio stream in multi-channel audio.", False),
+    (40270006, "FILE_DOWNLOAD_FAILED", "The audio_address could not be downloaded.", False),
+    # FileTrans (docs/protocol.md §11.3): 2105xxxx progress, 4105xxxx the caller's to fix,
+    # 5105xxxx transient.
+    (21050000, "SUCCESS", "The recording was recognised.", False),
+    (21050001, "RUNNING", "The task is being recognised.", False),
+    (21050002, "QUEUEING", "The task waits in the queue.", False),
+    (21050003, "SUCCESS_WITH_NO_VALID_FRAGMENT", "Recognised, but there was no speech.", False),
+    (41050001, "USER_BIZDURATION_QUOTA_EXCEED", "The daily audio quota is used up.", False),
+    (41050002, "FILE_DOWNLOAD_FAILED", "The file_link could not be downloaded.", False),
+    (41050003, "FILE_CHECK_FAILED", "The file is not audio in a supported format.", False),
+    (41050004, "FILE_TOO_LARGE", "The file is larger than 512 MB.", False),
+    (41050005, "FILE_NORMALIZE_FAILED", "The audio could not be normalised.", False),
+    (41050006, "FILE_PARSE_FAILED", "The file could not be parsed.", False),
+    (41050007, "MKV_PARSE_FAILED", "The MKV file could not be parsed.", False),
+    (41050008, "UNSUPPORTED_SAMPLE_RATE", "Sample rate does not fit the appkey's model.", False),
+    (41050009, "UNSUPPORTED_ASR_GROUP", "Appkey and AccessKey of different accounts.", False),
+    (41050010, "FILE_TRANS_TASK_EXPIRED", "Unknown or expired TaskId (kept 72 h).", False),
+    (41050011, "REQUEST_INVALID_FILE_URL_VALUE", "The file_link is not a valid URL.", False),
+    (41050012, "REQUEST_INVALID_CALLBACK_VALUE", "The callback_url is not valid.", False),
+    (41050013, "REQUEST_PARAMETER_INVALID", "The Task is not valid JSON.", False),
+    (41050014, "REQUEST_EMPTY_APPKEY_VALUE", "The Task has no appkey.", False),
+    (41050015, "REQUEST_APPKEY_UNREGISTERED", "The appkey is not registered.", False),
+    (41050021, "RAM_CHECK_FAILED", "The RAM user may not use this appkey.", False),
+    (41050023, "CONTENT_LENGTH_CHECK_FAILED", "The file server's Content-Length is wrong.", False),
+    (41050024, "FILE_404_NOT_FOUND", "The file server answered 404.", False),
+    (41050025, "FILE_403_FORBIDDEN", "The file server answered 403.", False),
+    (41050026, "FILE_SERVER_ERROR", "The file server answered with an error.", False),
+    (41050103, "AUDIO_DURATION_TOO_LONG", "The audio is longer than 12 h.", False),
+    (51050000, "INTERNAL_ERROR", "Transient server error: submit again.", True),
+    (51050001, "VAD_FAILED", "Transient voice-detection failure: submit again.", True),
+    (51050002, "RECOGNIZE_FAILED", "Transient recognition failure: submit again.", True),
+    (51050003, "RECOGNIZE_INTERRUPT", "Recognition was interrupted: submit again.", True),
+    (51050004, "OFFER_INTERRUPT", "The task was interrupted: submit again.", True),
+    (51050005, "FILE_TRANS_TIMEOUT", "The task took too long: submit again.", True),
+    (51050006, "FRAGMENT_FAILED", "Transient segmentation failure: submit again.", True),
 )
+
+#: The FileTrans codes a task reports while it is not finished yet.
+FILE_TRANS_PENDING = frozenset({21050001, 21050002})
+#: The FileTrans codes of a finished task that has a result (possibly without sentences).
+FILE_TRANS_DONE = frozenset({21050000, 21050003})
 
 
 #: Codes the cloud reports from its metadata service rather than the gateway proper: their
@@ -249,8 +295,10 @@ class AuthenticationError(NlsError):
         self.task_id = task_id
 
 
-class TokenError(NlsError):
-    """Fetching a token (CreateToken) failed.
+class PopError(NlsError):
+    """A POP RPC call signed with an AccessKey (CreateToken, FileTrans' SubmitTask and
+    GetTaskResult) was refused by the service itself: bad AccessKey or signature,
+    throttling, an internal error.
 
     ``code``, ``server_message`` and ``request_id`` are the server's ``Code``, ``Message``
     and ``RequestId`` (``None`` for network failures), ``http_status`` the HTTP status.
@@ -276,8 +324,13 @@ class TokenError(NlsError):
         self.retryable = retryable
 
 
+class TokenError(PopError):
+    """Fetching a token (CreateToken) failed; the attributes are :class:`PopError`'s."""
+
+
 class TaskFailedError(NlsError):
-    """The gateway ended the task with ``TaskFailed``.
+    """The gateway ended the task with ``TaskFailed``, or a recording service reported a
+    failed task (a FlashRecognizer/REST ``status``, a FileTrans ``StatusCode``).
 
     Attributes: ``status`` (e.g. 40000004), ``status_text`` (server text), ``task_id``
     and ``retryable`` (from :data:`STATUS_CODES`).

@@ -26,6 +26,7 @@ from nlsstream.auth import (
     create_token,
     percent_encode,
     pop_signature,
+    signed_params,
     string_to_sign,
     token_endpoint,
 )
@@ -67,6 +68,39 @@ def test_vector_signatures_get_and_post() -> None:
     assert (
         pop_signature("POST", with_type, "my_access_key_secret") == "k6vIw2kExUY35EBusdXUa73pzzQ="
     )
+
+
+def test_file_trans_vectors_use_the_same_signer() -> None:
+    """docs/protocol.md §11.3: SubmitTask signs its Task wherever it travels."""
+    common = {**VECTOR, "Version": "2018-08-17"}
+    task = json.dumps(
+        {
+            "appkey": "your-appkey",
+            "file_link": "https://gw.alipayobjects.com/os/bmw-prod/"
+            "0574ee2e-f494-45a5-820f-63aee583045a.wav",
+            "version": "4.0",
+            "enable_words": False,
+        }
+    )
+    submit = {**common, "Action": "SubmitTask", "Task": task}
+    secret = "my_access_key_secret"
+    assert pop_signature("POST", submit, secret) == "w3L6W50KAbvTLR0Co8fA3Q3eqdY="
+    with_type = {**submit, "SignatureType": ""}
+    assert pop_signature("POST", with_type, secret) == "JS1H60NcO7kgPjugTZKexYwg+TU="
+    get = {**common, "Action": "GetTaskResult", "TaskId": "b505e78c4c6d11e9a213e11db149ffff"}
+    assert pop_signature("GET", get, secret) == "Kf3Bv7iGG0zJVGJKsWltBR/h2k4="
+    # signed_params is that signer with the common parameters filled in.
+    params = signed_params(
+        "GET",
+        "id",
+        secret,
+        "GetTaskResult",
+        region="cn-shanghai",
+        version="2018-08-17",
+        extra={"TaskId": "t"},
+    )
+    assert params["Signature"] == pop_signature("GET", params, secret)
+    assert params["Action"] == "GetTaskResult" and params["TaskId"] == "t"
 
 
 def test_signature_ignores_signature_param() -> None:

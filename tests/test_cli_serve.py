@@ -3,6 +3,7 @@ session without the token, and exits cleanly on SIGINT / SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -12,6 +13,9 @@ from typing import Any
 
 import pytest
 from helpers import (
+    AK_ID,
+    AK_SECRET,
+    FIXTURES,
     FRAME,
     RawTask,
     directive,
@@ -25,6 +29,7 @@ from helpers import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from nlsstream import FileTranscriber, PopError
 from nlsstream.cli import main
 from nlsstream.protocol import TRANSCRIBER, new_id
 
@@ -169,3 +174,37 @@ async def test_serve_light_checks_token_and_appkey_and_stops_cleanly(sig: int) -
 def test_serve_light_refuses_a_recognizer(capsys: Any) -> None:
     assert main(["serve", "--light", "--recognizer", "span", "--port", "0"]) == 2
     assert "--recognizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+async def test_serve_lists_every_endpoint_and_checks_access_keys(from_env: bool) -> None:
+    pair = f"{AK_ID}:{AK_SECRET}"
+    if from_env:
+        proc, url = start_server("--recognizer", "span", env={"NLS_GATEWAY_ACCESS_KEYS": pair})
+    else:
+        proc, url = start_server("--recognizer", "span", "--access-key", pair)
+    try:
+        assert proc.stdout is not None
+        # The lines came with the first one (maybe already in the pipe's reader buffer,
+        # where select() cannot see them): read them in a thread, bounded.
+        lines = [
+            await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 10) for _ in "1234"
+        ]
+        listed = [line.split()[0] for line in lines]
+        base = url.replace("ws://", "http://").removesuffix("/ws/v1")
+        assert listed == [
+            url,
+            f"{base}/stream/v1/FlashRecognizer",
+            f"{base}/stream/v1/asr",
+            base + "/",
+        ]
+        link = (FIXTURES / "hello.wav").as_uri()
+        async with FileTranscriber(AK_ID, AK_SECRET, appkey="a", endpoint=base) as ft:
+            result = await ft.transcribe(link, timeout=60)
+        assert result.text.startswith("speech ")
+        async with FileTranscriber(AK_ID, "wrong", appkey="a", endpoint=base) as ft:
+            with pytest.raises(PopError, match="SignatureDoesNotMatch"):
+                await ft.submit(link)
+    finally:
+        out, err = finish(proc, signal.SIGTERM)
+    assert AK_SECRET not in out + err

@@ -11,6 +11,12 @@ Points (``*_at``):
 * ``"stop"``: when the Stop directive arrives, instead of the final events.
 
 When several faults hit the same point, the order is: drop, fail, stall, malformed.
+
+The recording endpoints (FlashRecognizer, REST, POP RPC; see :mod:`.files`) take one
+``Faults`` per HTTP request: ``start_delay`` delays the answer, ``drop_at`` (any point)
+drops the connection, ``http_status`` answers that HTTP status with no JSON,
+``fail_status`` is the status answered (a FileTrans task submitted with it ends with
+it), ``complete_delay`` keeps a FileTrans task RUNNING that much longer.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class Faults:
         stall_at: from here on send nothing and ignore everything, but keep the socket
             open (and answer pings) until the client gives up.
         stall_after_bytes: for ``stall_at="audio"``.
+        http_status: answer an HTTP request of the recording endpoints with this HTTP
+            status (e.g. 500) and a plain-text body.
     """
 
     start_delay: float = 0.0
@@ -61,6 +69,7 @@ class Faults:
     malformed_after_bytes: int = 0
     stall_at: FaultPoint | None = None
     stall_after_bytes: int = 0
+    http_status: int | None = None
 
     def __post_init__(self) -> None:
         points = ("start", "audio", "stop")

@@ -24,8 +24,9 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ from .engine import (
     resolve_recognizer,
 )
 from .faults import MALFORMED_TEXT, FaultPoint, Faults
+from .files import FileServices
 from .wav import WavStripper
 
 __all__ = ["Gateway", "GatewayThread", "SessionRecord"]
@@ -119,6 +121,17 @@ class Gateway:
             INSTANCE_POOL_EXHAUSTED (retryable), and the other tasks go on.
         max_records: how many :class:`SessionRecord` s :attr:`sessions` keeps (the
             newest); a gateway that runs for days must not keep every connection.
+        access_keys: ``{AccessKeyId: secret}`` for the POP RPC on ``/`` (FileTrans'
+            SubmitTask/GetTaskResult, CreateToken): the signature is checked against
+            them; ``None`` accepts any AccessKey without checking signatures. Tokens
+            that CreateToken issues are accepted everywhere (until they expire).
+        file_workers: FileTrans tasks recognised at once (the rest wait, QUEUEING).
+        max_file_tasks: FileTrans tasks kept (the oldest finished ones are forgotten;
+            when all are unfinished, SubmitTask answers Throttling.User).
+
+    Besides ``/ws/v1`` the same port serves ``/stream/v1/FlashRecognizer``,
+    ``/stream/v1/asr`` and POP RPC on ``/`` (see :mod:`nlsstream.gateway.files` and
+    :attr:`endpoints`).
 
     Use ``async with Gateway() as gw`` (or :meth:`start` / :meth:`close`), or
     :meth:`run_in_thread` from synchronous code.
@@ -141,6 +154,9 @@ class Gateway:
         max_decoders: int = 8,
         decoder_wait: float = 5.0,
         max_records: int = 1000,
+        access_keys: Mapping[str, str] | None = None,
+        file_workers: int = 2,
+        max_file_tasks: int = 1000,
     ) -> None:
         self.host = host
         self.port = port
@@ -161,6 +177,14 @@ class Gateway:
         self.max_decoders = max_decoders
         self.decoder_wait = decoder_wait
         self._slots: DecoderSlots | None = None  # made on the serving loop, in start()
+        self.access_keys = dict(access_keys) if access_keys is not None else None
+        if file_workers < 1 or max_file_tasks < 1:
+            raise ValueError("file_workers and max_file_tasks must be at least 1")
+        self.file_workers = file_workers
+        self.max_file_tasks = max_file_tasks
+        #: The recording services (made in :meth:`start`): FileTrans tasks in ``.tasks``.
+        self.files: FileServices | None = None
+        self._issued: collections.OrderedDict[str, float] = collections.OrderedDict()
         #: What the gateway saw of its most recent connections, oldest first (at most
         #: ``max_records``).
         self.sessions: list[SessionRecord] = []
@@ -176,6 +200,22 @@ class Gateway:
         """``ws://host:port/ws/v1`` (the real port once started)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ws://{host}:{self.port}{PATH}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` (the base of the recording services and POP RPC)."""
+        return self.url.replace("ws://", "http://", 1)[: -len(PATH)]
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """What this gateway serves: a description for each URL."""
+        base = self.http_url
+        return {
+            self.url: "real-time recognition (SpeechTranscriber, SpeechRecognizer)",
+            base + "/stream/v1/FlashRecognizer": "FlashRecognizer (recordings, one request)",
+            base + "/stream/v1/asr": "one-sentence REST recognition (<= 60 s)",
+            base + "/": "POP RPC: FileTrans SubmitTask/GetTaskResult, CreateToken",
+        }
 
     @property
     def token(self) -> str:
@@ -203,6 +243,7 @@ class Gateway:
             max_workers=self.max_workers, thread_name_prefix="nls-recognize"
         )
         self._slots = DecoderSlots(self.max_decoders, self.decoder_wait)
+        self.files = FileServices(self)
         app = web.Application()
         app.add_routes(self._routes())
         app.on_shutdown.append(self._going_away)
@@ -227,6 +268,8 @@ class Gateway:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        if self.files is not None:
+            await self.files.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -257,14 +300,27 @@ class Gateway:
 
     def _routes(self) -> list[web.RouteDef]:
         """Every endpoint of the gateway; paths not listed get 404."""
-        return [web.get(PATH, self._websocket), web.get(PATH + "/", self._websocket)]
+        assert self.files is not None
+        return [
+            web.get(PATH, self._websocket),
+            web.get(PATH + "/", self._websocket),
+            *self.files.routes(),
+        ]
 
-    def _authorize(self, request: web.Request) -> None:
-        """Raise HTTP 403 with the cloud's text unless the request carries an accepted
-        token (header ``X-NLS-Token``, else query ``token``). Never logs the token."""
+    def _issue_token(self, token: str, expire_time: float) -> None:
+        """Accept ``token`` until ``expire_time`` (Unix seconds): CreateToken's tokens."""
+        self._issued[token] = expire_time
+        while len(self._issued) > 10000:
+            self._issued.popitem(last=False)
+
+    def _token_refusal(self, request: web.Request) -> str | None:
+        """``None`` if the request carries an accepted token (header ``X-NLS-Token``,
+        else query ``token``), else the cloud's status text. Never logs the token."""
         token = request.headers.get("X-NLS-Token") or request.query.get("token")
         if self.tokens is None or token in self.tokens:
-            return
+            return None
+        if token is not None and self._issued.get(token, 0.0) > time.time():
+            return None
         log.info(
             "%s %s rejected: %s",
             request.method,
@@ -272,10 +328,15 @@ class Gateway:
             "invalid token" if token else "no token",
         )
         if not token:
-            raise web.HTTPForbidden(text=status_text(40000001, "Missing authorization header!"))
-        raise web.HTTPForbidden(
-            text=status_text(40000001, f"The token '{token}' is invalid!", source="Meta")
-        )
+            return status_text(40000001, "Missing authorization header!")
+        return status_text(40000001, f"The token '{token}' is invalid!", source="Meta")
+
+    def _authorize(self, request: web.Request) -> None:
+        """Raise HTTP 403 with the cloud's text unless the request carries an accepted
+        token (see :meth:`_token_refusal`)."""
+        refusal = self._token_refusal(request)
+        if refusal is not None:
+            raise web.HTTPForbidden(text=refusal)
 
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         """``/ws/v1``: one connection, its tasks one after another.

@@ -1,0 +1,880 @@
+"""Recordings: the FlashRecognizer, FileTrans and one-sentence REST clients.
+
+Protocol: ``docs/protocol.md`` §11 (FlashRecognizer §11.2, FileTrans §11.3, REST §11.4).
+
+* :class:`FlashRecognizer`: one HTTP POST of a whole recording (≤ 100 MB, ≤ 2 h), the
+  answer in seconds; commercial edition only in the cloud.
+* :class:`FileTranscriber`: FileTrans, a URL the cloud downloads (hours of audio), signed
+  with an AccessKey (the POP v1 signer of :mod:`nlsstream.auth`); submit, then poll
+  ``GetTaskResult`` with backoff (never more than once a second per task) or receive a
+  callback.
+* :class:`RestRecognizer`: the one-sentence REST API, ≤ 60 s of audio.
+
+Each client holds one ``aiohttp.ClientSession`` (connection reuse) and bounds every
+request by ``timeout``. Network failures raise
+:class:`~nlsstream.errors.GatewayConnectionError`; a failed task
+:class:`~nlsstream.errors.TaskFailedError` (``status`` from the status table); a rejected
+token :class:`~nlsstream.errors.AuthenticationError`; a rejected AccessKey or signature
+:class:`~nlsstream.errors.PopError`; audio that cannot be sent
+:class:`~nlsstream.errors.AudioFormatError`, before anything is uploaded. No token or
+secret ever appears in a message or log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+import io
+import json
+import logging
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import soundfile
+
+from . import auth
+from .audio import _check_array, decode_channels, to_pcm16
+from .errors import (
+    FILE_TRANS_DONE,
+    FILE_TRANS_PENDING,
+    SUCCESS,
+    AudioFormatError,
+    AuthenticationError,
+    GatewayConnectionError,
+    NlsError,
+    PopError,
+    TaskFailedError,
+    redact,
+    task_error,
+)
+from .protocol import Word
+
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = [
+    "FILE_TRANS_VERSION",
+    "FLASH_URL",
+    "REST_URL",
+    "FileResult",
+    "FileSentence",
+    "FileTransTask",
+    "FileTranscriber",
+    "FlashRecognizer",
+    "RecordingSource",
+    "RestRecognizer",
+    "file_trans_endpoint",
+]
+
+log = logging.getLogger("nlsstream.files")
+
+FLASH_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com/stream/v1/FlashRecognizer"
+REST_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com/stream/v1/asr"
+FLASH_PATH = "/stream/v1/FlashRecognizer"
+REST_PATH = "/stream/v1/asr"
+#: FileTrans API version of the mainland regions (the international one: 2019-08-23).
+FILE_TRANS_VERSION = "2018-08-17"
+_INTL_FILE_TRANS_VERSION = "2019-08-23"
+
+#: FlashRecognizer limits (§11.2): bytes and seconds of one recording.
+FLASH_MAX_BYTES = 100 * 1024 * 1024
+FLASH_MAX_SECONDS = 2 * 3600
+#: One-sentence REST limit (§11.4).
+REST_MAX_SECONDS = 60
+#: FileTrans allows one GetTaskResult per second per task (§11.3).
+MIN_POLL_INTERVAL = 1.0
+#: Largest answer read from any service (a 2 h recording's words fit many times over).
+_MAX_ANSWER_BYTES = 64 * 1024 * 1024
+#: Containers the FlashRecognizer takes as they are; anything else is sent as WAV.
+_FLASH_NATIVE = {("WAV", "PCM_16"): "wav", ("MP3", None): "mp3", ("OGG", "OPUS"): "opus"}
+_FLASH_OPAQUE = {".aac": "aac", ".mp4": "mp4", ".m4a": "mp4", ".opus": "opus"}
+
+#: What ``recognize`` accepts: a path, the bytes of a file (or raw PCM16LE mono), or a
+#: numpy array ``(samples,)`` / ``(samples, channels)`` with its ``sample_rate``.
+RecordingSource: TypeAlias = (
+    "str | os.PathLike[str] | bytes | bytearray | memoryview | npt.NDArray[Any]"
+)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class FileSentence:
+    """One recognised sentence of a recording; times in ms from its start.
+
+    ``words`` (when asked for) are :class:`~nlsstream.Word` s with the same time base.
+    FileTrans also reports ``speech_rate`` (words or characters per minute),
+    ``emotion_value`` (1-10) and ``silence_duration`` (seconds of silence before the
+    sentence); the other services leave them ``None``.
+    """
+
+    text: str
+    begin_time: int
+    end_time: int
+    channel_id: int = 0
+    words: tuple[Word, ...] = ()
+    speech_rate: int | None = None
+    emotion_value: float | None = None
+    silence_duration: int | None = None
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """A recognised recording: ``sentences`` in time order (all channels), ``duration``
+    of the audio in ms, the service's ``task_id`` and ``status`` (e.g. 21050003 when
+    FileTrans found no speech: no sentences), and the ``raw`` answer."""
+
+    sentences: tuple[FileSentence, ...]
+    duration: int
+    task_id: str
+    status: int
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def text(self) -> str:
+        """The sentences' texts joined (a space between sentences of Latin script)."""
+        out = ""
+        for s in self.sentences:
+            if not s.text:
+                continue
+            if out and (out[-1].isascii() or s.text[0].isascii()):
+                out += " "
+            out += s.text
+        return out
+
+    def channel(self, channel_id: int) -> tuple[FileSentence, ...]:
+        """The sentences of one channel."""
+        return tuple(s for s in self.sentences if s.channel_id == channel_id)
+
+
+def _int(value: Any, default: int = 0) -> int:
+    """Lenient integer: the services send some numbers as strings (Flash word times)."""
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return default
+
+
+def _sorted(sentences: list[FileSentence]) -> tuple[FileSentence, ...]:
+    return tuple(sorted(sentences, key=lambda s: (s.begin_time, s.channel_id)))
+
+
+def _sentence(s: Mapping[str, Any], keys: tuple[str, str, str, str], **more: Any) -> FileSentence:
+    """A sentence from either service's dialect: ``keys`` name its text, begin, end and
+    channel fields."""
+    text, begin, end, channel = keys
+    return FileSentence(
+        str(s.get(text, "")), _int(s.get(begin)), _int(s.get(end)), _int(s.get(channel)), **more
+    )
+
+
+def _flash_result(data: Mapping[str, Any]) -> FileResult:
+    flash = data.get("flash_result") or {}
+    keys = ("text", "begin_time", "end_time", "channel_id")
+    sentences = [
+        _sentence(
+            s,
+            keys,
+            words=tuple(
+                Word(str(w.get("text", "")), _int(w.get("begin_time")), _int(w.get("end_time")))
+                for w in s.get("words") or ()
+            ),
+        )
+        for s in flash.get("sentences") or ()
+    ]
+    duration = _int(flash.get("duration"))
+    last_end = max((s.end_time for s in sentences), default=0)
+    if 0 < duration * 10 < last_end:
+        duration *= 1000  # one documented example gives seconds, not ms (§11.2)
+    return FileResult(
+        _sorted(sentences), duration, str(data.get("task_id", "")), SUCCESS, dict(data)
+    )
+
+
+def _file_trans_result(data: Mapping[str, Any]) -> FileResult:
+    result = data.get("Result") or {}
+    keys = ("Text", "BeginTime", "EndTime", "ChannelId")
+    sentences = [
+        _sentence(
+            s,
+            keys,
+            speech_rate=_int(s["SpeechRate"]) if "SpeechRate" in s else None,
+            emotion_value=float(s["EmotionValue"]) if "EmotionValue" in s else None,
+            silence_duration=_int(s["SilenceDuration"]) if "SilenceDuration" in s else None,
+        )
+        for s in result.get("Sentences") or ()
+    ]
+    ordered = list(_sorted(sentences))
+    # Words come as one flat list: each goes to the latest sentence of its channel that
+    # began at or before it.
+    starts: dict[int, list[int]] = {}
+    members: dict[int, list[int]] = {}
+    for i, s in enumerate(ordered):
+        starts.setdefault(s.channel_id, []).append(s.begin_time)
+        members.setdefault(s.channel_id, []).append(i)
+    words: dict[int, list[Word]] = {}
+    for w in result.get("Words") or ():
+        channel, begin = _int(w.get("ChannelId")), _int(w.get("BeginTime"))
+        if channel not in starts:
+            continue
+        k = max(bisect.bisect_right(starts[channel], begin) - 1, 0)
+        word = Word(str(w.get("Word", "")), begin, _int(w.get("EndTime")))
+        words.setdefault(members[channel][k], []).append(word)
+    for i, ws in words.items():
+        ws.sort(key=lambda w: w.start_time)
+        ordered[i] = dataclasses.replace(ordered[i], words=tuple(ws))
+    return FileResult(
+        tuple(ordered),
+        _int(data.get("BizDuration")),
+        str(data.get("TaskId", "")),
+        _int(data.get("StatusCode")),
+        dict(data),
+    )
+
+
+# --------------------------------------------------------------------------- audio
+
+
+@dataclass(frozen=True)
+class _Upload:
+    body: bytes
+    format: str
+    sample_rate: int
+    duration: float | None  # seconds, None when the container is opaque to soundfile
+
+
+def _wav(channels: list[bytes], rate: int) -> bytes:
+    """PCM16 channels (equal length) as one WAV file."""
+    arrays = [np.frombuffer(c, dtype="<i2") for c in channels]
+    n = min(len(a) for a in arrays)
+    data = np.stack([a[:n] for a in arrays], axis=1)
+    out = io.BytesIO()
+    soundfile.write(out, data, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def _pcm_upload(pcm: bytes, rate: int, *, container: bool) -> _Upload:
+    seconds = len(pcm) / (2 * rate)
+    if container:
+        return _Upload(_wav([pcm], rate), "wav", rate, seconds)
+    return _Upload(pcm, "pcm", rate, seconds)
+
+
+def _target_rate(rate: int) -> int:
+    """The service rate for audio at ``rate``: 8000 or 16000 as they are, else the
+    nearer of the two from above (resampled)."""
+    return rate if rate in (8000, 16000) else (8000 if rate < 8000 else 16000)
+
+
+def _array_channels(data: npt.NDArray[Any], rate: int) -> tuple[list[bytes], int]:
+    """Each channel of ``(samples,)`` / ``(samples, channels)`` audio as PCM16LE."""
+    _check_array(data)
+    target = _target_rate(rate)
+    columns = [data] if data.ndim == 1 else [data[:, c] for c in range(data.shape[1])]
+    return [to_pcm16(col, rate, target) for col in columns], target
+
+
+def _prepare(
+    source: Any, *, sample_rate: int | None, fmt: str | None, keep_channels: bool
+) -> _Upload:
+    """What to upload for ``source`` (blocking: runs in a worker thread).
+
+    ``keep_channels`` (FlashRecognizer): containers it understands go as they are, the
+    rest become a WAV with every channel. Otherwise (REST): PCM16 mono.
+    """
+    if isinstance(source, np.ndarray):
+        if sample_rate is None:
+            raise AudioFormatError("a numpy array needs its sample_rate= (in Hz)")
+        if keep_channels:
+            channels, rate = _array_channels(source, sample_rate)
+            return _Upload(_wav(channels, rate), "wav", rate, len(channels[0]) / (2 * rate))
+        rate = _target_rate(sample_rate)
+        return _pcm_upload(to_pcm16(source, sample_rate, rate), rate, container=False)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(os.fspath(source))
+        if not path.is_file():
+            raise AudioFormatError(f"audio file not found: {path}")
+        size = path.stat().st_size
+        if keep_channels and size > FLASH_MAX_BYTES:
+            raise AudioFormatError(_too_large(size))
+        suffix = path.suffix.lower()
+        if suffix in (".pcm", ".raw"):
+            return _raw_pcm(path.read_bytes(), sample_rate, keep_channels)
+        data = path.read_bytes()
+        container = True  # only .pcm/.raw files are headerless
+        if fmt is None and keep_channels and suffix in _FLASH_OPAQUE:
+            fmt = _FLASH_OPAQUE[suffix]
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        container = fmt == "wav" or data[:4] in (b"RIFF", b"OggS", b"fLaC", b"ID3\x03", b"ID3\x04")
+    else:
+        raise AudioFormatError(
+            f"unsupported recording source {type(source).__name__}: use a path, bytes or a "
+            "numpy array (with sample_rate=), or audio_address="
+        )
+    if not data:
+        raise AudioFormatError("the recording is empty")
+    if fmt is not None and fmt.lower() not in ("wav", "pcm"):
+        # A container we cannot look into (AAC, MP4, ...): sent as it is, unchecked.
+        return _Upload(data, fmt.lower(), sample_rate or 16000, None)
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError):
+        if container:
+            raise AudioFormatError("the recording could not be decoded") from None
+        return _raw_pcm(data, sample_rate, keep_channels)
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise AudioFormatError("the recording contains no audio")
+    duration = info.frames / info.samplerate
+    if keep_channels:
+        native = _FLASH_NATIVE.get((info.format, info.subtype)) or _FLASH_NATIVE.get(
+            (info.format, None)
+        )
+        if native and (native != "wav" or info.samplerate in (8000, 16000)):
+            rate = info.samplerate if info.samplerate in (8000, 16000) else 16000
+            return _Upload(data, native, rate, duration)
+        channels, rate = decode_channels(data)
+        return _Upload(_wav(channels, rate), "wav", rate, duration)
+    (mono,), rate = decode_channels(data, mix=True)
+    return _pcm_upload(mono, rate, container=False)
+
+
+def _raw_pcm(data: bytes, sample_rate: int | None, container: bool) -> _Upload:
+    rate = sample_rate or 16000
+    if rate not in (8000, 16000):
+        raise AudioFormatError(f"raw PCM must be at 8000 or 16000 Hz, not {rate}")
+    if not data or len(data) % 2:
+        raise AudioFormatError("raw PCM16LE audio must be a non-empty, even number of bytes")
+    return _pcm_upload(data, rate, container=container)
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"the recording is {size / 1e6:.1f} MB; FlashRecognizer takes at most "
+        f"{FLASH_MAX_BYTES // (1024 * 1024)} MB: use FileTranscriber"
+    )
+
+
+def _check_limits(upload: _Upload, service: str) -> None:
+    limit = REST_MAX_SECONDS if service == "rest" else FLASH_MAX_SECONDS
+    if upload.duration is not None and upload.duration > limit:
+        other = "FlashRecognizer or FileTranscriber" if service == "rest" else "FileTranscriber"
+        raise AudioFormatError(
+            f"the recording is {upload.duration:.1f} s long; the {service} service takes at "
+            f"most {limit} s: use {other}"
+        )
+    if service == "flash" and len(upload.body) > FLASH_MAX_BYTES:
+        raise AudioFormatError(_too_large(len(upload.body)))
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def _aiohttp() -> Any:
+    try:
+        import aiohttp
+    except ImportError:
+        raise ImportError(
+            "nlsstream's recording clients need aiohttp: pip install 'nlsstream[files]'"
+        ) from None
+    return aiohttp
+
+
+async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """All of an aiohttp body stream, or ``None`` as soon as it exceeds ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await stream.read(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _service_url(url: str, path: str) -> str:
+    """``url`` as given, or with the service's path when it names only a host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"the service URL must be http(s)://host[:port][/path], not {url!r}")
+    if parts.path in ("", "/"):
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+    return url
+
+
+def _flag(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+_C = TypeVar("_C", bound="_Client")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: bytes
+    data: dict[str, Any] | None  # the body as a JSON object, if it is one
+
+
+class _Client:
+    """One ``aiohttp.ClientSession`` per client object and a timeout on every request."""
+
+    _service = "service"
+
+    def __init__(self, timeout: float, secrets: tuple[str, ...] = ()) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.timeout = timeout
+        self._aiohttp = _aiohttp()
+        self._session: aiohttp.ClientSession | None = None
+        self._secrets = secrets
+
+    async def __aenter__(self: _C) -> _C:
+        self._http()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP connections (the client can still be used: it reconnects)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = self._aiohttp.ClientSession(
+                timeout=self._aiohttp.ClientTimeout(total=self.timeout),
+                headers={"User-Agent": "nlsstream"},
+            )
+        return self._session
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        secrets: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> _Answer:
+        """One request; network failures and timeouts become GatewayConnectionError."""
+        host = urllib.parse.urlsplit(url).netloc
+        hide = (*self._secrets, *secrets)
+        from yarl import URL  # aiohttp's URL type: ``encoded=True`` keeps our encoding
+
+        try:
+            target = URL(url, encoded=True)
+            async with self._http().request(method, target, allow_redirects=False, **kwargs) as r:
+                body = await read_bounded(r.content, _MAX_ANSWER_BYTES)
+                status = r.status
+        except asyncio.TimeoutError:
+            raise GatewayConnectionError(
+                f"{self._service} at {host} did not answer within {self.timeout} s"
+            ) from None
+        except self._aiohttp.ClientError as exc:
+            raise GatewayConnectionError(
+                f"{self._service} request to {host} failed: {redact(str(exc), *hide)}"
+            ) from None
+        if body is None:
+            raise GatewayConnectionError(
+                f"{self._service} at {host} answered more than {_MAX_ANSWER_BYTES} bytes"
+            )
+        return _Answer(status, body, auth.json_object(body))
+
+    def _http_failure(self, answer: _Answer, host: str, *secrets: str) -> NlsError:
+        snippet = redact(answer.body[:200].decode("utf-8", "replace"), *self._secrets, *secrets)
+        if answer.status == 403:
+            return AuthenticationError(
+                f"{self._service} at {host} rejected the token: {snippet}",
+                status_text=snippet,
+                http_status=403,
+            )
+        return GatewayConnectionError(
+            f"{self._service} at {host} answered HTTP {answer.status}: {snippet!r}"
+        )
+
+
+class _TokenClient(_Client):
+    """What the two token-authenticated services share: a token (string or provider,
+    refreshed once when the gateway rejects it), an appkey, the audio preparation."""
+
+    _path = ""
+    _default_url = ""
+    _default_timeout = 60.0
+    #: FlashRecognizer (every channel kept, token in the query, its limits) or REST.
+    _flash = True
+
+    def __init__(
+        self,
+        appkey: str,
+        token: auth.TokenSource,
+        url: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(timeout or self._default_timeout)
+        if not appkey:
+            raise ValueError("appkey must not be empty")
+        self.appkey = appkey
+        self.url = _service_url(url or self._default_url, self._path)
+        self._tokens = auth.as_provider(token)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(appkey={self.appkey!r}, url={self.url!r})"
+
+    async def _recognize(
+        self,
+        source: Any,
+        audio_address: str | None,
+        fmt: str | None,
+        sample_rate: int | None,
+        params: Mapping[str, Any],
+    ) -> tuple[dict[str, Any], _Upload | None]:
+        """Send the audio (checked before upload) or its address with ``params`` as the
+        query; the success answer and what was uploaded."""
+        query = {k: _flag(v) for k, v in params.items() if v is not None}
+        if audio_address is not None:
+            query["audio_address"] = audio_address
+            query["format"] = fmt or Path(urllib.parse.urlsplit(audio_address).path).suffix[1:]
+            query["sample_rate"] = str(sample_rate or 16000)
+            return await self._call(query, None), None
+        upload = await asyncio.to_thread(
+            _prepare, source, sample_rate=sample_rate, fmt=fmt, keep_channels=self._flash
+        )
+        _check_limits(upload, "flash" if self._flash else "rest")
+        query["format"], query["sample_rate"] = upload.format, str(upload.sample_rate)
+        return await self._call(query, upload.body), upload
+
+    async def _call(self, params: dict[str, str], body: bytes | None) -> dict[str, Any]:
+        """POST (or, without a body, still POST) and return the success answer; a
+        rejected token is refreshed and tried once more when the provider can."""
+        for attempt in (1, 2):
+            token = await self._tokens.get_token()
+            query = {"appkey": self.appkey, **params}
+            headers = {"Content-Type": "application/octet-stream"}
+            if self._flash:
+                query["token"] = token
+            else:
+                headers["X-NLS-Token"] = token
+            if body is None:
+                headers["Content-Type"] = "application/text"
+            answer = await self._request(
+                "POST",
+                self.url,
+                params=query,
+                data=io.BytesIO(body) if body is not None else None,
+                headers=headers,
+                secrets=(token,),
+            )
+            try:
+                return self._check(answer, token)
+            except AuthenticationError:
+                if attempt == 2 or not isinstance(self._tokens, auth.RefreshableTokenProvider):
+                    raise
+                self._tokens.invalidate(token)
+        raise AssertionError("unreachable")
+
+    def _check(self, answer: _Answer, token: str) -> dict[str, Any]:
+        host = urllib.parse.urlsplit(self.url).netloc
+        data = answer.data
+        if data is None or not isinstance(data.get("status"), int):
+            raise self._http_failure(answer, host, token)
+        status = data["status"]
+        if status != SUCCESS:
+            message = redact(str(data.get("message", "")), token)
+            raise task_error(status, message, str(data.get("task_id") or "") or None)
+        return data
+
+
+class FlashRecognizer(_TokenClient):
+    """FlashRecognizer (录音文件识别极速版): a whole recording in one request.
+
+    ``recognize(source)`` uploads a path, the bytes of an audio file, raw PCM16LE mono
+    bytes (at ``sample_rate``, default 16000) or a numpy array (with ``sample_rate``);
+    or, with ``audio_address=``, lets the service download a URL. Every channel is
+    recognised (``FileSentence.channel_id``). WAV (16-bit, 8/16 kHz), MP3 and Ogg Opus
+    go as they are; other formats libsndfile reads (FLAC, Vorbis, other rates) are
+    converted to WAV first; AAC/MP4 go unchecked. Limits: 100 MB and 2 h
+    (:class:`AudioFormatError` before upload). ``token``: a string or a token provider
+    (sent as the ``token`` query parameter). ``url``: the endpoint (default
+    :data:`FLASH_URL`, Shanghai), or just ``http(s)://host:port`` (e.g. a local gateway).
+    ``timeout`` bounds each request (default 120 s).
+    The cloud offers this service to commercial-edition appkeys only.
+    """
+
+    _service = "FlashRecognizer"
+    _path = FLASH_PATH
+
+    _default_url = FLASH_URL
+    _default_timeout = 120.0
+
+    async def recognize(
+        self,
+        source: RecordingSource | None = None,
+        *,
+        audio_address: str | None = None,
+        format: str | None = None,
+        sample_rate: int | None = None,
+        **params: Any,
+    ) -> FileResult:
+        """Recognise one recording; ``params`` are the service's query parameters
+        (``enable_word_level_result=True``, ``enable_inverse_text_normalization``,
+        ``first_channel_only``, ``vocabulary_id``, ...)."""
+        if (source is None) == (audio_address is None):
+            raise ValueError("give either a source or audio_address=, not both or neither")
+        data, _ = await self._recognize(source, audio_address, format, sample_rate, params)
+        return _flash_result(data)
+
+
+class RestRecognizer(_TokenClient):
+    """The one-sentence REST API (``POST /stream/v1/asr``): up to 60 s of audio, one text.
+
+    Sources as for :class:`FlashRecognizer`; the audio is sent as PCM16 mono (channels
+    mixed), so that its length is checked before upload (more than 60 s:
+    :class:`AudioFormatError`). An explicit ``format=`` other than pcm/wav sends bytes as
+    they are, unchecked. The token goes in the ``X-NLS-Token`` header. ``url`` as for
+    :class:`FlashRecognizer` (default :data:`REST_URL`); ``timeout`` default 60 s. The
+    result has one sentence spanning the audio.
+    """
+
+    _service = "REST recognizer"
+    _path = REST_PATH
+    _flash = False
+
+    _default_url = REST_URL
+    _default_timeout = 60.0
+
+    async def recognize(
+        self,
+        source: RecordingSource,
+        *,
+        format: str | None = None,
+        sample_rate: int | None = None,
+        **params: Any,
+    ) -> FileResult:
+        """Recognise up to 60 s of audio; ``params`` are the service's query parameters
+        (``enable_punctuation_prediction``, ``enable_inverse_text_normalization``, ...)."""
+        data, upload = await self._recognize(source, None, format, sample_rate, params)
+        assert upload is not None
+        duration = round(upload.duration * 1000) if upload.duration is not None else 0
+        text = str(data.get("result", ""))
+        sentences = (FileSentence(text, 0, duration),) if text else ()
+        return FileResult(sentences, duration, str(data.get("task_id", "")), SUCCESS, data)
+
+
+# --------------------------------------------------------------------------- FileTrans
+
+
+def file_trans_endpoint(region: str = auth.DEFAULT_REGION) -> str:
+    """The documented FileTrans endpoint of ``region``."""
+    return f"https://filetrans.{region}.aliyuncs.com/"
+
+
+class FileTransTask:
+    """A submitted FileTrans task: ``task_id``, the last ``status`` seen, and
+    :meth:`wait` / :meth:`poll`. Made by :meth:`FileTranscriber.submit` or
+    :meth:`FileTranscriber.task`."""
+
+    def __init__(self, client: FileTranscriber, task_id: str, status: int = 21050002) -> None:
+        self.client = client
+        self.task_id = task_id
+        #: The last StatusCode seen (21050002 QUEUEING, 21050001 RUNNING, ...).
+        self.status = status
+        self.polls = 0
+
+    def __repr__(self) -> str:
+        return f"FileTransTask(task_id={self.task_id!r}, status={self.status})"
+
+    async def poll(self) -> FileResult | None:
+        """One GetTaskResult (waiting first if the last one was less than a second ago):
+        the result once the task is done, ``None`` while it is queued or running; raises
+        :class:`TaskFailedError` if it failed."""
+        data = await self.client._get_task_result(self.task_id)
+        self.polls += 1
+        self.status = _int(data.get("StatusCode"))
+        if self.status in FILE_TRANS_PENDING:
+            return None
+        if self.status in FILE_TRANS_DONE:
+            return _file_trans_result(data)
+        raise TaskFailedError(self.status, str(data.get("StatusText", "")), self.task_id)
+
+    async def wait(self, timeout: float = 3600.0) -> FileResult:
+        """Poll until the task is done; the first poll comes ``poll_interval`` after the
+        call, then the interval grows by half each time up to ``max_poll_interval``. A
+        poll that fails for a transient reason (network, HTTP 5xx, throttling) is logged
+        and retried at the next interval; a failed task raises :class:`TaskFailedError`.
+        Raises :class:`TimeoutError` after ``timeout`` seconds (the task goes on; wait
+        again or call :meth:`FileTranscriber.result` later)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        interval = self.client.poll_interval
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(interval, remaining))
+            if loop.time() >= deadline:
+                break
+            try:
+                result = await asyncio.wait_for(self.poll(), max(deadline - loop.time(), 0.001))
+            except asyncio.TimeoutError:
+                break
+            except (GatewayConnectionError, PopError) as exc:
+                if not exc.retryable:
+                    raise
+                # A network blip or throttling must not end a wait of hours: poll again.
+                log.warning("polling FileTrans task %s failed, will retry: %s", self.task_id, exc)
+                result = None
+            if result is not None:
+                return result
+            interval = min(interval * 1.5, self.client.max_poll_interval)
+        raise TimeoutError(
+            f"FileTrans task {self.task_id} did not finish within {timeout} s "
+            f"(last status {self.status}); it goes on: wait again or fetch it later"
+        )
+
+
+class FileTranscriber(_Client):
+    """FileTrans (录音文件识别): the service downloads a URL and recognises it (hours).
+
+    Signed with the AccessKey by the POP v1 signer of :mod:`nlsstream.auth`. ``region``
+    picks the documented endpoint and API version (``ap-southeast-1``: 2019-08-23, else
+    2018-08-17); ``endpoint`` overrides the URL (e.g. ``http://127.0.0.1:PORT/``).
+    ``timeout`` bounds each request; ``poll_interval`` / ``max_poll_interval`` set the
+    polling backoff of :meth:`FileTransTask.wait` (never below the service's one query
+    per second per task).
+    """
+
+    _service = "FileTrans"
+
+    def __init__(
+        self,
+        ak_id: str,
+        ak_secret: str,
+        *,
+        appkey: str,
+        region: str = auth.DEFAULT_REGION,
+        endpoint: str | None = None,
+        version: str | None = None,
+        timeout: float = 30.0,
+        poll_interval: float = 1.0,
+        max_poll_interval: float = 10.0,
+    ) -> None:
+        if not ak_id or not ak_secret:
+            raise ValueError("FileTranscriber needs both the AccessKey id and secret")
+        if not appkey:
+            raise ValueError("appkey must not be empty")
+        super().__init__(timeout, secrets=(ak_secret,))
+        self._ak_id = ak_id
+        self._secret = ak_secret
+        self.appkey = appkey
+        self.region = region
+        self.endpoint = _service_url(endpoint or file_trans_endpoint(region), "/")
+        self.version = version or (
+            _INTL_FILE_TRANS_VERSION if region == "ap-southeast-1" else FILE_TRANS_VERSION
+        )
+        self.poll_interval = max(poll_interval, MIN_POLL_INTERVAL)
+        self.max_poll_interval = max(max_poll_interval, self.poll_interval)
+        self._next_poll: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"FileTranscriber(ak_id={self._ak_id[:4] + '***'!r}, appkey={self.appkey!r}, "
+            f"endpoint={self.endpoint!r})"
+        )
+
+    async def submit(
+        self, file_link: str, *, callback_url: str | None = None, **params: Any
+    ) -> FileTransTask:
+        """SubmitTask: returns at once with the task (``task.task_id``).
+
+        ``params`` go into the Task JSON (``enable_words=True``, ``auto_split``,
+        ``enable_sample_rate_adaptive``, ...; ``version`` is "4.0"). With
+        ``callback_url`` the service also POSTs the result there when the task ends.
+        """
+        task: dict[str, Any] = {"appkey": self.appkey, "file_link": file_link, "version": "4.0"}
+        if callback_url is not None:
+            task["enable_callback"] = True
+            task["callback_url"] = callback_url
+        task.update(params)
+        data = await self._pop("POST", "SubmitTask", {"Task": json.dumps(task)})
+        status = _int(data.get("StatusCode"))
+        task_id = str(data.get("TaskId") or "")
+        if status != 21050000 or not task_id:
+            raise TaskFailedError(status, str(data.get("StatusText", "")), task_id or None)
+        log.info("FileTrans task %s submitted", task_id)
+        return FileTransTask(self, task_id)
+
+    def task(self, task_id: str) -> FileTransTask:
+        """A handle on a task submitted elsewhere (no request is made)."""
+        return FileTransTask(self, task_id)
+
+    async def result(self, task_id: str, timeout: float = 3600.0) -> FileResult:
+        """Wait for a task submitted elsewhere (see :meth:`FileTransTask.wait`)."""
+        return await self.task(task_id).wait(timeout)
+
+    async def transcribe(
+        self, file_link: str, *, timeout: float = 3600.0, **params: Any
+    ) -> FileResult:
+        """Submit and wait: :meth:`submit` then :meth:`FileTransTask.wait`."""
+        task = await self.submit(file_link, **params)
+        return await task.wait(timeout)
+
+    async def _get_task_result(self, task_id: str) -> dict[str, Any]:
+        """GetTaskResult, at most once per :data:`MIN_POLL_INTERVAL` per task."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = max(now, self._next_poll.get(task_id, now))
+        if len(self._next_poll) > 1024:
+            self._next_poll = {k: v for k, v in self._next_poll.items() if v > now}
+        self._next_poll[task_id] = due + MIN_POLL_INTERVAL  # reserved before sleeping
+        if due > now:
+            await asyncio.sleep(due - now)
+        return await self._pop("GET", "GetTaskResult", {"TaskId": task_id})
+
+    async def _pop(
+        self, method: auth.HttpMethod, action: str, extra: dict[str, str]
+    ) -> dict[str, Any]:
+        """One signed POP RPC call: the business parameters in a form body for POST
+        (as aliyunsdkcore sends them), everything in the query for GET."""
+        params = auth.signed_params(
+            method,
+            self._ak_id,
+            self._secret,
+            action,
+            region=self.region,
+            version=self.version,
+            extra=extra,
+        )
+        host = urllib.parse.urlsplit(self.endpoint).netloc
+        if method == "POST":
+            query = {k: v for k, v in params.items() if k not in extra}
+            url = f"{self.endpoint}?{auth.canonical_query(query)}"
+            answer = await self._request(
+                "POST",
+                url,
+                data=auth.canonical_query(extra).encode("ascii"),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+        else:
+            url = f"{self.endpoint}?{auth.canonical_query(params)}"
+            answer = await self._request("GET", url)
+        data = answer.data
+        if answer.status == 200 and data is not None and "StatusCode" in data:
+            return data
+        if answer.status >= 500 and data is None:
+            raise self._http_failure(answer, host)
+        raise auth.pop_failure(
+            action, host, answer.status, answer.body, self._secret, PopError, data=data
+        )
