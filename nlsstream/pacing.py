@@ -328,6 +328,14 @@ class PacedStream:
             finally:
                 self._space = None
             self._check()
+        self.put_nowait(pcm)
+
+    def put_nowait(self, pcm: bytes | bytearray | memoryview) -> None:
+        """Schedule ``pcm`` after what came before, now, even past the buffer's bound: for
+        small pieces from a callback (a session's keepalive silence)."""
+        self._check()
+        if self._closed:
+            raise RuntimeError("put() after finish()")
         block = self._framer.take(pcm)
         if block:
             self._append(self._encode(block, self._frame_bytes))

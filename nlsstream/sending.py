@@ -12,7 +12,8 @@ reason (:meth:`AudioSender.interrupt`) and says how much audio was not sent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 
 from .audio import FRAME_BYTES, Framer
 from .connection import Connection
@@ -21,6 +22,9 @@ from .pacing import Metrics, PacedStream, Pacer
 from .router import EventRouter
 
 __all__ = ["AudioSender"]
+
+# Keepalive silence goes out in pieces of 1/10 s, one piece every 1/10 s.
+_KEEPALIVE_PER_S = 10
 
 
 class AudioSender:
@@ -113,17 +117,69 @@ class AudioSender:
             router.first_audio_at = asyncio.get_running_loop().time()
         self._metrics.record_audio(len(data))
 
-    async def stream(self, chunks: AsyncIterator[bytes], pace: float | None) -> None:
+    async def stream(
+        self, chunks: AsyncIterator[bytes], pace: float | None, keepalive: float | None = None
+    ) -> None:
         """``chunks`` of PCM as 640-byte frames, paced at ``pace`` times real time, or
-        as fast as the socket takes them (``None`` or ``0``)."""
+        as fast as the socket takes them (``None`` or ``0``). With ``keepalive``, silence goes out
+        at real time whenever the source has produced nothing for that many seconds."""
         self.streaming = True
         try:
-            if not pace:
-                await self._unpaced(chunks)
+            if keepalive is None:
+                await self._send_chunks(chunks, pace)
             else:
-                await self._paced_stream(chunks, pace)
+                async with aclosing(self._kept_alive(chunks, keepalive)) as kept:
+                    await self._send_chunks(kept, pace)
         finally:
             self.streaming = False
+
+    async def _send_chunks(self, chunks: AsyncIterator[bytes], pace: float | None) -> None:
+        if not pace:
+            await self._unpaced(chunks)
+        else:
+            await self._paced_stream(chunks, pace)
+
+    async def _kept_alive(
+        self, chunks: AsyncIterator[bytes], after: float
+    ) -> AsyncGenerator[bytes, None]:
+        """``chunks``; while the next one is ``after`` s or more late, 100 ms of silence
+        per 100 ms is sent in its place. A timer armed only while waiting for the source:
+        a few microseconds per chunk, no task."""
+        loop = asyncio.get_running_loop()
+        piece = bytes(2 * self._sample_rate // _KEEPALIVE_PER_S)
+        handle: asyncio.TimerHandle | None = None
+
+        def quiet() -> None:
+            nonlocal handle
+            self._send_silence(piece)
+            handle = loop.call_later(1 / _KEEPALIVE_PER_S, quiet)
+
+        while True:
+            handle = loop.call_later(after, quiet)
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            finally:
+                handle.cancel()
+            yield chunk
+
+    def _send_silence(self, pcm: bytes) -> None:
+        """One piece of keepalive silence, in stream order (the producer is parked waiting
+        for its source), counted in the metrics and kept for a replay."""
+        paced = self._paced
+        if paced is not None:
+            if paced.finished:
+                return
+            paced.put_nowait(pcm)
+        elif self.conn.open:
+            self.conn.write_frames(b"".join(self.conn.encode_frames(pcm, FRAME_BYTES)))
+            self._metrics.record_audio(len(pcm))
+        else:
+            return  # a resume is under way: nothing to keep alive
+        self._metrics.keepalive_bytes += len(pcm)
+        if self._keep is not None:
+            self._keep(pcm)
 
     async def _unpaced(self, chunks: AsyncIterator[bytes]) -> None:
         framer = Framer(FRAME_BYTES)

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -81,6 +81,8 @@ Handler = Callable[[E], object]
 ErrorHandler = Callable[[NlsError], object]
 
 DEFAULT_EVENT_QUEUE_SIZE = 1024
+#: Seconds a live source may be quiet before the session sends silence in its place.
+DEFAULT_KEEPALIVE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,12 @@ class Session(abc.ABC):
             :class:`~nlsstream.Resumed`. When every attempt fails, the original error
             is raised.
         on_resume: called with each :class:`~nlsstream.Resumed`.
+        keepalive: when a live source (an async iterable, e.g. a microphone or a call)
+            produces nothing for this many seconds, :meth:`stream` sends silence at real
+            time until it does again, so that the gateway's 10 s idle timeout does not end
+            the task (caller on hold, muted input). ``True`` (the default) is 3 s;
+            ``False`` turns it off. Counted in ``metrics.keepalive_bytes``; the silence is
+            on the stream's timeline. Whole sources (files, bytes, arrays) never pause.
         params: extra Start parameters, sent as given; ``None`` values are left out.
         **extra: Start parameters as keyword arguments (``max_sentence_silence``,
             ``enable_words``, ``vocabulary_id``, ...); one outside the documented set
@@ -189,6 +197,7 @@ class Session(abc.ABC):
         proxy: ProxySetting = True,
         reconnect: Reconnect | bool = True,
         on_resume: Handler[Resumed] | None = None,
+        keepalive: float | bool = True,
         params: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> None:
@@ -217,6 +226,11 @@ class Session(abc.ABC):
         elif reconnect is not False and not isinstance(reconnect, Reconnect):
             raise TypeError(f"reconnect must be a Reconnect, True or False, got {reconnect!r}")
         self._reconnect: Reconnect | None = reconnect or None
+        if keepalive is True:
+            keepalive = DEFAULT_KEEPALIVE_S
+        elif keepalive is not False and not (isinstance(keepalive, (int, float)) and keepalive > 0):
+            raise ValueError(f"keepalive must be True, False or seconds > 0, got {keepalive!r}")
+        self._keepalive: float | None = float(keepalive) if keepalive is not False else None
         self._appkey = appkey
         self._proto = ClientProtocol(
             self.namespace,
@@ -869,8 +883,9 @@ class Session(abc.ABC):
             chunks = audio.pcm_chunks(pcm, self.sample_rate)
         else:
             chunks = _up_to(audio.pcm_chunks(source, self.sample_rate, sample_rate), limit, cut)
+        live = isinstance(source, AsyncIterable) and not audio.is_whole(source)
         async with contextlib.aclosing(chunks) as limited:
-            await self._audio.stream(limited, pace)
+            await self._audio.stream(limited, pace, self._keepalive if live else None)
         if cut:
             raise AudioFormatError(
                 f"stream() stopped sending at {self._limit_text()}: the rest of the live "

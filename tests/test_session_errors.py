@@ -466,3 +466,48 @@ async def test_a_live_source_within_what_is_left_of_the_60_s_is_not_refused(gw: 
         await r.stream(live(), pace=None)  # 10 s more: 50 s in all
         await r.stop()
     assert r.metrics.bytes_sent == 2 * 16000 * 50
+
+
+# --------------------------------------------------------------------------- keepalive
+
+
+def on_hold(seconds: float) -> AsyncIterator[bytes]:
+    """A live call: a second of audio, then nothing for ``seconds`` (the caller is on
+    hold: the pause is the scenario, not a synchronisation), then another second."""
+
+    async def source() -> AsyncIterator[bytes]:
+        yield b"\x01\x00" * 16000
+        await asyncio.sleep(seconds)
+        yield b"\x01\x00" * 16000
+
+    return source()
+
+
+@pytest.mark.parametrize("pace", [None, 1.0], ids=["unpaced", "paced"])
+async def test_keepalive_carries_a_live_source_through_a_pause(pace: float | None) -> None:
+    """On main before keepalive, a pause longer than the gateway's idle timeout ended the
+    task with 40000004."""
+    gateway = Gateway(tokens=[TOKEN], appkeys=["app"], recognizer="span", idle_timeout=1.0)
+    async with gateway as g, Transcriber("app", TOKEN, url=g.url, keepalive=0.3) as t:
+        await t.stream(on_hold(2.5), pace=pace)
+        await t.stop()
+    assert t.metrics.keepalive_bytes > 0
+    # Silence went out at about real time while the source was quiet (a bound, not a
+    # timing target: 2.5 s of pause can hold at most ~2.2 s of silence plus a tick).
+    assert t.metrics.keepalive_bytes <= 2 * 16000 * 2.5
+    assert t.metrics.bytes_sent == 2 * 32000 + t.metrics.keepalive_bytes
+
+
+async def test_without_keepalive_a_pause_ends_the_task_with_the_idle_timeout() -> None:
+    async with Gateway(tokens=[TOKEN], appkeys=["app"], recognizer="span", idle_timeout=1.0) as g:
+        t = Transcriber("app", TOKEN, url=g.url, keepalive=False, reconnect=False)
+        with pytest.raises(TaskFailedError) as info:
+            async with t:
+                await t.stream(on_hold(2.5), pace=None)
+    assert info.value.status == 40000004
+    assert t.metrics.keepalive_bytes == 0
+
+
+async def test_keepalive_is_validated() -> None:
+    with pytest.raises(ValueError, match="keepalive must be"):
+        Transcriber("app", TOKEN, keepalive=-1)
