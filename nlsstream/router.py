@@ -105,6 +105,9 @@ class EventRouter:
         #: ``recover(error)`` returns True if the session takes over a retryable failure
         #: instead of ending the task.
         self.rebase: Callable[[Event], Event | None] | None = None
+        #: The error of a TaskFailed received but not yet delivered (events ahead of it
+        #: wait for a coroutine callback): calls that check the task see it at once.
+        self.failing: NlsError | None = None
         self.recover: Callable[[NlsError], bool] | None = None
         self._queue: deque[Event | _Failure] = deque()
         self._drainer: asyncio.Task[None] | None = None
@@ -125,6 +128,10 @@ class EventRouter:
             return
         if isinstance(event, TaskFailed):
             event = self._redacted(event)
+            failure = task_error(event.status, event.status_text, event.task_id)
+            if self.recover is not None and self.recover(failure):
+                return  # the session resumes: the stream goes on
+            self.failing = failure
         elif self.rebase is not None:
             rebased = self.rebase(event)
             if rebased is None:
@@ -196,11 +203,8 @@ class EventRouter:
             if self.stop_sent_at is not None:
                 metrics.stop_to_completed_ms = (self._loop.time() - self.stop_sent_at) * 1e3
         if isinstance(event, TaskFailed):
-            error = task_error(
-                event.status, redact(event.status_text, *self.secrets), event.task_id
-            )
-            if self.recover is not None and self.recover(error):
-                return None  # the session resumes: the stream goes on
+            error = self.failing
+            assert error is not None  # set by message(), the only way a TaskFailed comes
             self.hub.publish(event)
             self._end(error)
             return self._report(error)

@@ -484,7 +484,7 @@ class Session(abc.ABC):
             router.stop_sent_at = asyncio.get_running_loop().time()
             with contextlib.suppress(GatewayConnectionError):
                 self._send_text(text)  # on failure the task's error is raised below
-        if not router.ended:
+        if not router.ended and router.failing is None:
             await self._wait_completed(router, timeout)
         await self._raise_error()
         result = self.result
@@ -516,10 +516,12 @@ class Session(abc.ABC):
         """Raise the task's error, if it failed, once ``on_error`` has heard of it."""
         router = self._router
         assert router is not None
-        if router.error is not None:
+        if router.error is not None or router.failing is not None:
             await router.settle()
+            error = router.error or router.failing
+            assert error is not None
             self._error_raised = True
-            raise router.error
+            raise error
 
     def _error_seen(self) -> bool:
         """Whether the task's error reached user code (raised by a call or an iterator)."""
@@ -796,6 +798,8 @@ class Session(abc.ABC):
 
     def _check_audio(self) -> None:
         error = self.error
+        if error is None and self._router is not None:
+            error = self._router.failing  # its delivery waits behind a callback
         if error is not None and not isinstance(error, InvalidStateError):
             self._error_raised = True
             raise error

@@ -80,9 +80,13 @@ async def transcribe(gw: Gateway, pace: float | None, **kw: Any) -> Run:
             await t.stream(THREE, pace=pace)
             result = await t.stop()
         finally:
-            # The iterator ends at Completed, or raises the task's error: either way,
-            # it is done within a bound.
+            # The iterator ends at Completed, or raises the task's error (which the
+            # session raises too): either way, it is done within a bound.
             await asyncio.wait([collector], timeout=10)
+            if not collector.done():
+                collector.cancel()
+            elif not collector.cancelled():
+                collector.exception()
         await collector
     run.text = result.text
     run.reconnects = t.metrics.reconnects

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile
 from websockets.asyncio.server import ServerConnection, serve
 
 from nlsstream import (
@@ -511,3 +512,28 @@ async def test_without_keepalive_a_pause_ends_the_task_with_the_idle_timeout() -
 async def test_keepalive_is_validated() -> None:
     with pytest.raises(ValueError, match="keepalive must be"):
         Transcriber("app", TOKEN, keepalive=-1)
+
+
+async def test_a_failure_behind_a_slow_callback_reaches_stream_as_itself(gw: Gateway) -> None:
+    """A coroutine callback still running holds later events back, the TaskFailed among
+    them; stream() sending meanwhile gets that TaskFailedError (on main before this, an
+    InvalidStateError 'cannot send audio while the task is failed' lost it)."""
+    release = asyncio.Event()
+
+    async def slow(_: Any) -> None:
+        await asyncio.wait_for(release.wait(), 30)
+
+    async def live() -> AsyncIterator[bytes]:
+        pcm = soundfile.read(THREE, dtype="int16")[0].tobytes()
+        for i in range(0, len(pcm), 3200):
+            yield pcm[i : i + 3200]
+            await asyncio.sleep(0.005)  # a live source, about 20x real time
+
+    gw.queue_faults(Faults(fail_status=41040201, fail_at="audio", fail_after_bytes=2 * 16000 * 4))
+    try:
+        with pytest.raises(TaskFailedError) as info:
+            async with Transcriber("app", TOKEN, on_sentence_end=slow, **kw(gw)) as t:
+                await t.stream(live(), pace=None)
+    finally:
+        release.set()
+    assert info.value.status == 41040201
