@@ -159,6 +159,9 @@ class Connection(asyncio.Protocol):
         self._text: list[bytes] | None = None  # fragments of a text message in progress
         self._ping_handle: asyncio.TimerHandle | None = None
         self._pong_deadline: asyncio.TimerHandle | None = None
+        # When the gateway last sent anything: a gateway still sending results is alive
+        # even when its pong waits behind the audio it has not read yet (backpressure).
+        self._heard_at = 0.0
         self._close_handle: asyncio.TimerHandle | None = None
         self._stall_handle: asyncio.TimerHandle | None = None
         #: How long the gateway may take no byte while writes are paused (the keepalive
@@ -242,6 +245,7 @@ class Connection(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        self._heard_at = self._loop.time()
         try:
             self._ws.receive_data(data)
             self._flush()
@@ -407,9 +411,17 @@ class Connection(asyncio.Protocol):
 
     def _no_pong(self) -> None:
         self._pong_deadline = None
+        timeout = self.ping_timeout
+        assert timeout is not None
+        heard = self._heard_at + timeout - self._loop.time()
+        if heard > 0:
+            # No pong yet, but the gateway is sending: its pong is queued behind the
+            # audio it is still working through. Wait for it while it keeps talking.
+            self._pong_deadline = self._loop.call_later(heard, self._no_pong)
+            return
         self._fail(
             GatewayConnectionError(
-                f"the gateway answered no keepalive ping within {self.ping_timeout:g} s"
+                f"the gateway answered no keepalive ping and sent nothing for {timeout:g} s"
             ),
             1011,
         )

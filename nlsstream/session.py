@@ -719,9 +719,11 @@ class Session(abc.ABC):
             old.abort()
         replay = self._replay.replay(self.metrics.bytes_sent, self._timeline.open_since)
         if replay is None:
+            behind = (self.metrics.bytes_sent - self._replay.mark) / (2 * self.sample_rate)
             note = (
-                "cannot resume: the sentence in progress began more than "
-                f"{policy.replay_seconds:g} s (Reconnect.replay_seconds) ago"
+                f"cannot resume: the gateway had not finished the {behind:.1f} s of audio "
+                "since its last final sentence, more than the replay buffer keeps "
+                f"({policy.replay_seconds:g} s, Reconnect.replay_seconds)"
             )
             router.fail(with_note(cause, note))
             return

@@ -118,6 +118,31 @@ async def test_a_gateway_that_stops_answering_pings_is_cut_off() -> None:
         release.set()
 
 
+async def test_a_gateway_that_keeps_talking_is_alive_while_its_pong_waits() -> None:
+    """A gateway working through a backlog of audio reads nothing new (so its pong waits
+    behind the audio) but keeps sending results: the connection lives as long as it
+    talks, and ends ping_timeout after it falls silent (on main before this, a 10-minute
+    recording at pace 0 through the local gateway was cut off after 20 s)."""
+    done_talking = asyncio.Event()
+
+    async def talking(ws: ServerConnection) -> None:
+        ws.transport.pause_reading()
+        for _ in range(12):  # 0.6 s of results, three times the ping timeout
+            await ws.send("{}")
+            await asyncio.sleep(0.05)
+        done_talking.set()
+        await asyncio.sleep(30)  # then silence (bounded: the client leaves long before)
+
+    async with serve(talking, "127.0.0.1", 0, ping_interval=None, close_timeout=0.1) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        conn, messages, lost = await open_to(port, ping_interval=0.05, ping_timeout=0.2)
+        await asyncio.wait_for(done_talking.wait(), 10)
+        assert not lost.is_set() and len(messages) == 12
+        await asyncio.wait_for(lost.wait(), 10)
+        assert isinstance(conn.failure, GatewayConnectionError)
+        assert "sent nothing for 0.2 s" in str(conn.failure)
+
+
 async def test_handshake_refusals_are_typed_and_never_name_the_token() -> None:
     from websockets.http11 import Response
 

@@ -204,7 +204,10 @@ async def test_past_the_replay_bound_resume_is_impossible_and_the_error_says_so(
 ) -> None:
     gw.queue_faults(Faults(drop_at="audio", drop_after_bytes=MID_SECOND))
     tiny = Reconnect(backoff=0.01, replay_seconds=0.1)
-    with pytest.raises(GatewayConnectionError, match=r"cannot resume: the sentence in progress"):
+    with pytest.raises(
+        GatewayConnectionError,
+        match=r"cannot resume: the gateway had not finished the .* s of audio",
+    ):
         await transcribe(gw, pace=1.0, reconnect=tiny)
 
 
