@@ -185,13 +185,20 @@ class FileServices:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=499)  # reaches nobody
+        response: web.StreamResponse
         if faults.http_status is not None:
-            return web.Response(status=faults.http_status, text="injected fault")
-        try:
-            return await handler(request, faults)
-        except ConnectionError:
-            log.info("%s %s: the client left before the answer", request.method, request.path)
-            return web.Response(status=499)
+            response = web.Response(status=faults.http_status, text="injected fault")
+        else:
+            try:
+                response = await handler(request, faults)
+            except ConnectionError:
+                log.info("%s %s: the client left before the answer", request.method, request.path)
+                return web.Response(status=499)
+        if request.body_exists and not request.content.at_eof():
+            # Answered before the body was read (a fault, a refusal): what is left of
+            # it must not be read as the next request on this connection.
+            response.force_close()
+        return response
 
     async def _body(self, request: web.Request, limit: int) -> bytes:
         if request.content_length is not None and request.content_length > limit:
