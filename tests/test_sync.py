@@ -94,7 +94,8 @@ def test_typed_errors_propagate(nls_gateway: Gateway) -> None:
     nls_gateway.queue_faults(Faults(fail_status=50000000, fail_at="stop"))
     with (
         pytest.raises(TaskFailedError) as failed,
-        nlsstream.sync.Transcriber(**kwargs(nls_gateway)) as t,
+        # Without resuming (on by default), which would cure the retryable failure.
+        nlsstream.sync.Transcriber(**kwargs(nls_gateway, reconnect=False)) as t,
     ):
         t.send_audio(bytes(6400))
         t.stop()
