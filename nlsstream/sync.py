@@ -68,6 +68,7 @@ logger = logging.getLogger("nlsstream.sync")
 T = TypeVar("T")
 P = ParamSpec("P")
 A = TypeVar("A")
+R = TypeVar("R")
 F = TypeVar("F", bound="BlockingFacade[Any]")
 
 #: How long a wait sleeps before checking that the loop thread is still alive.
@@ -282,19 +283,71 @@ class blocking(Generic[P, T]):
     """A blocking method made from the async ``method`` of the wrapped object.
 
     ``bounded``: the call ends by itself, so its wait is bounded by the facade's
-    :attr:`~BlockingFacade.call_timeout` (plus a ``timeout`` argument, if the call has
-    one); ``False`` for calls as long as the audio.
+    :attr:`~BlockingFacade.call_timeout` plus the call's ``timeout`` argument, if it has
+    one (given, or its default); ``False`` for calls as long as the audio. ``wrap``
+    turns what the method returns into what the blocking call returns (e.g. the
+    blocking face of a returned async object), on the calling thread.
     """
 
+    @overload
     def __init__(
-        self, method: Callable[Concatenate[Any, P], Awaitable[T]], *, bounded: bool = True
+        self: blocking[P, T],
+        method: Callable[Concatenate[Any, P], Awaitable[T]],
+        *,
+        bounded: bool = True,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: blocking[P, T],
+        method: Callable[Concatenate[Any, P], Awaitable[R]],
+        *,
+        bounded: bool = True,
+        wrap: Callable[[R], T],
+    ) -> None: ...
+    # A method taking ``**kwargs`` (mypy cannot separate its ``self`` from them):
+    # the arguments go unchecked, the result is typed.
+    @overload
+    def __init__(
+        self: blocking[..., T],
+        method: Callable[..., Awaitable[T]],
+        *,
+        bounded: bool = True,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: blocking[..., T],
+        method: Callable[..., Awaitable[R]],
+        *,
+        bounded: bool = True,
+        wrap: Callable[[R], T],
+    ) -> None: ...
+    def __init__(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        *,
+        bounded: bool = True,
+        wrap: Callable[[Any], Any] | None = None,
     ) -> None:
         self.method = method
         self.bounded = bounded
+        self.wrap = wrap
         self.__doc__ = method.__doc__
-        names = list(inspect.signature(method).parameters)
-        #: Where a ``timeout`` argument sits among the positional ones (after self).
-        self._timeout_at = names.index("timeout") - 1 if "timeout" in names else None
+        signature = inspect.signature(method)
+        #: The method's signature, when it has a ``timeout`` parameter (which extends
+        #: the bound of the wait, by the value given or by its default).
+        self._signature = signature if "timeout" in signature.parameters else None
+
+    def _extra(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        """The call's ``timeout`` (given or default) in seconds; 0 if it has none."""
+        if self._signature is None:
+            return 0.0
+        try:
+            bound = self._signature.bind(None, *args, **kwargs)
+        except TypeError:
+            return 0.0  # the method itself raises, at once
+        bound.apply_defaults()
+        value = bound.arguments.get("timeout")
+        return float(value) if isinstance(value, (int, float)) else 0.0
 
     @overload
     def __get__(self, obj: None, owner: type[Any]) -> blocking[P, T]: ...
@@ -305,16 +358,14 @@ class blocking(Generic[P, T]):
     ) -> blocking[P, T] | Callable[P, T]:
         if obj is None:
             return self
-        method, bounded, at = self.method, self.bounded, self._timeout_at
+        method, bounded, wrap = self.method, self.bounded, self.wrap
 
         @functools.wraps(method)
         def call(*args: P.args, **kwargs: P.kwargs) -> T:
-            extra = args[at] if at is not None and len(args) > at else kwargs.get("timeout")
-            return obj._run(
-                lambda: method(obj.wrapped, *args, **kwargs),
-                bounded,
-                float(extra) if isinstance(extra, (int, float)) else 0.0,
+            result = obj._run(
+                lambda: method(obj.wrapped, *args, **kwargs), bounded, self._extra(args, kwargs)
             )
+            return wrap(result) if wrap is not None else result  # type: ignore[no-any-return]
 
         return call
 
@@ -464,3 +515,4 @@ class Recognizer(_BlockingSession[_session.Recognizer]):
     block (see the module docstring)."""
 
     _async_class = _session.Recognizer
+

@@ -193,6 +193,14 @@ class AsyncThing:
             raise InvalidStateError("negative")
         return a + b
 
+    async def work(self, seconds: float, timeout: float = 5.0) -> float:
+        """A call as long as ``seconds``, bounded by its own ``timeout`` argument."""
+        await asyncio.wait_for(asyncio.sleep(seconds), timeout)
+        return seconds
+
+    async def child(self) -> AsyncThing:
+        return AsyncThing()
+
     async def count(self, n: int) -> AsyncIterator[int]:
         for i in range(n):
             yield i
@@ -209,6 +217,11 @@ class BlockingThing(nlsstream.sync.BlockingFacade[AsyncThing]):
     add = nlsstream.sync.blocking(AsyncThing.add)
     count = nlsstream.sync.iterating(AsyncThing.count)
     hang = nlsstream.sync.blocking(AsyncThing.hang)
+    work = nlsstream.sync.blocking(AsyncThing.work)
+
+
+class BlockingParent(BlockingThing):
+    child = nlsstream.sync.blocking(AsyncThing.child, wrap=BlockingThing)
 
 
 def test_any_async_object_gets_a_blocking_face_with_bounded_waits() -> None:
@@ -222,6 +235,22 @@ def test_any_async_object_gets_a_blocking_face_with_bounded_waits() -> None:
             thing.hang()
         assert thing.wrapped.cancelled.wait(10)  # the stuck coroutine was cancelled
     assert thing.wrapped.exited
+
+
+def test_a_timeout_argument_extends_the_bound_even_by_its_default() -> None:
+    thing = BlockingThing(AsyncThing())
+    # Each call lasts 1 s, beyond call_timeout (0.5 s) but within its own timeout.
+    assert thing.work(1.0) == 1.0  # the default timeout (5 s) counts, as a given one does
+    assert thing.work(1.0, 3.0) == 1.0
+    assert thing.work(1.0, timeout=3.0) == 1.0
+    with pytest.raises(TimeoutError):  # the method's own timeout, well within the bound
+        thing.work(10.0, timeout=0.1)
+
+
+def test_a_returned_async_object_gets_its_blocking_face() -> None:
+    child = BlockingParent(AsyncThing()).child()
+    assert isinstance(child, BlockingThing) and isinstance(child.wrapped, AsyncThing)
+    assert child.add(1, 2) == 3 and child._runner is loop_thread()
 
 
 def test_ctrl_c_during_stream_cancels_it_and_aborts_the_session(nls_gateway: Gateway) -> None:
