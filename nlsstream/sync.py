@@ -13,11 +13,15 @@ block instead of being awaited::
 event-loop thread, ``nlsstream-loop``, started on first use and stopped at interpreter
 exit; there is no thread per session. Each blocking call hands its coroutine to that
 loop (:func:`asyncio.run_coroutine_threadsafe`) and waits for it. Calls that end by
-themselves (connect, start, stop, send_audio, ctrl, abort) wait at most the session's
-own timeouts plus a margin (:attr:`BlockingFacade.call_timeout`): beyond that the loop
-thread is stuck (usually a callback that blocks) and the call raises ``TimeoutError``.
-Calls whose length is the audio's (``stream()``, iterating events) wait for as long as
-the session makes progress; the session bounds them itself (keepalive, task end).
+themselves (connect, start, send_audio, ctrl, abort) wait at most the session's own
+timeouts (those of a resume included) plus a margin
+(:attr:`BlockingFacade.call_timeout`): beyond that the loop thread is stuck (usually a
+callback that blocks) and the call raises ``TimeoutError``. Calls whose length is the
+audio's or the gateway's progress (``stream()``, iterating events, ``stop()`` and
+leaving ``with``) wait for as long as the session makes progress; the session bounds
+them itself (keepalive, ``stop_timeout`` of silence, task end). Every wait also ends
+with ``TimeoutError`` when the loop thread has not run at all for :data:`STUCK_AFTER`
+seconds.
 
 **Callbacks run on the loop thread**, shared by every blocking session of the process.
 They must return quickly and must not block (no ``time.sleep``, no waiting on a lock
@@ -49,6 +53,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
@@ -86,6 +91,9 @@ F = TypeVar("F", bound="BlockingFacade[Any]")
 _WAIT_SLICE = 1.0
 #: Added to a session's own timeouts to bound a blocking call (scheduling delays).
 CALL_MARGIN = 10.0
+#: How long the loop thread may not run at all before a waiting call gives up on it:
+#: a callback blocks it (see :attr:`LoopThread.stuck_after`).
+STUCK_AFTER = CALL_MARGIN
 #: How long :meth:`LoopThread.post` lets posts gather before running them (s).
 POST_WINDOW = 0.002
 #: How long interpreter exit waits for the loop thread to close what is left.
@@ -95,6 +103,9 @@ SHUTDOWN_TIMEOUT = 5.0
 class LoopThread:
     """An event loop running forever in one daemon thread; coroutines are handed to it
     from other threads. Use :func:`loop_thread` for the process's shared one."""
+
+    #: Seconds the loop thread may not run before a waiting call gives up on it.
+    stuck_after: float = STUCK_AFTER
 
     def __init__(self, name: str = "nlsstream-loop") -> None:
         self.loop = asyncio.new_event_loop()
@@ -202,20 +213,36 @@ class LoopThread:
         return future.result()
 
     def _wait(self, future: concurrent.futures.Future[Any], timeout: float | None) -> None:
-        waited = 0.0
+        """Wait for ``future``: at most ``timeout`` s (``None``: while it takes), and
+        only while the loop thread runs; a loop that has not run a posted probe for
+        :attr:`stuck_after` s is stuck (a callback blocks) and ends the wait too."""
+        began = time.monotonic()
+        probe: threading.Event | None = None
+        probed_at = began
         while True:
-            step = _WAIT_SLICE if timeout is None else min(_WAIT_SLICE, timeout - waited)
+            step = _WAIT_SLICE
+            if timeout is not None:
+                step = min(step, began + timeout - time.monotonic())
             done, _ = concurrent.futures.wait([future], max(step, 0.0))
             if done:
                 return
-            waited += step
+            now = time.monotonic()
             if not self.thread.is_alive():
                 raise RuntimeError("nlsstream's event-loop thread stopped during the call")
-            if timeout is not None and waited >= timeout:
+            if timeout is not None and now - began >= timeout:
                 raise TimeoutError(
                     f"a blocking nlsstream call did not finish within {timeout:g} s: "
                     "nlsstream's event-loop thread seems stuck (does a callback block?)"
                 )
+            if probe is not None and now - probed_at >= self.stuck_after and not probe.is_set():
+                raise TimeoutError(
+                    f"nlsstream's event-loop thread has not run for {now - probed_at:.0f} s "
+                    "(does a callback block?); the call was cancelled"
+                )
+            if probe is None or probe.is_set():
+                probe, probed_at = threading.Event(), now
+                with contextlib.suppress(RuntimeError):  # closed: the next slice says so
+                    self.loop.call_soon_threadsafe(probe.set)
 
     def stop(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """Stop the loop (what is left is cancelled) and join the thread, bounded."""
@@ -456,11 +483,26 @@ class _BlockingSession(BlockingFacade[S]):
     def __init__(self, appkey: str, token: TokenSource, **kwargs: Any) -> None:
         super().__init__(self._async_class(appkey, token, **kwargs))
         s = self.wrapped
-        self.call_timeout = s.connect_timeout + s.start_timeout + 2 * s.stop_timeout + CALL_MARGIN
+        one_task = s.connect_timeout + s.start_timeout
+        self.call_timeout = one_task + 2 * s.stop_timeout + CALL_MARGIN
+        policy = s._reconnect
+        if policy is not None:  # a call may wait for a resume: every attempt of it
+            self.call_timeout += policy.attempts * (policy.max_backoff + one_task)
 
-    # What the async session offers, blocking.
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Leaving stops the task: as long as stop() (the gateway's progress bounds it).
+        self._run(lambda: self.wrapped.__aexit__(exc_type, exc, tb), bounded=False)
+
+    # What the async session offers, blocking. stop() waits while the gateway makes
+    # progress (a backlog of audio sent faster than real time can take minutes), so it
+    # is bounded by the session (stop_timeout of silence, or its timeout argument).
     start = blocking(_session.Session.start)
-    stop = blocking(_session.Session.stop)
+    stop = blocking(_session.Session.stop, bounded=False)
     abort = blocking(_session.Session.abort)
     send_audio = blocking(_session.Session.send_audio)
     stream = blocking(_session.Session.stream, bounded=False)

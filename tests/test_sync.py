@@ -198,6 +198,10 @@ class AsyncThing:
         await asyncio.wait_for(asyncio.sleep(seconds), timeout)
         return seconds
 
+    async def block(self, release: threading.Event) -> None:
+        """Block the loop thread itself, as a callback that blocks would."""
+        release.wait(30)
+
     async def child(self) -> AsyncThing:
         return AsyncThing()
 
@@ -218,6 +222,7 @@ class BlockingThing(nlsstream.sync.BlockingFacade[AsyncThing]):
     count = nlsstream.sync.iterating(AsyncThing.count)
     hang = nlsstream.sync.blocking(AsyncThing.hang)
     work = nlsstream.sync.blocking(AsyncThing.work)
+    block = nlsstream.sync.blocking(AsyncThing.block, bounded=False)
 
 
 class BlockingParent(BlockingThing):
@@ -245,6 +250,31 @@ def test_a_timeout_argument_extends_the_bound_even_by_its_default() -> None:
     assert thing.work(1.0, timeout=3.0) == 1.0
     with pytest.raises(TimeoutError):  # the method's own timeout, well within the bound
         thing.work(10.0, timeout=0.1)
+
+
+def test_even_an_unbounded_wait_ends_when_the_loop_thread_stops_running() -> None:
+    runner = nlsstream.sync.LoopThread(name="test-loop")  # not the shared one
+    runner.stuck_after = 0.5
+    thing = BlockingThing(AsyncThing())
+    thing._runner = runner
+    release = threading.Event()
+    try:
+        with pytest.raises(TimeoutError, match="has not run"):
+            thing.block(release)  # as long as it takes, but the loop itself is stuck
+    finally:
+        release.set()
+        runner.stop()
+    assert not runner.thread.is_alive()
+
+
+def test_stop_waits_as_long_as_the_gateway_makes_progress(nls_gateway: Gateway) -> None:
+    pcm, _ = read_pcm("three_sentences.wav")
+    nls_gateway.queue_faults(Faults(event_delay=0.7))  # each sentence comes 0.7 s late
+    with nlsstream.sync.Transcriber(**kwargs(nls_gateway, stop_timeout=3.0)) as t:
+        t.stream(pcm, pace=None)
+        t.call_timeout = 1.0  # what bounds the calls that end by themselves
+        result = t.stop()  # longer than that: the gateway's progress bounds it
+    assert len(result.sentences) == 3
 
 
 def test_a_returned_async_object_gets_its_blocking_face() -> None:
