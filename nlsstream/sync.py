@@ -291,6 +291,9 @@ class BlockingFacade(Generic[A]):
         self.wrapped = wrapped
         self._runner = loop_thread()
 
+    def __repr__(self) -> str:
+        return f"<blocking {self.wrapped!r}>"
+
     def _run(self, make: Callable[[], Awaitable[T]], bounded: bool, extra: float = 0.0) -> T:
         timeout = None
         if bounded and self.call_timeout is not None:
@@ -529,9 +532,6 @@ class _BlockingSession(BlockingFacade[S]):
         """The session's :class:`~nlsstream.Metrics`."""
         return self.wrapped.metrics
 
-    def __repr__(self) -> str:
-        return f"<blocking {self.wrapped!r}>"
-
 
 async def _ctrl(t: _session.Transcriber, /, **params: Any) -> None:
     await t.ctrl(**params)
@@ -592,9 +592,6 @@ class _BlockingClient(BlockingFacade[C]):
 
     close = blocking(_files._Client.close)
 
-    def __repr__(self) -> str:
-        return f"<blocking {self.wrapped!r}>"
-
 
 class FlashRecognizer(_BlockingClient[_files.FlashRecognizer]):
     """Blocking :class:`nlsstream.FlashRecognizer`: same arguments, results
@@ -639,9 +636,6 @@ class FileTransTask(BlockingFacade[_files.FileTransTask]):
     def status(self) -> int:
         """The last StatusCode seen (21050002 QUEUEING, 21050001 RUNNING, ...)."""
         return self.wrapped.status
-
-    def __repr__(self) -> str:
-        return f"<blocking {self.wrapped!r}>"
 
 
 class FileTranscriber(_BlockingClient[_files.FileTranscriber]):
