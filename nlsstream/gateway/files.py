@@ -186,12 +186,21 @@ class FileServices:
                 request.transport.abort()
             return web.Response(status=499)  # reaches nobody
         if faults.http_status is not None:
-            return web.Response(status=faults.http_status, text="injected fault")
-        try:
-            return await handler(request, faults)
-        except ConnectionError:
-            log.info("%s %s: the client left before the answer", request.method, request.path)
-            return web.Response(status=499)
+            answer: web.StreamResponse = web.Response(
+                status=faults.http_status, text="injected fault"
+            )
+        else:
+            try:
+                answer = await handler(request, faults)
+            except ConnectionError:
+                log.info("%s %s: the client left before the answer", request.method, request.path)
+                return web.Response(status=499)
+        if not request.content.at_eof() and not answer.prepared:
+            # Answered without reading the upload (a refusal, an injected fault): this
+            # connection serves no other request (aiohttp 3.9 would parse the rest of
+            # the body as the next one, or reset the client's pooled connection).
+            answer.force_close()
+        return answer
 
     async def _body(self, request: web.Request, limit: int) -> bytes:
         if request.content_length is not None and request.content_length > limit:
