@@ -13,11 +13,15 @@ block instead of being awaited::
 event-loop thread, ``nlsstream-loop``, started on first use and stopped at interpreter
 exit; there is no thread per session. Each blocking call hands its coroutine to that
 loop (:func:`asyncio.run_coroutine_threadsafe`) and waits for it. Calls that end by
-themselves (connect, start, stop, send_audio, ctrl, abort) wait at most the session's
-own timeouts plus a margin (:attr:`BlockingFacade.call_timeout`): beyond that the loop
-thread is stuck (usually a callback that blocks) and the call raises ``TimeoutError``.
-Calls whose length is the audio's (``stream()``, iterating events) wait for as long as
-the session makes progress; the session bounds them itself (keepalive, task end).
+themselves (connect, start, send_audio, ctrl, abort) wait at most the session's own
+timeouts (those of a resume included) plus a margin
+(:attr:`BlockingFacade.call_timeout`): beyond that the loop thread is stuck (usually a
+callback that blocks) and the call raises ``TimeoutError``. Calls whose length is the
+audio's or the gateway's progress (``stream()``, iterating events, ``stop()`` and
+leaving ``with``) wait for as long as the session makes progress; the session bounds
+them itself (keepalive, ``stop_timeout`` of silence, task end). Every wait also ends
+with ``TimeoutError`` when the loop thread has not run at all for :data:`STUCK_AFTER`
+seconds.
 
 **Callbacks run on the loop thread**, shared by every blocking session of the process.
 They must return quickly and must not block (no ``time.sleep``, no waiting on a lock
@@ -27,6 +31,12 @@ held by a thread that waits for nlsstream, no blocking nlsstream call: those rai
 Blocking calls are thread-safe: one thread may ``stream()`` while another iterates
 ``sentences()``. Calling them from inside a running event loop (an ``async def``, or a
 callback) raises ``RuntimeError``: use the async classes there.
+
+The recording clients have blocking faces too: :class:`FlashRecognizer`,
+:class:`RestRecognizer` and :class:`FileTranscriber` (whose ``submit()`` returns a
+blocking :class:`FileTransTask`), with the same arguments, results and errors. Their
+calls wait at most two requests' ``timeout`` plus a margin; ``wait()``,
+``transcribe()`` and ``result()`` also their own ``timeout`` (default 3600 s).
 
 Other async objects get a blocking face the same way: subclass :class:`BlockingFacade`
 and list their coroutine methods with :class:`blocking` and their async iterators with
@@ -43,10 +53,12 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
+from . import files as _files
 from . import session as _session
 from .auth import TokenSource
 from .pacing import Metrics
@@ -55,8 +67,12 @@ from .protocol import State
 __all__ = [
     "BlockingFacade",
     "BlockingIterator",
+    "FileTransTask",
+    "FileTranscriber",
+    "FlashRecognizer",
     "LoopThread",
     "Recognizer",
+    "RestRecognizer",
     "Transcriber",
     "blocking",
     "iterating",
@@ -68,12 +84,16 @@ logger = logging.getLogger("nlsstream.sync")
 T = TypeVar("T")
 P = ParamSpec("P")
 A = TypeVar("A")
+R = TypeVar("R")
 F = TypeVar("F", bound="BlockingFacade[Any]")
 
 #: How long a wait sleeps before checking that the loop thread is still alive.
 _WAIT_SLICE = 1.0
 #: Added to a session's own timeouts to bound a blocking call (scheduling delays).
 CALL_MARGIN = 10.0
+#: How long the loop thread may not run at all before a waiting call gives up on it:
+#: a callback blocks it (see :attr:`LoopThread.stuck_after`).
+STUCK_AFTER = CALL_MARGIN
 #: How long :meth:`LoopThread.post` lets posts gather before running them (s).
 POST_WINDOW = 0.002
 #: How long interpreter exit waits for the loop thread to close what is left.
@@ -83,6 +103,9 @@ SHUTDOWN_TIMEOUT = 5.0
 class LoopThread:
     """An event loop running forever in one daemon thread; coroutines are handed to it
     from other threads. Use :func:`loop_thread` for the process's shared one."""
+
+    #: Seconds the loop thread may not run before a waiting call gives up on it.
+    stuck_after: float = STUCK_AFTER
 
     def __init__(self, name: str = "nlsstream-loop") -> None:
         self.loop = asyncio.new_event_loop()
@@ -190,20 +213,36 @@ class LoopThread:
         return future.result()
 
     def _wait(self, future: concurrent.futures.Future[Any], timeout: float | None) -> None:
-        waited = 0.0
+        """Wait for ``future``: at most ``timeout`` s (``None``: while it takes), and
+        only while the loop thread runs; a loop that has not run a posted probe for
+        :attr:`stuck_after` s is stuck (a callback blocks) and ends the wait too."""
+        began = time.monotonic()
+        probe: threading.Event | None = None
+        probed_at = began
         while True:
-            step = _WAIT_SLICE if timeout is None else min(_WAIT_SLICE, timeout - waited)
+            step = _WAIT_SLICE
+            if timeout is not None:
+                step = min(step, began + timeout - time.monotonic())
             done, _ = concurrent.futures.wait([future], max(step, 0.0))
             if done:
                 return
-            waited += step
+            now = time.monotonic()
             if not self.thread.is_alive():
                 raise RuntimeError("nlsstream's event-loop thread stopped during the call")
-            if timeout is not None and waited >= timeout:
+            if timeout is not None and now - began >= timeout:
                 raise TimeoutError(
                     f"a blocking nlsstream call did not finish within {timeout:g} s: "
                     "nlsstream's event-loop thread seems stuck (does a callback block?)"
                 )
+            if probe is not None and now - probed_at >= self.stuck_after and not probe.is_set():
+                raise TimeoutError(
+                    f"nlsstream's event-loop thread has not run for {now - probed_at:.0f} s "
+                    "(does a callback block?); the call was cancelled"
+                )
+            if probe is None or probe.is_set():
+                probe, probed_at = threading.Event(), now
+                with contextlib.suppress(RuntimeError):  # closed: the next slice says so
+                    self.loop.call_soon_threadsafe(probe.set)
 
     def stop(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
         """Stop the loop (what is left is cancelled) and join the thread, bounded."""
@@ -252,6 +291,9 @@ class BlockingFacade(Generic[A]):
         self.wrapped = wrapped
         self._runner = loop_thread()
 
+    def __repr__(self) -> str:
+        return f"<blocking {self.wrapped!r}>"
+
     def _run(self, make: Callable[[], Awaitable[T]], bounded: bool, extra: float = 0.0) -> T:
         timeout = None
         if bounded and self.call_timeout is not None:
@@ -282,19 +324,71 @@ class blocking(Generic[P, T]):
     """A blocking method made from the async ``method`` of the wrapped object.
 
     ``bounded``: the call ends by itself, so its wait is bounded by the facade's
-    :attr:`~BlockingFacade.call_timeout` (plus a ``timeout`` argument, if the call has
-    one); ``False`` for calls as long as the audio.
+    :attr:`~BlockingFacade.call_timeout` plus the call's ``timeout`` argument, if it has
+    one (given, or its default); ``False`` for calls as long as the audio. ``wrap``
+    turns what the method returns into what the blocking call returns (e.g. the
+    blocking face of a returned async object), on the calling thread.
     """
 
+    @overload
     def __init__(
-        self, method: Callable[Concatenate[Any, P], Awaitable[T]], *, bounded: bool = True
+        self: blocking[P, T],
+        method: Callable[Concatenate[Any, P], Awaitable[T]],
+        *,
+        bounded: bool = True,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: blocking[P, T],
+        method: Callable[Concatenate[Any, P], Awaitable[R]],
+        *,
+        bounded: bool = True,
+        wrap: Callable[[R], T],
+    ) -> None: ...
+    # A method taking ``**kwargs`` (mypy cannot separate its ``self`` from them):
+    # the arguments go unchecked, the result is typed.
+    @overload
+    def __init__(
+        self: blocking[..., T],
+        method: Callable[..., Awaitable[T]],
+        *,
+        bounded: bool = True,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: blocking[..., T],
+        method: Callable[..., Awaitable[R]],
+        *,
+        bounded: bool = True,
+        wrap: Callable[[R], T],
+    ) -> None: ...
+    def __init__(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        *,
+        bounded: bool = True,
+        wrap: Callable[[Any], Any] | None = None,
     ) -> None:
         self.method = method
         self.bounded = bounded
+        self.wrap = wrap
         self.__doc__ = method.__doc__
-        names = list(inspect.signature(method).parameters)
-        #: Where a ``timeout`` argument sits among the positional ones (after self).
-        self._timeout_at = names.index("timeout") - 1 if "timeout" in names else None
+        signature = inspect.signature(method)
+        #: The method's signature, when it has a ``timeout`` parameter (which extends
+        #: the bound of the wait, by the value given or by its default).
+        self._signature = signature if "timeout" in signature.parameters else None
+
+    def _extra(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        """The call's ``timeout`` (given or default) in seconds; 0 if it has none."""
+        if self._signature is None:
+            return 0.0
+        try:
+            bound = self._signature.bind(None, *args, **kwargs)
+        except TypeError:
+            return 0.0  # the method itself raises, at once
+        bound.apply_defaults()
+        value = bound.arguments.get("timeout")
+        return float(value) if isinstance(value, (int, float)) else 0.0
 
     @overload
     def __get__(self, obj: None, owner: type[Any]) -> blocking[P, T]: ...
@@ -305,16 +399,14 @@ class blocking(Generic[P, T]):
     ) -> blocking[P, T] | Callable[P, T]:
         if obj is None:
             return self
-        method, bounded, at = self.method, self.bounded, self._timeout_at
+        method, bounded, wrap = self.method, self.bounded, self.wrap
 
         @functools.wraps(method)
         def call(*args: P.args, **kwargs: P.kwargs) -> T:
-            extra = args[at] if at is not None and len(args) > at else kwargs.get("timeout")
-            return obj._run(
-                lambda: method(obj.wrapped, *args, **kwargs),
-                bounded,
-                float(extra) if isinstance(extra, (int, float)) else 0.0,
+            result = obj._run(
+                lambda: method(obj.wrapped, *args, **kwargs), bounded, self._extra(args, kwargs)
             )
+            return wrap(result) if wrap is not None else result  # type: ignore[no-any-return]
 
         return call
 
@@ -394,11 +486,26 @@ class _BlockingSession(BlockingFacade[S]):
     def __init__(self, appkey: str, token: TokenSource, **kwargs: Any) -> None:
         super().__init__(self._async_class(appkey, token, **kwargs))
         s = self.wrapped
-        self.call_timeout = s.connect_timeout + s.start_timeout + 2 * s.stop_timeout + CALL_MARGIN
+        one_task = s.connect_timeout + s.start_timeout
+        self.call_timeout = one_task + 2 * s.stop_timeout + CALL_MARGIN
+        policy = s._reconnect
+        if policy is not None:  # a call may wait for a resume: every attempt of it
+            self.call_timeout += policy.attempts * (policy.max_backoff + one_task)
 
-    # What the async session offers, blocking.
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Leaving stops the task: as long as stop() (the gateway's progress bounds it).
+        self._run(lambda: self.wrapped.__aexit__(exc_type, exc, tb), bounded=False)
+
+    # What the async session offers, blocking. stop() waits while the gateway makes
+    # progress (a backlog of audio sent faster than real time can take minutes), so it
+    # is bounded by the session (stop_timeout of silence, or its timeout argument).
     start = blocking(_session.Session.start)
-    stop = blocking(_session.Session.stop)
+    stop = blocking(_session.Session.stop, bounded=False)
     abort = blocking(_session.Session.abort)
     send_audio = blocking(_session.Session.send_audio)
     stream = blocking(_session.Session.stream, bounded=False)
@@ -424,9 +531,6 @@ class _BlockingSession(BlockingFacade[S]):
     def metrics(self) -> Metrics:
         """The session's :class:`~nlsstream.Metrics`."""
         return self.wrapped.metrics
-
-    def __repr__(self) -> str:
-        return f"<blocking {self.wrapped!r}>"
 
 
 async def _ctrl(t: _session.Transcriber, /, **params: Any) -> None:
@@ -464,3 +568,91 @@ class Recognizer(_BlockingSession[_session.Recognizer]):
     block (see the module docstring)."""
 
     _async_class = _session.Recognizer
+
+
+# --------------------------------------------------------------------------- recordings
+
+#: Added to a recording request's bound for preparing the audio (decoding, resampling a
+#: long recording in a worker thread) and getting a token.
+PREPARE_MARGIN = 60.0
+
+C = TypeVar("C", bound=_files._Client)
+
+
+class _BlockingClient(BlockingFacade[C]):
+    """What the blocking recording clients share: the same constructor arguments as the
+    async client; ``with`` (or :meth:`close`) closes its HTTP connections."""
+
+    _async_class: type[C]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(self._async_class(*args, **kwargs))
+        # A rejected token is refreshed and the request tried once more: two requests.
+        self.call_timeout = 2 * self.wrapped.timeout + PREPARE_MARGIN + CALL_MARGIN
+
+    close = blocking(_files._Client.close)
+
+
+class FlashRecognizer(_BlockingClient[_files.FlashRecognizer]):
+    """Blocking :class:`nlsstream.FlashRecognizer`: same arguments, results
+    (:class:`~nlsstream.FileResult`) and errors::
+
+        with nlsstream.sync.FlashRecognizer(appkey, token) as flash:
+            result = flash.recognize("meeting.mp3")
+    """
+
+    _async_class = _files.FlashRecognizer
+    recognize = blocking(_files.FlashRecognizer.recognize)
+
+
+class RestRecognizer(_BlockingClient[_files.RestRecognizer]):
+    """Blocking :class:`nlsstream.RestRecognizer` (one sentence, ≤ 60 s): same
+    arguments, results and errors."""
+
+    _async_class = _files.RestRecognizer
+    recognize = blocking(_files.RestRecognizer.recognize)
+
+
+class FileTransTask(BlockingFacade[_files.FileTransTask]):
+    """Blocking :class:`nlsstream.FileTransTask`, as :meth:`FileTranscriber.submit`
+    returns it: ``task_id``, ``status``, :meth:`poll` and :meth:`wait`. ``wait(timeout=)``
+    blocks up to ``timeout`` (default 3600 s), then raises :class:`TimeoutError`; the
+    task goes on."""
+
+    def __init__(self, task: _files.FileTransTask) -> None:
+        super().__init__(task)
+        # One request, after up to a second's wait for the service's poll budget.
+        self.call_timeout = task.client.timeout + _files.MIN_POLL_INTERVAL + CALL_MARGIN
+
+    poll = blocking(_files.FileTransTask.poll)
+    wait = blocking(_files.FileTransTask.wait)
+
+    @property
+    def task_id(self) -> str:
+        """The service's task id."""
+        return self.wrapped.task_id
+
+    @property
+    def status(self) -> int:
+        """The last StatusCode seen (21050002 QUEUEING, 21050001 RUNNING, ...)."""
+        return self.wrapped.status
+
+
+class FileTranscriber(_BlockingClient[_files.FileTranscriber]):
+    """Blocking :class:`nlsstream.FileTranscriber` (FileTrans): same arguments, results
+    and errors. :meth:`submit` returns a blocking :class:`FileTransTask`;
+    :meth:`transcribe` and :meth:`result` block up to their ``timeout`` (default 3600 s)::
+
+        with nlsstream.sync.FileTranscriber(ak_id, ak_secret, appkey=appkey) as ft:
+            task = ft.submit("https://example.com/call.wav")
+            result = task.wait(timeout=600)
+    """
+
+    _async_class = _files.FileTranscriber
+    submit = blocking(_files.FileTranscriber.submit, wrap=FileTransTask)
+    transcribe = blocking(_files.FileTranscriber.transcribe)
+    result = blocking(_files.FileTranscriber.result)
+
+    def task(self, task_id: str) -> FileTransTask:
+        """A handle on a task submitted elsewhere (no request is made)."""
+        return FileTransTask(self.wrapped.task(task_id))

@@ -323,8 +323,6 @@ def test_compat_reports_a_lost_connection_where_the_official_sdk_is_silent(
     pcm, _ = read_pcm("three_sentences.wav")
     calls = Calls()
     nls_gateway.queue_faults(Faults(drop_at="audio", drop_after_bytes=32000))
-    # The session tries to resume on a new connection; this gateway refuses it.
-    nls_gateway.faults = Faults(fail_status=40000000, fail_at="start")
     tr = compat_nls.NlsSpeechTranscriber(
         url=nls_gateway.url,
         token=nls_gateway.token,

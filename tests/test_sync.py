@@ -94,6 +94,7 @@ def test_typed_errors_propagate(nls_gateway: Gateway) -> None:
     nls_gateway.queue_faults(Faults(fail_status=50000000, fail_at="stop"))
     with (
         pytest.raises(TaskFailedError) as failed,
+        # Without resuming (on by default), which would cure the retryable failure.
         nlsstream.sync.Transcriber(**kwargs(nls_gateway, reconnect=False)) as t,
     ):
         t.send_audio(bytes(6400))
@@ -192,6 +193,18 @@ class AsyncThing:
             raise InvalidStateError("negative")
         return a + b
 
+    async def work(self, seconds: float, timeout: float = 5.0) -> float:
+        """A call as long as ``seconds``, bounded by its own ``timeout`` argument."""
+        await asyncio.wait_for(asyncio.sleep(seconds), timeout)
+        return seconds
+
+    async def block(self, release: threading.Event) -> None:
+        """Block the loop thread itself, as a callback that blocks would."""
+        release.wait(30)
+
+    async def child(self) -> AsyncThing:
+        return AsyncThing()
+
     async def count(self, n: int) -> AsyncIterator[int]:
         for i in range(n):
             yield i
@@ -208,6 +221,12 @@ class BlockingThing(nlsstream.sync.BlockingFacade[AsyncThing]):
     add = nlsstream.sync.blocking(AsyncThing.add)
     count = nlsstream.sync.iterating(AsyncThing.count)
     hang = nlsstream.sync.blocking(AsyncThing.hang)
+    work = nlsstream.sync.blocking(AsyncThing.work)
+    block = nlsstream.sync.blocking(AsyncThing.block, bounded=False)
+
+
+class BlockingParent(BlockingThing):
+    child = nlsstream.sync.blocking(AsyncThing.child, wrap=BlockingThing)
 
 
 def test_any_async_object_gets_a_blocking_face_with_bounded_waits() -> None:
@@ -221,6 +240,47 @@ def test_any_async_object_gets_a_blocking_face_with_bounded_waits() -> None:
             thing.hang()
         assert thing.wrapped.cancelled.wait(10)  # the stuck coroutine was cancelled
     assert thing.wrapped.exited
+
+
+def test_a_timeout_argument_extends_the_bound_even_by_its_default() -> None:
+    thing = BlockingThing(AsyncThing())
+    # Each call lasts 1 s, beyond call_timeout (0.5 s) but within its own timeout.
+    assert thing.work(1.0) == 1.0  # the default timeout (5 s) counts, as a given one does
+    assert thing.work(1.0, 3.0) == 1.0
+    assert thing.work(1.0, timeout=3.0) == 1.0
+    with pytest.raises(TimeoutError):  # the method's own timeout, well within the bound
+        thing.work(10.0, timeout=0.1)
+
+
+def test_even_an_unbounded_wait_ends_when_the_loop_thread_stops_running() -> None:
+    runner = nlsstream.sync.LoopThread(name="test-loop")  # not the shared one
+    runner.stuck_after = 0.5
+    thing = BlockingThing(AsyncThing())
+    thing._runner = runner
+    release = threading.Event()
+    try:
+        with pytest.raises(TimeoutError, match="has not run"):
+            thing.block(release)  # as long as it takes, but the loop itself is stuck
+    finally:
+        release.set()
+        runner.stop()
+    assert not runner.thread.is_alive()
+
+
+def test_stop_waits_as_long_as_the_gateway_makes_progress(nls_gateway: Gateway) -> None:
+    pcm, _ = read_pcm("three_sentences.wav")
+    nls_gateway.queue_faults(Faults(event_delay=0.7))  # each sentence comes 0.7 s late
+    with nlsstream.sync.Transcriber(**kwargs(nls_gateway, stop_timeout=3.0)) as t:
+        t.stream(pcm, pace=None)
+        t.call_timeout = 1.0  # what bounds the calls that end by themselves
+        result = t.stop()  # longer than that: the gateway's progress bounds it
+    assert len(result.sentences) == 3
+
+
+def test_a_returned_async_object_gets_its_blocking_face() -> None:
+    child = BlockingParent(AsyncThing()).child()
+    assert isinstance(child, BlockingThing) and isinstance(child.wrapped, AsyncThing)
+    assert child.add(1, 2) == 3 and child._runner is loop_thread()
 
 
 def test_ctrl_c_during_stream_cancels_it_and_aborts_the_session(nls_gateway: Gateway) -> None:

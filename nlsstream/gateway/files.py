@@ -185,20 +185,22 @@ class FileServices:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=499)  # reaches nobody
-        response: web.StreamResponse
         if faults.http_status is not None:
-            response = web.Response(status=faults.http_status, text="injected fault")
+            answer: web.StreamResponse = web.Response(
+                status=faults.http_status, text="injected fault"
+            )
         else:
             try:
-                response = await handler(request, faults)
+                answer = await handler(request, faults)
             except ConnectionError:
                 log.info("%s %s: the client left before the answer", request.method, request.path)
                 return web.Response(status=499)
-        if request.body_exists and not request.content.at_eof():
-            # Answered before the body was read (a fault, a refusal): what is left of
-            # it must not be read as the next request on this connection.
-            response.force_close()
-        return response
+        if not request.content.at_eof() and not answer.prepared:
+            # Answered without reading the upload (a refusal, an injected fault): this
+            # connection serves no other request (aiohttp 3.9 would parse the rest of
+            # the body as the next one, or reset the client's pooled connection).
+            answer.force_close()
+        return answer
 
     async def _body(self, request: web.Request, limit: int) -> bytes:
         if request.content_length is not None and request.content_length > limit:

@@ -440,6 +440,9 @@ class _NlsSession:
             start_timeout=timeout,
             ping_interval=ping_interval or None,
             ping_timeout=ping_timeout or DEFAULT_PING_TIMEOUT,
+            # The official SDK never resumes a task, and the callbacks get the raw JSON
+            # of the gateway, which a resumed task would number and time afresh.
+            reconnect=False,
             on_error=lambda error: task_holder[0].on_error(error),
             on_close=lambda: task_holder[0].on_close(),
             **handlers,
