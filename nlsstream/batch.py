@@ -333,6 +333,11 @@ async def run_recording(
     from .cli import EXIT_OK
     from .quickstart import print_notice
 
+    if not is_url(args.source) and not await asyncio.to_thread(os.path.isfile, args.source):
+        from .errors import AudioFormatError
+
+        # Before any gateway or connection: a missing file costs nothing.
+        raise AudioFormatError(f"audio file not found: {args.source}")
     async with _services(args, notice) as services:
         transcript = await recognise(args, services, args.source)
     render(transcript.events, args.format, out, channel_ids=args.service != "realtime")
@@ -367,13 +372,16 @@ async def run_batch(args: argparse.Namespace, interrupt: _Interrupt, notice: Any
     tally = _Tally(len(todo))
     progress: ProgressBar | None = None
 
+    def refresh() -> None:
+        if progress is not None:
+            progress.label = tally.label()
+            progress.update(tally.finished)
+
     def say(line: str) -> None:
         if progress is not None:
             progress.close()
         print(line, file=sys.stderr, flush=True)
-        if progress is not None:
-            progress.label = tally.label()
-            progress.update(tally.finished)
+        refresh()
 
     if todo:
         stopping = asyncio.Event()
@@ -403,6 +411,7 @@ async def run_batch(args: argparse.Namespace, interrupt: _Interrupt, notice: Any
                     say(f"nlsstream: error: {source}: {message}")
                     return
                 tally.done += 1
+                refresh()
                 if not transcript.text:
                     say(f"nlsstream: {source}: no speech recognised")
                 log.info("%s -> %s", source, ", ".join(paths))
@@ -418,9 +427,7 @@ async def run_batch(args: argparse.Namespace, interrupt: _Interrupt, notice: Any
             try:
                 pending = set(jobs)
                 while pending:
-                    if progress is not None:
-                        progress.label = tally.label()
-                        progress.update(tally.finished)
+                    refresh()  # the elapsed time and ETA, between completions too
                     _, pending = await asyncio.wait(pending, timeout=_PROGRESS_INTERVAL)
             finally:
                 for job in jobs:
