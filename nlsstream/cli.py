@@ -560,7 +560,7 @@ async def _interruptible(args: argparse.Namespace, out: TextIO | None) -> int:
 
 async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: _Interrupt) -> int:
     from .output import ProgressBar, renderer_for
-    from .quickstart import print_notice, session_settings
+    from .quickstart import print_notice, service_settings
     from .session import Recognizer, Transcriber
 
     # Read and check the audio before connecting: a bad file costs no session.
@@ -601,11 +601,13 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
         else:
             source = pcm
 
-        url, appkey, token = await stack.enter_async_context(
-            session_settings(
+        # --url may also be the gateway's http(s)://host:port (as for the recordings).
+        services = await stack.enter_async_context(
+            service_settings(
                 url=args.url, appkey=args.appkey, token=args.token, notice=_notice(args)
             )
         )
+        url, appkey, token = services.url, services.appkey, services.token
         cls = Transcriber if args.kind == "transcriber" else Recognizer
         session = cls(
             appkey,
