@@ -278,16 +278,10 @@ def render(
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({model}), Python {sys.version.split()[0]}"
+    from benchmarks.concurrency import machine_info
+
+    info = machine_info()
+    return f"{info['cores']} CPUs ({info['cpu_model']}), Python {info['python']}"
 
 
 def main(argv: list[str] | None = None) -> int:

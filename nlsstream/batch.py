@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .auth import DEFAULT_REGION
-from .errors import NlsError, redact
+from .errors import AuthenticationError, NlsError, TaskFailedError, redact
 
 if TYPE_CHECKING:
     from .cli import _Interrupt
@@ -164,6 +164,21 @@ def _file_link(source: str, services: Services) -> str:
     )
 
 
+_hinted: list[bool] = []
+
+
+def _flash_edition_hint() -> None:
+    """Once per run: the cloud refused Flash, which the trial edition does not have."""
+    from .quickstart import print_notice
+
+    if not _hinted:
+        _hinted.append(True)
+        print_notice(
+            "FlashRecognizer needs a commercial-edition appkey in the cloud; "
+            "--service realtime works on every edition"
+        )
+
+
 def _cloud_url(services: Services) -> str | None:
     """The base URL of Flash and REST: the gateway's, or the cloud's in the region."""
     if services.http_url is not None:
@@ -210,10 +225,15 @@ async def recognise(args: argparse.Namespace, services: Services, source: str) -
         timeout = _timeout(args, seconds)
         if service == "flash":
             async with FlashRecognizer(services.appkey, services.token, url, timeout=timeout) as f:
-                if is_url(source):
-                    result = await f.recognize(audio_address=source, **params)
-                else:
-                    result = await f.recognize(source, sample_rate=args.sample_rate, **params)
+                try:
+                    if is_url(source):
+                        result = await f.recognize(audio_address=source, **params)
+                    else:
+                        result = await f.recognize(source, sample_rate=args.sample_rate, **params)
+                except (TaskFailedError, AuthenticationError):
+                    if services.http_url is None:
+                        _flash_edition_hint()
+                    raise
         else:
             params.pop("enable_word_level_result", None)  # one sentence: no word times
             async with RestRecognizer(services.appkey, services.token, url, timeout=timeout) as r:

@@ -86,6 +86,30 @@ def run_cli(
     )
 
 
+def run_together(
+    commands: Mapping[str, list[str]], timeout: float
+) -> dict[str, tuple[int, str, str]]:
+    """Run CLI commands at once, each within ``timeout``: ``{name: (status, stdout,
+    stderr)}``."""
+    procs = {
+        name: subprocess.Popen(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
+        )
+        for name, args in commands.items()
+    }
+    results: dict[str, tuple[int, str, str]] = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=timeout)
+            results[name] = (proc.returncode, out.decode(), err.decode())
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
     """Exit status 1 and exactly one line on stderr: ``nlsstream: error: ...``."""
     assert proc.returncode == 1, proc.stderr
@@ -126,23 +150,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[o
             "srt": [*span, "--srt"],
             "vtt": [*span, "--vtt", "--intermediate"],
         }
-        procs = {
-            name: subprocess.Popen(
-                [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
-            )
-            for name, args in commands.items()
-        }
-        results: dict[str, tuple[object, ...]] = {}
-        try:
-            bound = process_timeout(sphinx_timeout(THREE))
-            for name, proc in procs.items():
-                out, err = proc.communicate(timeout=bound)
-                results[name] = (proc.returncode, out.decode(), err.decode())
-        finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        results: dict[str, tuple[object, ...]] = dict(
+            run_together(commands, process_timeout(sphinx_timeout(THREE)))
+        )
         sentences = [s.sentences for s in gw.sessions]
     assert len(sentences) == 3 and sentences[0] == sentences[1] == sentences[2], sentences
     assert len(sentences[0]) == len(EXPECTED), sentences  # one per spoken sentence

@@ -9,22 +9,25 @@ gateway with the fast ``span`` recogniser through ``--url``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from helpers import FIXTURES, clean_env, parse_subtitles
 from test_cli import (
-    CLI,
     HELLO,
     THREE,
+    TIMEOUT,
     process_timeout,
     run_cli,
+    run_together,
     run_with_terminal,
     sphinx_timeout,
 )
@@ -92,22 +95,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, R
             "--vtt",
         ],
     }
-    procs = {
-        name: subprocess.Popen(
-            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
-        )
-        for name, args in commands.items()
-    }
-    results: dict[str, Run] = {}
-    try:
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=BOUND)
-            results[name] = (proc.returncode, out.decode(), err.decode())
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    results = run_together(commands, BOUND)
     yield results, tmp
 
 
@@ -246,6 +234,39 @@ def test_filetrans_to_a_loopback_gateway_gets_file_urls(
     assert sorted(os.listdir(out)) == ["hello.txt", "two_channel.ch0.txt", "two_channel.ch1.txt"]
     links = [t.task["file_link"] for t in span_gateway.files.tasks.values()][-2:]  # type: ignore[union-attr]
     assert sorted(links) == sorted(Path(p).resolve().as_uri() for p in (HELLO, TWO))
+
+
+@pytest.fixture(scope="module")
+def fixture_server() -> Iterator[str]:
+    """The fixtures over HTTP on loopback: the base URL."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(FIXTURES))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(TIMEOUT)
+
+
+@pytest.mark.parametrize("service", ["flash", "filetrans"])
+def test_urls_are_downloaded_by_the_service(
+    span_gateway: Gateway, fixture_server: str, tmp_path: Path, service: str
+) -> None:
+    urls = [f"{fixture_server}/hello.wav", f"{fixture_server}/weather.wav?v=1"]
+    out = tmp_path / "out"
+    args = ("--service", service, "--output-dir", str(out), "--url", span_gateway.url)
+    proc = run_cli("transcribe", *urls, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["hello.txt", "weather.txt"]
+    assert all((out / name).read_text().startswith("speech ") for name in os.listdir(out))
 
 
 def test_progress_bar_counts_files_on_a_terminal(span_gateway: Gateway, tmp_path: Path) -> None:
