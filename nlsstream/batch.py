@@ -134,14 +134,16 @@ def _timeout(args: argparse.Namespace, extra: float) -> float:
     return _REQUEST_TIMEOUT + extra
 
 
-def _audio_seconds(path: str) -> float:
-    """The duration of an audio file (0 when libsndfile cannot tell: raw PCM, AAC...)."""
+def _audio_info(path: str) -> tuple[float, int]:
+    """An audio file's duration and channels ((0, 1) when libsndfile cannot tell: raw
+    PCM, AAC...)."""
     import soundfile
 
     try:
-        return float(soundfile.info(path).duration)
+        info = soundfile.info(path)
     except (soundfile.SoundFileError, RuntimeError, OSError, ValueError, TypeError):
-        return 0.0
+        return 0.0, 1
+    return float(info.duration), int(info.channels)
 
 
 def _file_link(source: str, services: Services) -> str:
@@ -203,6 +205,8 @@ async def recognise(args: argparse.Namespace, services: Services, source: str) -
         params["enable_inverse_text_normalization"] = True
     if args.words:  # each service's name for word times
         params["enable_words" if service == "filetrans" else "enable_word_level_result"] = True
+    # What the file holds: outputs are per channel of the file, even a silent channel.
+    seconds, channels = (0.0, 1) if is_url(source) else await asyncio.to_thread(_audio_info, source)
     if service == "filetrans":
         assert services.access_key is not None
         ak_id, ak_secret = services.access_key
@@ -221,7 +225,6 @@ async def recognise(args: argparse.Namespace, services: Services, source: str) -
             result = await task.wait(timeout=wait)
     else:
         url = _cloud_url(services)
-        seconds = 0.0 if is_url(source) else await asyncio.to_thread(_audio_seconds, source)
         timeout = _timeout(args, seconds)
         if service == "flash":
             async with FlashRecognizer(services.appkey, services.token, url, timeout=timeout) as f:
@@ -239,7 +242,9 @@ async def recognise(args: argparse.Namespace, services: Services, source: str) -
             async with RestRecognizer(services.appkey, services.token, url, timeout=timeout) as r:
                 result = await r.recognize(source, sample_rate=args.sample_rate, **params)
     events: list[tuple[int, Event]] = list(recording_events(result, _NAMESPACES[service]))
-    channels = 1 + max((s.channel_id for s in result.sentences), default=0)
+    if service == "rest":
+        channels = 1  # mixed to mono before upload
+    channels = max(channels, 1 + max((s.channel_id for s in result.sentences), default=0))
     return Transcript(events, channels)
 
 

@@ -438,7 +438,11 @@ def _transcribe_cmd(args: argparse.Namespace) -> int:
         with _open_output(args.output) as output:
             run = _interruptible(args, output.file)
             status = _run(run, verbose=args.verbose, secrets=secrets)
-            output.keep = status != EXIT_FAILURE
+            # Real time keeps the sentences spoken before a signal; a recording
+            # interrupted has nothing to keep, and leaves an existing FILE as it was.
+            output.keep = status == EXIT_OK or (
+                args.service == "realtime" and status != EXIT_FAILURE
+            )
             return status
     except OSError as exc:  # _run handles everything else: this is opening/closing FILE
         return _fail(f"cannot write {args.output}: {exc.strerror or exc}")

@@ -13,8 +13,11 @@ import functools
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import pytest
 from helpers import FIXTURES, clean_env, parse_subtitles
 from test_cli import (
+    CLI,
     HELLO,
     THREE,
     TIMEOUT,
@@ -278,6 +282,37 @@ def test_progress_bar_counts_files_on_a_terminal(span_gateway: Gateway, tmp_path
     assert re.search(r"\] +0% 0/3 files, 0 failed  0:0\d elapsed", shown), shown
     assert re.search(r"\] +\d+% [12]/3 files, 0 failed  0:0\d elapsed, ETA 0:\d\d", shown), shown
     assert shown.replace("\r\n", "\n").endswith("\r\x1b[2Knlsstream: 3 of 3 done\n"), shown
+
+
+def test_a_signal_starts_no_more_inputs_and_keeps_what_is_done(
+    span_gateway: Gateway, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["transcribe", HELLO, WEATHER, THREE, "--output-dir", str(out), "-j", "1"]
+    args += ["--service", "realtime", "--pace", "1", "--url", span_gateway.url]
+    proc = subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / "hello.txt").exists():  # the first output is written
+            assert proc.poll() is None and time.monotonic() < deadline, "no first output"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    # The input running when the signal came (weather, unless the signal came in the
+    # instant between two inputs) was finished; the last was never started.
+    last = err.decode().splitlines()[-1]
+    summary = re.fullmatch(r"nlsstream: ([12]) of 3 done, ([12]) not started \(interrupted\)", last)
+    assert summary is not None, err
+    done = int(summary[1])
+    assert int(summary[2]) == 3 - done
+    assert sorted(os.listdir(out)) == ["hello.txt", "weather.txt"][:done]
 
 
 def test_filetrans_in_the_cloud_needs_an_access_key() -> None:
