@@ -60,8 +60,6 @@ FILE_TRANS_WAIT = 24 * 3600.0
 #: Flash and REST request timeout without ``--timeout``: this much, plus the audio's
 #: duration (the local emulator recognises at several times real time, not in seconds).
 _REQUEST_TIMEOUT = 120.0
-_REALTIME_TIMEOUT = 10.0
-_PROGRESS_INTERVAL = 0.1
 _URL_SCHEMES = ("http", "https", "file")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -264,11 +262,11 @@ class _Collect:
 async def _realtime(args: argparse.Namespace, services: Services, source: str) -> Transcript:
     """One file through a real-time Transcriber at ``--pace``."""
     from .audio import load_file
-    from .cli import _finish_render, _render, realtime_params
+    from .cli import REALTIME_TIMEOUT, _finish_render, _render, realtime_params
     from .session import Transcriber
 
     pcm = await asyncio.to_thread(load_file, source, args.sample_rate)
-    timeout = args.timeout if args.timeout is not None else _REALTIME_TIMEOUT
+    timeout = args.timeout if args.timeout is not None else REALTIME_TIMEOUT
     session = Transcriber(
         services.appkey,
         services.token,
@@ -387,7 +385,7 @@ class _Tally:
 
 async def run_batch(args: argparse.Namespace, interrupt: _Interrupt, notice: Any) -> int:
     """Every input of ``args.inputs`` into ``args.output_dir``; see the module docstring."""
-    from .cli import EXIT_FAILURE, EXIT_OK, _isatty
+    from .cli import _PROGRESS_INTERVAL, EXIT_FAILURE, EXIT_OK, _isatty, command_secrets
     from .output import ProgressBar
 
     await asyncio.to_thread(os.makedirs, args.output_dir, exist_ok=True)
@@ -412,7 +410,7 @@ async def run_batch(args: argparse.Namespace, interrupt: _Interrupt, notice: Any
         stopping = asyncio.Event()
         interrupt.graceful = stopping.set  # the first signal: start no more inputs
         limit = asyncio.Semaphore(args.jobs)
-        secrets = (args.token, os.environ.get("NLS_TOKEN"), os.environ.get("ALIYUN_AK_SECRET"))
+        secrets = command_secrets(args)
 
         async def one(source: str, services: Services) -> None:
             async with limit:

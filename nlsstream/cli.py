@@ -2,7 +2,9 @@
 
 Subcommands:
 
-* ``nlsstream transcribe FILE|-|--mic``: real-time transcription (many sentences);
+* ``nlsstream transcribe FILE|URL...|-|--mic``: recordings with ``--service``
+  (flash by default, filetrans, rest or realtime; :mod:`nlsstream.batch`, also for
+  several inputs), standard input and the microphone in real time;
 * ``nlsstream recognize FILE|-``: sentence recognition (one utterance, at most 60 s);
 * ``nlsstream serve``: run the local NLS gateway until SIGINT/SIGTERM;
 * ``nlsstream token``: fetch a token with the AccessKey from the environment.
@@ -12,7 +14,8 @@ Subcommands:
 embedded local gateway (:mod:`nlsstream.quickstart`). Exit status: 0 done (also when
 nothing was recognised, which stderr says), 1 failure (one line on stderr, never a
 token), 2 usage error, 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM after a clean
-stop that kept the sentences already spoken.
+stop that kept the sentences already spoken. A batch: 0 every input done or skipped, 1 at
+least one failed (:data:`BATCH_EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ BATCH_EXIT_CODES = (
     "finish, a second one cancels them; outputs already written stay"
 )
 
+#: Real time: the default limit for connecting, starting and the silence after Stop.
+REALTIME_TIMEOUT = 10.0
 # How often the progress bar is redrawn (it only writes when the percentage or second changes).
 _PROGRESS_INTERVAL = 0.1
 # A WAV header is usually 44 bytes; one not complete within this much is not streamed.
@@ -363,9 +368,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-_REALTIME_ONLY = (("--pace", "pace"), ("--intermediate", "intermediate"))
-
-
 def _check_transcribe(args: argparse.Namespace) -> str | None:
     """Check ``transcribe``'s inputs and options and settle ``args.service``,
     ``args.inputs`` (every input) and ``args.source`` (the one input, if one)."""
@@ -424,6 +426,11 @@ def realtime_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def command_secrets(args: argparse.Namespace) -> tuple[str | None, ...]:
+    """What no message may show: the token given and those of the environment."""
+    return (args.token, os.environ.get("NLS_TOKEN"), os.environ.get("ALIYUN_AK_SECRET"))
+
+
 def _transcribe_cmd(args: argparse.Namespace) -> int:
     if args.verbose:
         logging.basicConfig(
@@ -431,7 +438,7 @@ def _transcribe_cmd(args: argparse.Namespace) -> int:
         )
         # websockets logs every frame at DEBUG: hundreds of audio frames per second.
         logging.getLogger("websockets").setLevel(logging.INFO)
-    secrets = (args.token, os.environ.get("NLS_TOKEN"), os.environ.get("ALIYUN_AK_SECRET"))
+    secrets = command_secrets(args)
     if args.output_dir is not None:
         return _run(_interruptible(args, None), verbose=args.verbose, secrets=secrets)
     try:
@@ -587,7 +594,7 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
     params = realtime_params(args)
     # Live text and a progress bar on the same terminal would overwrite each other.
     show_progress = pcm is not None and args.progress and _isatty(sys.stderr) and not live
-    timeout = args.timeout if args.timeout is not None else 10.0
+    timeout = args.timeout if args.timeout is not None else REALTIME_TIMEOUT
 
     async with contextlib.AsyncExitStack() as stack:
         source: Any
