@@ -338,6 +338,11 @@ def _services(
 ) -> contextlib.AbstractAsyncContextManager[Services]:
     from .quickstart import service_settings
 
+    if args.service != "realtime":
+        from .files import _aiohttp
+
+        _aiohttp()  # before anything starts: ImportError naming the 'files' extra
+
     return service_settings(
         url=args.url,
         appkey=args.appkey,

@@ -138,7 +138,7 @@ def _run(coro: Any, *, verbose: bool, secrets: Sequence[str | None] = ()) -> int
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
-    except (NlsError, OSError, ValueError) as exc:
+    except (NlsError, OSError, ValueError, ImportError) as exc:  # ImportError: an extra
         if verbose:
             log.debug("failed", exc_info=True)
         # The SDK never puts a token in a message; redacting here is a second line of defence.
