@@ -2,7 +2,9 @@
 
 Subcommands:
 
-* ``nlsstream transcribe FILE|-|--mic``: real-time transcription (many sentences);
+* ``nlsstream transcribe FILE|URL...|-|--mic``: recordings with ``--service``
+  (flash by default, filetrans, rest or realtime; :mod:`nlsstream.batch`, also for
+  several inputs), standard input and the microphone in real time;
 * ``nlsstream recognize FILE|-``: sentence recognition (one utterance, at most 60 s);
 * ``nlsstream serve``: run the local NLS gateway until SIGINT/SIGTERM;
 * ``nlsstream token``: fetch a token with the AccessKey from the environment.
@@ -12,7 +14,8 @@ Subcommands:
 embedded local gateway (:mod:`nlsstream.quickstart`). Exit status: 0 done (also when
 nothing was recognised, which stderr says), 1 failure (one line on stderr, never a
 token), 2 usage error, 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM after a clean
-stop that kept the sentences already spoken.
+stop that kept the sentences already spoken. A batch: 0 every input done or skipped, 1 at
+least one failed (:data:`BATCH_EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -57,7 +60,16 @@ EXIT_CODES = (
     "either signal stops cleanly and keeps the sentences already spoken, a second one "
     "cancels at once"
 )
+#: The same for a batch (``transcribe`` with several inputs or --output-dir).
+BATCH_EXIT_CODES = (
+    "with several inputs (or --output-dir): 0 every input done or skipped, 1 at least one "
+    "failed (one line each on stderr; every other output is written), 2 usage error, "
+    "130/143 interrupted: the first signal starts no more inputs and lets the running ones "
+    "finish, a second one cancels them; outputs already written stay"
+)
 
+#: Real time: the default limit for connecting, starting and the silence after Stop.
+REALTIME_TIMEOUT = 10.0
 # How often the progress bar is redrawn (it only writes when the percentage or second changes).
 _PROGRESS_INTERVAL = 0.1
 # A WAV header is usually 44 bytes; one not complete within this much is not streamed.
@@ -126,7 +138,7 @@ def _run(coro: Any, *, verbose: bool, secrets: Sequence[str | None] = ()) -> int
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
-    except (NlsError, OSError, ValueError) as exc:
+    except (NlsError, OSError, ValueError, ImportError) as exc:  # ImportError: an extra
         if verbose:
             log.debug("failed", exc_info=True)
         # The SDK never puts a token in a message; redacting here is a second line of defence.
@@ -176,11 +188,12 @@ def _session_options() -> argparse.ArgumentParser:
     conn.add_argument(
         "--timeout",
         type=_positive_float,
-        default=10.0,
         metavar="SECONDS",
         help=(
-            "limit for connecting and starting, each, and for the gateway's silence after "
-            "Stop (default %(default)s)"
+            "real time: limit for connecting and starting, each, and for the gateway's "
+            "silence after Stop (default 10); flash and rest: limit for the request "
+            "(default 120 + the audio's duration); filetrans: how long the task is waited "
+            "for (default 24 h)"
         ),
     )
     audio = p.add_argument_group("audio")
@@ -195,10 +208,9 @@ def _session_options() -> argparse.ArgumentParser:
     audio.add_argument(
         "--pace",
         type=_pace,
-        default=1.0,
         metavar="X",
-        help="send speed: 1 = real time, 2 = twice as fast, 0 = as fast as allowed "
-        "(default %(default)s)",
+        help="real time: send speed, 1 = real time, 2 = twice as fast, 0 = as fast as "
+        "allowed (default 1)",
     )
     rec = p.add_argument_group("recognition")
     rec.add_argument(
@@ -247,17 +259,56 @@ def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser(
         "transcribe",
         parents=[_session_options()],
-        help="transcribe a file, standard input or the microphone in real time",
+        help="transcribe recordings, standard input or the microphone",
         description=(
-            "Real-time transcription (SpeechTranscriber): sentences are printed as they "
-            "are recognised. FILE is any audio file libsndfile reads (WAV, FLAC, OGG, "
-            "MP3...) or a .pcm/.raw file; '-' reads standard input: a WAV, MP3, OGG or FLAC "
-            "stream is recognised by its header and decoded, anything else is PCM16LE mono "
-            "at --sample-rate."
+            "Transcribe recordings with the service of --service, or standard input and "
+            "the microphone in real time (SpeechTranscriber). FILE is any audio file "
+            "libsndfile reads (WAV, FLAC, OGG, MP3...) or a .pcm/.raw file; URL is "
+            "http(s):// or file:// (flash and filetrans); '-' reads standard input: a WAV, "
+            "MP3, OGG or FLAC stream is recognised by its header and decoded, anything else "
+            "is PCM16LE mono at --sample-rate. Several inputs (or --output-dir) make a "
+            "batch: one output per input (per channel when there are several: "
+            "NAME.ch0.srt, ...), -j at once, a progress bar on a terminal."
         ),
-        epilog=EXIT_CODES,
+        epilog=f"{EXIT_CODES}. {BATCH_EXIT_CODES}.",
     )
-    p.add_argument("source", nargs="?", metavar="FILE|-", help="audio file, or - for stdin")
+    p.add_argument(
+        "source",
+        nargs="*",
+        metavar="FILE|URL|-",
+        help="audio files or URLs, or - for stdin",
+    )
+    p.add_argument(
+        "--service",
+        choices=("realtime", "flash", "filetrans", "rest"),
+        help="realtime: stream through the real-time transcriber (every edition); flash: "
+        "FlashRecognizer, a whole recording in one request, every channel (commercial "
+        "edition in the cloud); filetrans: FileTrans, a URL the service downloads, hours "
+        "of audio, needs ALIYUN_AK_ID/ALIYUN_AK_SECRET (a local path is given to the local "
+        "gateway as a file:// URL); rest: one sentence, at most 60 s. Default: flash for "
+        "files and URLs; realtime for - and --mic, or when --pace, --intermediate or "
+        "--max-sentence-silence is given",
+    )
+    batch = p.add_argument_group("batch")
+    batch.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="write one output per input into DIR (NAME.txt, .jsonl, .srt or .vtt; "
+        "NAME.chN.EXT per channel when there are several); needed for several inputs",
+    )
+    batch.add_argument(
+        "-j",
+        "--jobs",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="inputs recognised at once (default %(default)s: the cloud trial's concurrency)",
+    )
+    batch.add_argument(
+        "--force",
+        action="store_true",
+        help="redo inputs whose output exists (by default they are skipped)",
+    )
     p.add_argument("--mic", action="store_true", help="record from the microphone (Ctrl-C ends)")
     p.add_argument("--device", help="microphone device name or number (default: system default)")
     p.add_argument("--words", action="store_true", help="word timestamps (shown with --jsonl)")
@@ -267,7 +318,7 @@ def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="MS",
         help="silence that ends a sentence, 200..6000 ms (gateway default 800)",
     )
-    p.set_defaults(func=_transcribe_cmd, check=_check_source, parser=p, kind="transcriber")
+    p.set_defaults(func=_transcribe_cmd, check=_check_transcribe, parser=p, kind="transcriber")
 
 
 def _add_recognize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -292,6 +343,11 @@ def _add_recognize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         device=None,
         words=False,
         max_sentence_silence=None,
+        service="realtime",
+        output_dir=None,
+        jobs=1,
+        force=False,
+        inputs=[],
     )
 
 
@@ -305,6 +361,76 @@ def _check_source(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _check_transcribe(args: argparse.Namespace) -> str | None:
+    """Check ``transcribe``'s inputs and options and settle ``args.service``,
+    ``args.inputs`` (every input) and ``args.source`` (the one input, if one)."""
+    from .batch import collisions, is_url
+
+    inputs: list[str] = list(args.source)
+    args.inputs = inputs
+    args.source = inputs[0] if len(inputs) == 1 else None
+    live = args.mic or "-" in inputs
+    if args.mic and inputs:
+        return "give either FILE|- or --mic, not both"
+    if not args.mic and not inputs:
+        return "give an audio FILE, a URL, - for standard input, or --mic"
+    if args.device is not None and not args.mic:
+        return "--device needs --mic"
+    if "-" in inputs and len(inputs) > 1:
+        return "- (standard input) cannot be one of several inputs"
+    realtime_flags = [
+        flag
+        for flag, on in (
+            ("--pace", args.pace is not None),
+            ("--intermediate", args.intermediate is not None),
+            ("--max-sentence-silence", args.max_sentence_silence is not None),
+        )
+        if on
+    ]
+    if args.service is None:
+        args.service = "realtime" if live or realtime_flags else "flash"
+    elif args.service != "realtime":
+        if live:
+            return f"--service {args.service} takes files or URLs; - and --mic are real time"
+        if realtime_flags:
+            return f"{realtime_flags[0]} applies to --service realtime, not {args.service}"
+    urls = [s for s in inputs if is_url(s)]
+    if urls and args.service in ("realtime", "rest"):
+        return f"--service {args.service} takes files, not URLs ({urls[0]}): use flash or filetrans"
+    if args.output_dir is not None and args.output is not None:
+        return "give either -o FILE (one input) or --output-dir DIR, not both"
+    if len(inputs) > 1 and args.output_dir is None:
+        return "several inputs need --output-dir DIR (one output per input)"
+    if args.output_dir is not None:
+        if live:
+            return "--output-dir takes files or URLs, not - or --mic"
+        return collisions(inputs, args.output_dir)
+    return None
+
+
+def realtime_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The real-time transcriber's extra Start parameters of ``--words`` and
+    ``--max-sentence-silence``."""
+    params: dict[str, Any] = {}
+    if args.words:
+        params["enable_words"] = True
+    if args.max_sentence_silence is not None:
+        params["max_sentence_silence"] = args.max_sentence_silence
+    return params
+
+
+def command_secrets(args: argparse.Namespace) -> tuple[str | None, ...]:
+    """What no message may show: the token given and those of the environment."""
+    return (args.token, os.environ.get("NLS_TOKEN"), os.environ.get("ALIYUN_AK_SECRET"))
+
+
 def _transcribe_cmd(args: argparse.Namespace) -> int:
     if args.verbose:
         logging.basicConfig(
@@ -312,11 +438,18 @@ def _transcribe_cmd(args: argparse.Namespace) -> int:
         )
         # websockets logs every frame at DEBUG: hundreds of audio frames per second.
         logging.getLogger("websockets").setLevel(logging.INFO)
-    secrets = (args.token, os.environ.get("NLS_TOKEN"), os.environ.get("ALIYUN_AK_SECRET"))
+    secrets = command_secrets(args)
+    if args.output_dir is not None:
+        return _run(_interruptible(args, None), verbose=args.verbose, secrets=secrets)
     try:
         with _open_output(args.output) as output:
-            status = _run(_transcribe(args, output.file), verbose=args.verbose, secrets=secrets)
-            output.keep = status != EXIT_FAILURE
+            run = _interruptible(args, output.file)
+            status = _run(run, verbose=args.verbose, secrets=secrets)
+            # Real time keeps the sentences spoken before a signal; a recording
+            # interrupted has nothing to keep, and leaves an existing FILE as it was.
+            output.keep = status == EXIT_OK or (
+                args.service == "realtime" and status != EXIT_FAILURE
+            )
             return status
     except OSError as exc:  # _run handles everything else: this is opening/closing FILE
         return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
@@ -397,10 +530,36 @@ class _Interrupt:
             self._task.cancel()
 
 
-async def _transcribe(args: argparse.Namespace, out: TextIO) -> int:
+def _notice(args: argparse.Namespace) -> Callable[[str], None]:
+    """The embedded gateway's notice, and what it ignores of the options given."""
+    from .quickstart import print_notice
+
+    unsupported = [
+        flag for flag, on in (("--punctuation", args.punctuation), ("--itn", args.itn)) if on
+    ]
+
+    def notice(message: str) -> None:
+        print_notice(message)
+        if unsupported:
+            print_notice(f"the local gateway ignores {' and '.join(unsupported)} (cloud only)")
+
+    return notice
+
+
+async def _interruptible(args: argparse.Namespace, out: TextIO | None) -> int:
+    """The run (real time, one recording, or a batch when ``out`` is ``None``) with
+    SIGINT/SIGTERM handled by :class:`_Interrupt`."""
     interrupt = _Interrupt()
     interrupt.install()
     try:
+        if out is None:
+            from .batch import run_batch
+
+            return await run_batch(args, interrupt, _notice(args))
+        if args.service != "realtime":
+            from .batch import run_recording
+
+            return await run_recording(args, out, interrupt, _notice(args))
         return await _transcribe_session(args, out, interrupt)
     except asyncio.CancelledError:
         if interrupt.count:
@@ -412,7 +571,7 @@ async def _transcribe(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: _Interrupt) -> int:
     from .output import ProgressBar, renderer_for
-    from .quickstart import print_notice, session_settings
+    from .quickstart import print_notice, service_settings
     from .session import Recognizer, Transcriber
 
     # Read and check the audio before connecting: a bad file costs no session.
@@ -432,21 +591,10 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
     renderer = renderer_for(args.format, out)
     live = args.format == "text" and _isatty(out)
     intermediate = live if args.intermediate is None else args.intermediate
-    params: dict[str, Any] = {}
-    if args.words:
-        params["enable_words"] = True
-    if args.max_sentence_silence is not None:
-        params["max_sentence_silence"] = args.max_sentence_silence
+    params = realtime_params(args)
     # Live text and a progress bar on the same terminal would overwrite each other.
     show_progress = pcm is not None and args.progress and _isatty(sys.stderr) and not live
-    unsupported = [
-        flag for flag, on in (("--punctuation", args.punctuation), ("--itn", args.itn)) if on
-    ]
-
-    def notice(message: str) -> None:
-        print_notice(message)
-        if unsupported:
-            print_notice(f"the local gateway ignores {' and '.join(unsupported)} (cloud only)")
+    timeout = args.timeout if args.timeout is not None else REALTIME_TIMEOUT
 
     async with contextlib.AsyncExitStack() as stack:
         source: Any
@@ -464,9 +612,13 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
         else:
             source = pcm
 
-        url, appkey, token = await stack.enter_async_context(
-            session_settings(url=args.url, appkey=args.appkey, token=args.token, notice=notice)
+        # --url may also be the gateway's http(s)://host:port (as for the recordings).
+        services = await stack.enter_async_context(
+            service_settings(
+                url=args.url, appkey=args.appkey, token=args.token, notice=_notice(args)
+            )
         )
+        url, appkey, token = services.url, services.appkey, services.token
         cls = Transcriber if args.kind == "transcriber" else Recognizer
         session = cls(
             appkey,
@@ -476,9 +628,9 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
             enable_intermediate_result=intermediate,
             enable_punctuation_prediction=args.punctuation,
             enable_inverse_text_normalization=args.itn,
-            connect_timeout=args.timeout,
-            start_timeout=args.timeout,
-            stop_timeout=args.timeout,
+            connect_timeout=timeout,
+            start_timeout=timeout,
+            stop_timeout=timeout,
             **params,
         )
         events = session.events()  # subscribed before start: sees every event
@@ -489,7 +641,7 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
                 if show_progress and pcm is not None:
                     progress = ProgressBar(len(pcm) * 1000 / (2 * args.sample_rate), sys.stderr)
                 # Live sources are already real time; pacing them again only adds delay.
-                pace = None if args.mic else args.pace
+                pace = None if args.mic else args.pace if args.pace is not None else 1.0
                 sender = asyncio.ensure_future(session.stream(source, pace=pace))
                 interrupt.graceful = sender.cancel
                 try:

@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .auth import (
@@ -75,13 +75,16 @@ class Settings:
     """Connection settings; build them with :meth:`from_env` or directly.
 
     ``token_provider`` is ``None`` when no credentials are configured (fine for a local
-    gateway that does not check tokens).
+    gateway that does not check tokens). ``access_key`` is the AccessKey pair (id,
+    secret) when one is configured, whether or not ``NLS_TOKEN`` takes precedence for
+    tokens: FileTrans signs its requests with it (never shown by ``repr``).
     """
 
     url: str = DEFAULT_URL
     appkey: str | None = None
     token_provider: TokenProvider | None = None
     region: str = DEFAULT_REGION
+    access_key: tuple[str, str] | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -109,7 +112,13 @@ class Settings:
             provider = StaticTokenProvider(token)
         elif ak_id and ak_secret:
             provider = AccessKeyTokenProvider(ak_id, ak_secret, region)
-        return cls(url=url, appkey=_get(env, "NLS_APPKEY"), token_provider=provider, region=region)
+        return cls(
+            url=url,
+            appkey=_get(env, "NLS_APPKEY"),
+            token_provider=provider,
+            region=region,
+            access_key=(ak_id, ak_secret) if ak_id and ak_secret else None,
+        )
 
     @property
     def has_credentials(self) -> bool:

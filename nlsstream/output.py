@@ -17,10 +17,13 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from .errors import SUCCESS
 from .protocol import Completed, Event, ResultChanged, SentenceEnd, TaskFailed, Word
+
+if TYPE_CHECKING:
+    from .files import FileResult
 
 __all__ = [
     "Cue",
@@ -37,6 +40,7 @@ __all__ = [
     "format_srt",
     "format_timestamp",
     "format_vtt",
+    "recording_events",
     "renderer_for",
 ]
 
@@ -80,6 +84,28 @@ def cue_from_event(event: Event) -> Cue | None:
     if isinstance(event, Completed) and event.text:
         return Cue(0, event.duration or 0, event.text)
     return None
+
+
+def recording_events(result: FileResult, namespace: str) -> list[tuple[int, SentenceEnd]]:
+    """A recording's sentences as ``(channel_id, SentenceEnd)`` in time order, so that
+    every renderer here writes them as it writes a real-time transcript; ``index``
+    counts each channel's sentences from 1, ``namespace`` names the service."""
+    counts: dict[int, int] = {}
+    out: list[tuple[int, SentenceEnd]] = []
+    for s in result.sentences:
+        counts[s.channel_id] = counts.get(s.channel_id, 0) + 1
+        event = SentenceEnd(
+            name="SentenceEnd",
+            namespace=namespace,
+            task_id=result.task_id,
+            index=counts[s.channel_id],
+            time=s.end_time,
+            begin_time=s.begin_time,
+            text=s.text,
+            words=s.words,
+        )
+        out.append((s.channel_id, event))
+    return out
 
 
 # --------------------------------------------------------------------------- subtitles
@@ -332,7 +358,8 @@ class ProgressBar:
     rate so far: ``[#####-----]  50% sent  0:05 elapsed, ETA 0:05``.
 
     :meth:`update` takes the amount done so far (e.g. ms of audio sent) and redraws only
-    when the shown percentage or second changes; :meth:`close` erases the line.
+    when the shown percentage, second or ``label`` (which may be changed, e.g. to show
+    counts) changes; :meth:`close` erases the line (a later :meth:`update` draws it again).
     ``clock`` gives the time in seconds (default :func:`time.monotonic`).
     """
 
@@ -351,7 +378,7 @@ class ProgressBar:
         self.width = width
         self._clock = clock
         self._start = clock()
-        self._shown: tuple[int, int] | None = None
+        self._shown: tuple[int, int, str] | None = None
 
     def render(self, done: float, elapsed: float = 0.0) -> str:
         """The bar's text for ``done`` (clamped to 0..total) after ``elapsed`` seconds."""
@@ -365,7 +392,7 @@ class ProgressBar:
 
     def update(self, done: float) -> None:
         elapsed = self._clock() - self._start
-        shown = (int(min(max(done / self.total, 0.0), 1.0) * 100), int(elapsed))
+        shown = (int(min(max(done / self.total, 0.0), 1.0) * 100), int(elapsed), self.label)
         if shown == self._shown:
             return
         self._shown = shown

@@ -22,7 +22,9 @@ The rules, in order:
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import NamedTuple
@@ -30,11 +32,21 @@ from typing import NamedTuple
 from .auth import TokenSource
 from .config import ConfigurationError, Settings
 
-__all__ = ["Endpoint", "print_notice", "session_settings"]
+__all__ = [
+    "Endpoint",
+    "Services",
+    "http_base",
+    "print_notice",
+    "service_settings",
+    "session_settings",
+    "ws_url",
+]
 
 # Sent when the user configured nothing and talks to a gateway that checks nothing.
 PLACEHOLDER_TOKEN = "local-token"
 PLACEHOLDER_APPKEY = "local-appkey"
+PLACEHOLDER_ACCESS_KEY_ID = "local-access-key"
+PLACEHOLDER_ACCESS_KEY_SECRET = "local-access-key-secret"
 
 _RECOGNIZER_NAMES = {"sphinx": "PocketSphinx", "span": "no speech recognizer: speech spans only"}
 
@@ -73,30 +85,124 @@ async def session_settings(
     (an AccessKey id without its secret, credentials without ``NLS_APPKEY``).
     """
     env = os.environ if environ is None else environ
-    settings = Settings.from_env(env)
     explicit_url = url or env.get("NLS_URL", "").strip() or None
+    if explicit_url is not None and not explicit_url.startswith(("ws://", "wss://")):
+        raise ConfigurationError(
+            f"the gateway URL must start with ws:// or wss://, got {explicit_url!r}"
+        )
+    async with service_settings(
+        url=url, appkey=appkey, token=token, environ=env, recognizer=recognizer, notice=notice
+    ) as services:
+        yield Endpoint(services.url, services.appkey, services.token)
+
+
+class Services(NamedTuple):
+    """Where every service is, from :func:`service_settings`.
+
+    ``url``: the real-time gateway (``ws(s)://.../ws/v1``); ``http_url``: the base
+    (``http(s)://host[:port]``) of the recording services and POP RPC when they share
+    a host with it (a local gateway or an explicit URL), ``None`` for the cloud (each
+    client's documented endpoint); ``access_key``: the AccessKey pair FileTrans signs
+    with (``None``: not configured); ``local``: the embedded gateway of this process (it
+    can read local files, so FileTrans may be given ``file://`` links).
+    """
+
+    url: str
+    http_url: str | None
+    appkey: str
+    token: TokenSource
+    access_key: tuple[str, str] | None
+    region: str
+    local: bool
+
+
+def http_base(url: str) -> str:
+    """``http(s)://host[:port]`` of a gateway URL given as ``ws(s)://host[:port]/ws/v1``
+    or ``http(s)://host[:port][/...]``."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(
+            f"the gateway URL must be ws(s)://host[:port]/ws/v1 or http(s)://host[:port], "
+            f"got {url!r}"
+        )
+    return f"{scheme}://{parts.netloc}"
+
+
+def ws_url(url: str) -> str:
+    """The real-time URL of a gateway URL given as ``ws(s)://...`` (as it is) or
+    ``http(s)://host[:port]`` (``/ws/v1`` on the same host)."""
+    if url.startswith(("ws://", "wss://")):
+        return url
+    base = http_base(url)
+    return "ws" + base[len("http") :] + "/ws/v1"
+
+
+@asynccontextmanager
+async def service_settings(
+    *,
+    url: str | None = None,
+    appkey: str | None = None,
+    token: TokenSource | None = None,
+    environ: Mapping[str, str] | None = None,
+    recognizer: str = "auto",
+    notice: Callable[[str], None] | None = print_notice,
+    access_key_needed: bool = False,
+    file_workers: int = 2,
+    service_name: str | None = None,
+) -> AsyncIterator[Services]:
+    """:func:`session_settings` for every service: yields :class:`Services`.
+
+    The same rules, with the recording services in mind: an explicit ``url`` (or
+    ``NLS_URL``) may also be ``http(s)://host[:port]``; ``access_key_needed`` (FileTrans)
+    selects the cloud by an AccessKey rather than a token (a token alone then raises
+    :class:`~nlsstream.config.ConfigurationError`). The embedded gateway gets an
+    AccessKey pair of its own (checked like the cloud's) and ``file_workers``; the notice
+    names ``service_name``'s URL (default: the real-time one).
+    """
+    env = os.environ if environ is None else environ
+    # NLS_URL may be an http(s) URL here: read it before Settings, which wants ws(s).
+    explicit_url = url or env.get("NLS_URL", "").strip() or None
+    settings = Settings.from_env({k: v for k, v in env.items() if k != "NLS_URL"})
     token_source: TokenSource | None = token if token else settings.token_provider
     key = appkey or settings.appkey
     if explicit_url is not None:
-        if not explicit_url.startswith(("ws://", "wss://")):
-            raise ConfigurationError(
-                f"the gateway URL must start with ws:// or wss://, got {explicit_url!r}"
-            )
-        yield Endpoint(explicit_url, key or PLACEHOLDER_APPKEY, token_source or PLACEHOLDER_TOKEN)
+        yield Services(
+            ws_url(explicit_url),
+            http_base(explicit_url),
+            key or PLACEHOLDER_APPKEY,
+            token_source or PLACEHOLDER_TOKEN,
+            settings.access_key or (PLACEHOLDER_ACCESS_KEY_ID, PLACEHOLDER_ACCESS_KEY_SECRET),
+            settings.region,
+            False,
+        )
         return
-    if token_source is not None:
+    if token_source is not None or settings.access_key is not None:
+        if access_key_needed and settings.access_key is None:
+            raise ConfigurationError(
+                f"{service_name or 'this service'} signs its requests with an AccessKey: set "
+                "ALIYUN_AK_ID and ALIYUN_AK_SECRET (a token is not enough)"
+            )
         if not key:
             settings.require_cloud()  # raises, naming NLS_APPKEY
-        assert key is not None
-        yield Endpoint(settings.url, key, token_source)
+        assert key is not None and token_source is not None
+        yield Services(
+            settings.url, None, key, token_source, settings.access_key, settings.region, False
+        )
         return
     from .gateway import Gateway  # imported lazily: the gateway pulls in the recognisers
 
-    async with Gateway(recognizer=recognizer) as gw:
+    # An AccessKey pair of its own, so that FileTrans' signatures are really checked.
+    pair = ("LTAIlocal" + secrets.token_hex(6), secrets.token_urlsafe(18))
+    gateway = Gateway(
+        recognizer=recognizer, access_keys=dict([pair]), file_workers=max(file_workers, 1)
+    )
+    async with gateway as gw:
         if notice is not None:
             name = _RECOGNIZER_NAMES.get(gw.recognizer.name, gw.recognizer.name)
+            where = gw.url if service_name is None else gw.http_url
             notice(
                 "no NLS credentials configured; using the embedded local gateway "
-                f"({name}) at {gw.url}"
+                f"({name}) at {where}"
             )
-        yield Endpoint(gw.url, key or gw.appkey, gw.token)
+        yield Services(gw.url, gw.http_url, key or gw.appkey, gw.token, pair, settings.region, True)

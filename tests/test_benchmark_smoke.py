@@ -92,3 +92,17 @@ def test_events_lost_matches_per_task() -> None:
 def test_unknown_client_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown client"):
         concurrency.run_client("nope", "ws://127.0.0.1:1/ws/v1", 1, 1.0)
+
+
+def test_recordings_benchmark_builds_its_recording_and_table(tmp_path: Path) -> None:
+    from benchmarks import recordings
+
+    seconds = recordings.build_recording(tmp_path / "r.wav", 12.5)
+    assert seconds == 12.5
+    row = {"wall_s": 5.0, "client_cpu_s": 0.5, "gateway_cpu_s": 4.0, "x_real_time": 2.5}
+    services = [{**row, "service": "flash", "audio_s": seconds, "sentences": 3}]
+    batches = [{**row, "jobs": 4, "files": 2, "file_s": 6.0, "files_per_min": 24.0}]
+    text = recordings.render(services, batches, {"command": "c", "machine": "m"})
+    assert "| flash | 5.0 | 2.5 | 0.50 | 4.0 | 3 |" in text
+    assert "FlashRecognizer runs at 2.5x real time" in text
+    assert "| 4 | 5.0 | 24.0 | 2.5 | 0.50 | 4.0 |" in text

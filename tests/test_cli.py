@@ -86,6 +86,30 @@ def run_cli(
     )
 
 
+def run_together(
+    commands: Mapping[str, list[str]], timeout: float
+) -> dict[str, tuple[int, str, str]]:
+    """Run CLI commands at once, each within ``timeout``: ``{name: (status, stdout,
+    stderr)}``."""
+    procs = {
+        name: subprocess.Popen(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
+        )
+        for name, args in commands.items()
+    }
+    results: dict[str, tuple[int, str, str]] = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=timeout)
+            results[name] = (proc.returncode, out.decode(), err.decode())
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
     """Exit status 1 and exactly one line on stderr: ``nlsstream: error: ...``."""
     assert proc.returncode == 1, proc.stderr
@@ -126,23 +150,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[o
             "srt": [*span, "--srt"],
             "vtt": [*span, "--vtt", "--intermediate"],
         }
-        procs = {
-            name: subprocess.Popen(
-                [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
-            )
-            for name, args in commands.items()
-        }
-        results: dict[str, tuple[object, ...]] = {}
-        try:
-            bound = process_timeout(sphinx_timeout(THREE))
-            for name, proc in procs.items():
-                out, err = proc.communicate(timeout=bound)
-                results[name] = (proc.returncode, out.decode(), err.decode())
-        finally:
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        results: dict[str, tuple[object, ...]] = dict(
+            run_together(commands, process_timeout(sphinx_timeout(THREE)))
+        )
         sentences = [s.sentences for s in gw.sessions]
     assert len(sentences) == 3 and sentences[0] == sentences[1] == sentences[2], sentences
     assert len(sentences[0]) == len(EXPECTED), sentences  # one per spoken sentence
@@ -461,7 +471,9 @@ def test_a_failed_run_destroys_no_output_file(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("transcribe", str(missing), "--srt", "-o", str(target)))
     with Gateway(recognizer="span").run_in_thread() as gw:
         url = gw.url  # closed again: the run fails after the output was opened
-    proc = run_cli("transcribe", HELLO, "--srt", "-o", str(target), "--url", url)
+    proc = run_cli(
+        "transcribe", HELLO, "--service", "realtime", "--srt", "-o", str(target), "--url", url
+    )
     assert_one_line_error(proc, "cannot connect")
     assert target.read_text() == "keep\n"
     assert os.listdir(tmp_path) == ["x.srt"]  # no temporary file left behind
@@ -473,7 +485,8 @@ def test_a_successful_run_replaces_the_output_file_whole(
     target = tmp_path / "x.srt"
     target.write_text("old subtitles\n")
     target.chmod(0o640)
-    proc = run_cli("transcribe", HELLO, "--srt", "-o", str(target), "--url", span_gateway.url)
+    args = ("--service", "realtime", "--srt", "-o", str(target), "--url", span_gateway.url)
+    proc = run_cli("transcribe", HELLO, *args)
     assert proc.returncode == 0, proc.stderr
     cues = parse_subtitles(target.read_text(), "srt")
     assert [c[2] for c in cues] == span_gateway.sessions[-1].sentences != []
@@ -533,5 +546,6 @@ def test_punctuation_and_itn_on_the_local_gateway_are_said_to_be_ignored() -> No
 def test_a_short_token_does_not_garble_the_error() -> None:
     with Gateway(recognizer="span").run_in_thread() as gw:
         url = gw.url  # closed again: nothing listens there
-    proc = run_cli("transcribe", HELLO, "--url", url, "--token", "1", "--timeout", "5")
+    args = ("--service", "realtime", "--url", url, "--token", "1", "--timeout", "5")
+    proc = run_cli("transcribe", HELLO, *args)
     assert_one_line_error(proc, f"cannot connect to {url}")

@@ -112,3 +112,12 @@ def test_settings_are_frozen() -> None:
     s = Settings()
     with pytest.raises(AttributeError):
         s.url = "ws://x"  # type: ignore[misc]
+
+
+def test_the_access_key_is_kept_for_file_trans_but_never_shown() -> None:
+    env = {"ALIYUN_AK_ID": "LTAIid", "ALIYUN_AK_SECRET": "s3cret-v4lue", "NLS_TOKEN": "tok"}
+    s = Settings.from_env(env)
+    assert s.access_key == ("LTAIid", "s3cret-v4lue")  # even with NLS_TOKEN for tokens
+    assert isinstance(s.token_provider, StaticTokenProvider)
+    assert "s3cret-v4lue" not in repr(s)
+    assert Settings.from_env({"NLS_TOKEN": "tok"}).access_key is None
