@@ -679,8 +679,19 @@ async def _wait_sending(
 
 async def _render(events: AsyncIterator[Event], renderer: Renderer) -> NlsError | None:
     """Feed every event to the renderer; returns the error the stream ended with."""
+    from .protocol import Resumed
+
     try:
         async for event in events:
+            if isinstance(event, Resumed):
+                # Said on stderr, whatever the format: the transcript itself goes on.
+                print(
+                    f"nlsstream: {event.cause}; resumed on a new connection after "
+                    f"{event.gap_ms / 1000:.1f} s (replayed {event.replayed_ms / 1000:.1f} s "
+                    "of audio)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             renderer.handle(event)
     except NlsError as exc:
         return exc

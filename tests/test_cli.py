@@ -39,7 +39,7 @@ from helpers import (
 
 from nlsstream import __version__, cli
 from nlsstream.audio import load_file
-from nlsstream.gateway import Gateway
+from nlsstream.gateway import Faults, Gateway
 
 THREE = str(FIXTURES / "three_sentences.wav")
 HELLO = str(FIXTURES / "hello.wav")
@@ -549,3 +549,14 @@ def test_a_short_token_does_not_garble_the_error() -> None:
     args = ("--service", "realtime", "--url", url, "--token", "1", "--timeout", "5")
     proc = run_cli("transcribe", HELLO, *args)
     assert_one_line_error(proc, f"cannot connect to {url}")
+
+
+def test_a_dropped_connection_is_resumed_and_said_once(span_gateway: Gateway) -> None:
+    span_gateway.queue_faults(Faults(drop_at="audio", drop_after_bytes=2 * 16000 * 4))
+    proc = run_cli(
+        "transcribe", THREE, "--service", "realtime", "--pace", "0", "--url", span_gateway.url
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == len(EXPECTED)
+    resumed = [line for line in proc.stderr.splitlines() if "resumed on a new connection" in line]
+    assert len(resumed) == 1 and "lost during task" in resumed[0], proc.stderr
