@@ -121,8 +121,9 @@ class Session(abc.ABC):
         connect_timeout, start_timeout, stop_timeout: seconds (the connect timeout
             covers getting the token and the WebSocket handshake).
         ping_interval, ping_timeout: WebSocket keepalive (``None`` disables it): a
-            gateway that answers no ping within ``ping_timeout`` ends the session with
-            :class:`~nlsstream.errors.GatewayConnectionError`.
+            gateway that answers no ping and sends nothing else for ``ping_timeout``
+            ends the session with :class:`~nlsstream.errors.GatewayConnectionError`
+            (which a resume may then cure).
         event_queue_size: how many events each iterator may fall behind before it fails
             with :class:`~nlsstream.errors.EventOverflowError`.
         task_id: a 32-hex task id (default: a fresh one).
