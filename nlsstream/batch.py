@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import random
 import sys
 import urllib.parse
 from collections.abc import Iterable, Sequence
@@ -29,7 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .auth import DEFAULT_REGION
-from .errors import AuthenticationError, NlsError, TaskFailedError, redact
+from .errors import (
+    AuthenticationError,
+    GatewayConnectionError,
+    NlsError,
+    TaskFailedError,
+    redact,
+)
 
 if TYPE_CHECKING:
     from .cli import _Interrupt
@@ -186,6 +193,28 @@ def _cloud_url(services: Services) -> str | None:
     if services.region == DEFAULT_REGION:
         return None  # the clients' documented default
     return f"https://nls-gateway-{services.region}.aliyuncs.com"
+
+
+#: Tries per input when the service says a failure is transient (a full decoder pool,
+#: throttling, a dropped connection): a batch of many files meets them by design.
+BATCH_ATTEMPTS = 3
+
+
+async def recognise_retrying(
+    args: argparse.Namespace, services: Services, source: str
+) -> Transcript:
+    """:func:`recognise`, tried again (jittered backoff: about 1 s, then 2 s) after a
+    failure the service calls retryable."""
+    for attempt in range(1, BATCH_ATTEMPTS + 1):
+        try:
+            return await recognise(args, services, source)
+        except (TaskFailedError, GatewayConnectionError) as exc:
+            if not exc.retryable or attempt == BATCH_ATTEMPTS:
+                raise
+            delay = 2.0 ** (attempt - 1) * (0.5 + random.random() / 2)
+            log.info("%s: %s; trying again in %.1f s", source, exc, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 async def recognise(args: argparse.Namespace, services: Services, source: str) -> Transcript:
@@ -422,7 +451,7 @@ async def run_batch(args: argparse.Namespace, interrupt: _Interrupt, notice: Any
                 if stopping.is_set():
                     return
                 try:
-                    transcript = await recognise(args, services, source)
+                    transcript = await recognise_retrying(args, services, source)
                     paths = await asyncio.to_thread(
                         _write_outputs,
                         transcript,

@@ -37,7 +37,7 @@ from test_cli import (
 )
 
 from nlsstream import cli
-from nlsstream.gateway import Gateway
+from nlsstream.gateway import Faults, Gateway
 
 TRANSCRIPTS = json.loads((FIXTURES / "transcripts.json").read_text())
 WEATHER = str(FIXTURES / "weather.wav")
@@ -359,3 +359,14 @@ def test_help_documents_services_and_batch_exit_codes(capsys: pytest.CaptureFixt
     for needle in ("--service {realtime,flash,filetrans,rest}", "--output-dir DIR", "--force"):
         assert needle in text
     assert "1 at least one failed" in text
+
+
+def test_a_transient_failure_is_tried_again(span_gateway: Gateway, tmp_path: Path) -> None:
+    """A full decoder pool (52010001) is what a batch of many files meets by design: the
+    input is tried again rather than lost."""
+    span_gateway.queue_faults(Faults(fail_status=52010001))  # the first request only
+    out = tmp_path / "out"
+    proc = run_cli("transcribe", HELLO, "--output-dir", str(out), "--url", span_gateway.url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "nlsstream: 1 of 1 done"
+    assert (out / "hello.txt").read_text().startswith("speech ")
