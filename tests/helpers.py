@@ -1,7 +1,7 @@
 """Helpers shared by the tests (test modules import from here, never from each other):
 fixtures on disk, raw gateway tasks, directives as text, raw RFC 6455 frames and a
 raw-socket WebSocket client (for probes a well-behaved client library will not send),
-and a fake CreateToken service.
+a fake CreateToken service, and the command line run as a subprocess.
 
 Fixtures that several modules use live in ``conftest.py``.
 """
@@ -17,16 +17,19 @@ import json
 import os
 import re
 import select
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any, AnyStr
 
+import pytest
 import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -425,3 +428,102 @@ def token_service() -> Iterator[FakeTokenService]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+THREE = str(FIXTURES / "three_sentences.wav")
+HELLO = str(FIXTURES / "hello.wav")
+CLI = [sys.executable, "-m", "nlsstream"]
+TIMEOUT = 60  # for runs that recognise nothing (or only the fast span recogniser)
+
+
+def sphinx_timeout(path: str) -> float:
+    """The CLI's ``--timeout`` for a PocketSphinx run over ``path``: at ``--pace 0`` the
+    whole file arrives at once and is recognised after Stop, so the stop timeout must
+    cover recognising all of it on a loaded machine (ten times real time, plus start-up)."""
+    return round(30 + 10 * float(sf.info(path).duration))
+
+
+def sphinx_args(path: str) -> list[str]:
+    return [path, "--pace", "0", "--timeout", str(sphinx_timeout(path))]
+
+
+def process_timeout(cli_timeout: float) -> float:
+    """How long a CLI run may take in all: connect, start and stop each get ``--timeout``."""
+    return 3 * cli_timeout + TIMEOUT
+
+
+def run_cli(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    timeout: float = TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*CLI, *args],
+        input=input,
+        capture_output=True,
+        env=dict(env) if env is not None else clean_env(),
+        timeout=timeout,
+    )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+    )
+
+
+def run_together(
+    commands: Mapping[str, list[str]], timeout: float
+) -> dict[str, tuple[int, str, str]]:
+    """Run CLI commands at once, each within ``timeout``: ``{name: (status, stdout,
+    stderr)}``."""
+    procs = {
+        name: subprocess.Popen(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
+        )
+        for name, args in commands.items()
+    }
+    results: dict[str, tuple[int, str, str]] = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=timeout)
+            results[name] = (proc.returncode, out.decode(), err.decode())
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def run_with_terminal(*args: str, stream: str) -> tuple[int, str, str]:
+    """Run the CLI with ``stream`` ("stdout" or "stderr") on a pseudo-terminal; returns
+    (status, what the terminal showed, the other stream)."""
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    with os.fdopen(master, "rb", buffering=0) as terminal:
+        proc = subprocess.Popen(
+            [*CLI, *args],
+            stdout=slave if stream == "stdout" else subprocess.PIPE,
+            stderr=slave if stream == "stderr" else subprocess.PIPE,
+            env=clean_env(),
+        )
+        os.close(slave)
+        shown = b""
+        deadline = time.monotonic() + process_timeout(sphinx_timeout(HELLO))
+        while True:
+            left = deadline - time.monotonic()
+            if not select.select([terminal], [], [], max(left, 0))[0]:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"the CLI did not finish in time; it showed {shown!r}")
+            try:
+                data = terminal.read(4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            shown += data
+        out, err = proc.communicate(timeout=TIMEOUT)
+    other = err if stream == "stdout" else out
+    return proc.returncode, shown.decode(), other.decode()

@@ -13,14 +13,12 @@ import io
 import json
 import os
 import re
-import select
 import signal
 import stat
 import struct
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,84 +28,32 @@ import soxr
 from helpers import (
     AK_ID,
     AK_SECRET,
+    CLI,
     FIXTURES,
+    HELLO,
+    THREE,
+    TIMEOUT,
     FakeTokenService,
     clean_env,
     parse_subtitles,
+    process_timeout,
     readline_within,
+    run_cli,
+    run_together,
+    run_with_terminal,
+    sphinx_args,
+    sphinx_timeout,
 )
 
 from nlsstream import __version__, cli
 from nlsstream.audio import load_file
 from nlsstream.gateway import Faults, Gateway
 
-THREE = str(FIXTURES / "three_sentences.wav")
-HELLO = str(FIXTURES / "hello.wav")
 EXPECTED = json.loads((FIXTURES / "transcripts.json").read_text())["three_sentences.wav"]
-CLI = [sys.executable, "-m", "nlsstream"]
-TIMEOUT = 60  # for runs that recognise nothing (or only the fast span recogniser)
 NOTICE = re.compile(
     r"nlsstream: no NLS credentials configured; using the embedded local gateway "
     r"\(PocketSphinx\) at ws://127\.0\.0\.1:\d+/ws/v1"
 )
-
-
-def sphinx_timeout(path: str) -> float:
-    """The CLI's ``--timeout`` for a PocketSphinx run over ``path``: at ``--pace 0`` the
-    whole file arrives at once and is recognised after Stop, so the stop timeout must
-    cover recognising all of it on a loaded machine (ten times real time, plus start-up)."""
-    return round(30 + 10 * float(sf.info(path).duration))
-
-
-def sphinx_args(path: str) -> list[str]:
-    return [path, "--pace", "0", "--timeout", str(sphinx_timeout(path))]
-
-
-def process_timeout(cli_timeout: float) -> float:
-    """How long a CLI run may take in all: connect, start and stop each get ``--timeout``."""
-    return 3 * cli_timeout + TIMEOUT
-
-
-def run_cli(
-    *args: str,
-    env: Mapping[str, str] | None = None,
-    input: bytes | None = None,
-    timeout: float = TIMEOUT,
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [*CLI, *args],
-        input=input,
-        capture_output=True,
-        env=dict(env) if env is not None else clean_env(),
-        timeout=timeout,
-    )
-    return subprocess.CompletedProcess(
-        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
-    )
-
-
-def run_together(
-    commands: Mapping[str, list[str]], timeout: float
-) -> dict[str, tuple[int, str, str]]:
-    """Run CLI commands at once, each within ``timeout``: ``{name: (status, stdout,
-    stderr)}``."""
-    procs = {
-        name: subprocess.Popen(
-            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env()
-        )
-        for name, args in commands.items()
-    }
-    results: dict[str, tuple[int, str, str]] = {}
-    try:
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=timeout)
-            results[name] = (proc.returncode, out.decode(), err.decode())
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -397,39 +343,6 @@ def test_token_rejected_key_is_one_line(service: FakeTokenService) -> None:
     proc = run_cli("token", "--endpoint", service.url, env=env)
     assert_one_line_error(proc, "InvalidAccessKeyId.NotFound")
     assert AK_SECRET not in proc.stderr
-
-
-def run_with_terminal(*args: str, stream: str) -> tuple[int, str, str]:
-    """Run the CLI with ``stream`` ("stdout" or "stderr") on a pseudo-terminal; returns
-    (status, what the terminal showed, the other stream)."""
-    pty = pytest.importorskip("pty")
-    master, slave = pty.openpty()
-    with os.fdopen(master, "rb", buffering=0) as terminal:
-        proc = subprocess.Popen(
-            [*CLI, *args],
-            stdout=slave if stream == "stdout" else subprocess.PIPE,
-            stderr=slave if stream == "stderr" else subprocess.PIPE,
-            env=clean_env(),
-        )
-        os.close(slave)
-        shown = b""
-        deadline = time.monotonic() + process_timeout(sphinx_timeout(HELLO))
-        while True:
-            left = deadline - time.monotonic()
-            if not select.select([terminal], [], [], max(left, 0))[0]:
-                proc.kill()
-                proc.wait()
-                raise AssertionError(f"the CLI did not finish in time; it showed {shown!r}")
-            try:
-                data = terminal.read(4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            shown += data
-        out, err = proc.communicate(timeout=TIMEOUT)
-    other = err if stream == "stdout" else out
-    return proc.returncode, shown.decode(), other.decode()
 
 
 def test_live_output_on_a_terminal() -> None:

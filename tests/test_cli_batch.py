@@ -23,12 +23,14 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, clean_env, parse_subtitles
-from test_cli import (
+from helpers import (
     CLI,
+    FIXTURES,
     HELLO,
     THREE,
     TIMEOUT,
+    clean_env,
+    parse_subtitles,
     process_timeout,
     run_cli,
     run_together,
