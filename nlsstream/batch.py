@@ -197,13 +197,13 @@ def _cloud_url(services: Services) -> str | None:
 
 #: Tries per input when the service says a failure is transient (a full decoder pool,
 #: throttling, a dropped connection): a batch of many files meets them by design.
-BATCH_ATTEMPTS = 3
+BATCH_ATTEMPTS = 5
 
 
 async def recognise_retrying(
     args: argparse.Namespace, services: Services, source: str
 ) -> Transcript:
-    """:func:`recognise`, tried again (jittered backoff: about 1 s, then 2 s) after a
+    """:func:`recognise`, tried again (jittered backoff: about 1, 2, 4, 8 s) after a
     failure the service calls retryable."""
     for attempt in range(1, BATCH_ATTEMPTS + 1):
         try:
