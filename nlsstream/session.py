@@ -393,20 +393,27 @@ class Session(abc.ABC):
                 keep=self._replay.add if self._replay is not None else None,
                 resumed=self._resumed if self._reconnect is not None else None,
             )
-            self._send_text(self._proto.start())
-            try:
-                await asyncio.wait_for(asyncio.shield(router.started_future), self.start_timeout)
-            except asyncio.TimeoutError:
-                router.fail(
-                    StartTimeoutError(
-                        f"gateway at {self._display_url()} did not confirm the start of task "
-                        f"{self.task_id} within {self.start_timeout:g} s"
-                    )
-                )
+            timed_out = await self._start_task()
+            if timed_out is not None:
+                router.fail(timed_out)
             await self._raise_error()
         except BaseException:
             await self.abort()
             raise
+
+    async def _start_task(self) -> StartTimeoutError | None:
+        """Send Start for the current task and wait up to ``start_timeout`` for Started
+        (or the failure that ends the wait); the error to end with if it timed out."""
+        assert self._router is not None
+        self._send_text(self._proto.start())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._router.started_future), self.start_timeout)
+        except asyncio.TimeoutError:
+            return StartTimeoutError(
+                f"gateway at {self._display_url()} did not confirm the start of task "
+                f"{self.task_id} within {self.start_timeout:g} s"
+            )
+        return None
 
     async def _connect(self) -> Connection:
         assert self._router is not None
@@ -687,10 +694,7 @@ class Session(abc.ABC):
         if isinstance(error, GatewayConnectionError):
             return True
         if isinstance(error, AuthenticationError):
-            if not callable(getattr(self._provider, "invalidate", None)):
-                return False
-            self._invalidate_token()
-            return True
+            return callable(getattr(self._provider, "invalidate", None))
         return isinstance(error, TaskFailedError) and is_server_side(error.status)
 
     async def _resumed(self, conn: Connection) -> bool:
@@ -713,6 +717,8 @@ class Session(abc.ABC):
         lost_at = loop.time()
         previous = self.task_id
         stopping = router.stop_sent_at is not None
+        if isinstance(cause, AuthenticationError):
+            self._invalidate_token()  # the new connection asks the provider for a fresh one
         old = self._conn
         sender.hold()
         self._generation += 1  # nothing more is heard from the old connection
@@ -781,13 +787,9 @@ class Session(abc.ABC):
         conn = None
         try:
             conn = await self._connect()
-            self._send_text(proto.start())
-            await asyncio.wait_for(asyncio.shield(router.started_future), self.start_timeout)
-        except asyncio.TimeoutError:
-            self._attempt_error = StartTimeoutError(
-                f"gateway did not confirm the start of task {proto.task_id} within "
-                f"{self.start_timeout:g} s"
-            )
+            timed_out = await self._start_task()
+            if timed_out is not None:
+                self._attempt_error = timed_out
         except NlsError as exc:
             self._attempt_error = exc
         if self._attempt_error is None and proto.state is State.STARTED:
