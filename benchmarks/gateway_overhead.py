@@ -48,7 +48,7 @@ SERVERS = ("light", "aiohttp", "websockets")
 async def _serve_websockets() -> None:
     from websockets.asyncio.server import ServerConnection, serve
 
-    from nlsstream.protocol import build_event, encode, parse_directive
+    from nlsstream.realtime.protocol import build_event, encode, parse_directive
 
     arrivals: list[float] = []
 
@@ -75,7 +75,7 @@ async def _serve_websockets() -> None:
 async def _serve_aiohttp() -> None:
     from aiohttp import WSMsgType, web
 
-    from nlsstream.protocol import build_event, encode, parse_directive
+    from nlsstream.realtime.protocol import build_event, encode, parse_directive
 
     arrivals: list[float] = []
 
@@ -149,7 +149,13 @@ def _proc_cpu(pid: int) -> float:
 
 
 async def _load(url: str, pid: int, connections: int, seconds: float) -> dict[str, Any]:
-    from nlsstream.protocol import TRANSCRIBER, build_directive, encode, new_id, start_payload
+    from nlsstream.realtime.protocol import (
+        TRANSCRIBER,
+        build_directive,
+        encode,
+        new_id,
+        start_payload,
+    )
 
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
     conns = []

@@ -1,7 +1,7 @@
 """N concurrent ``nlsstream.Transcriber`` sessions in ONE process and ONE event loop.
 
 No thread per session: every session is a task on the same loop, and their audio is
-paced by the loop's single shared clock (``nlsstream.pacing``). Each session streams
+paced by the loop's single shared clock (``nlsstream.realtime.pacing``). Each session streams
 640-byte frames of ``tests/fixtures/three_sentences.wav`` looped to ``--seconds`` with
 ``await t.stream(pcm, pace=1.0)``, then ``await t.stop()`` drains until Completed.
 SentenceEnd events are collected with the ``on_sentence_end`` callback, so the harness
@@ -117,8 +117,8 @@ async def _session(
     gate: StartGate | None = None,
 ) -> None:
     from nlsstream.errors import NlsError
-    from nlsstream.protocol import SentenceEnd
-    from nlsstream.session import Transcriber
+    from nlsstream.realtime.protocol import SentenceEnd
+    from nlsstream.realtime.session import Transcriber
 
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, start_at - loop.time()))
@@ -161,7 +161,7 @@ async def run_async(
 ) -> dict[str, Any]:
     """Run the sessions on the running loop and return the client result; with
     ``spread``, their ``stream()`` calls wait for a :class:`StartGate`."""
-    import nlsstream.session  # noqa: F401  (imported before the clock starts)
+    import nlsstream.realtime.session  # noqa: F401  (imported before the clock starts)
 
     loop = asyncio.get_running_loop()
     pcm = load_pcm(seconds)
@@ -226,7 +226,7 @@ async def run_async(
             "event_delivery": lag_summary([d for r in records for d in r.delivery]),
             "stream_spread_s": spread,
             # The pacer found a session's buffer empty when a frame was due: the client
-            # could not produce audio in time (counted in nlsstream.pacing.Metrics).
+            # could not produce audio in time (counted in nlsstream.realtime.pacing.Metrics).
             "underruns": sum(r.underruns for r in records),
         },
     )

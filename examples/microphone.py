@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Callable
 
 import nlsstream
 from nlsstream.audio import load_file
+from nlsstream.cli.output import LiveRenderer
 from nlsstream.mic import Microphone, MicrophoneError
-from nlsstream.output import LiveRenderer
 from nlsstream.quickstart import session_settings
 
 

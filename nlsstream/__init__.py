@@ -31,18 +31,10 @@ from .errors import (
     TaskFailedError,
     TokenError,
 )
-from .events import EventStream
-from .files import (
-    FileResult,
-    FileSentence,
-    FileTranscriber,
-    FileTransTask,
-    FlashRecognizer,
-    RestRecognizer,
-)
 from .mic import Microphone, MicrophoneError
-from .pacing import Metrics, Pacer
-from .protocol import (
+from .realtime.events import EventStream
+from .realtime.pacing import Metrics, Pacer
+from .realtime.protocol import (
     Completed,
     Event,
     ResultChanged,
@@ -55,8 +47,16 @@ from .protocol import (
     UnknownEvent,
     Word,
 )
-from .resume import Reconnect
-from .session import Recognizer, Result, Transcriber
+from .realtime.resume import Reconnect
+from .realtime.session import Recognizer, Result, Transcriber
+from .recordings.clients import (
+    FileResult,
+    FileSentence,
+    FileTranscriber,
+    FileTransTask,
+    FlashRecognizer,
+    RestRecognizer,
+)
 
 __all__ = [
     "DEFAULT_URL",

@@ -4,7 +4,7 @@ Besides a fixed token (:class:`StaticTokenProvider`), :class:`AccessKeyTokenProv
 tokens with an AccessKey through the CreateToken POP RPC (docs/protocol.md §8), caches them and
 refreshes them before they expire. The request signing (§8.2, signature v1.0, HMAC-SHA1) is
 implemented here directly, once for every POP call of the project (CreateToken here,
-FileTrans in :mod:`nlsstream.files`); no Alibaba Cloud SDK is needed.
+FileTrans in :mod:`nlsstream.recordings.clients`); no Alibaba Cloud SDK is needed.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from .auth import (
     TokenSource,
 )
 from .errors import NlsError
-from .protocol import Namespace
+from .realtime.protocol import Namespace
 
 __all__ = [
     "DEFAULT_URL",

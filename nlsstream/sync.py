@@ -58,11 +58,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from . import files as _files
-from . import session as _session
 from .auth import TokenSource
-from .pacing import Metrics
-from .protocol import State
+from .realtime import session as _session
+from .realtime.pacing import Metrics
+from .realtime.protocol import State
+from .recordings import clients as _files
 
 __all__ = [
     "BlockingFacade",

@@ -33,9 +33,9 @@ import pytest
 import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
 
-from nlsstream import protocol as p
 from nlsstream.gateway import Gateway
-from nlsstream.protocol import RECOGNIZER, TRANSCRIBER, build_directive, encode
+from nlsstream.realtime import protocol as p
+from nlsstream.realtime.protocol import RECOGNIZER, TRANSCRIBER, build_directive, encode
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKEN, APPKEY = "tok-123", "app-456"

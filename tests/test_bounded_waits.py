@@ -17,9 +17,9 @@ from helpers import TOKEN, client_frame, start, upgrade_request
 from websockets.asyncio.server import ServerConnection, serve
 
 from nlsstream import GatewayConnectionError, Reconnect, Transcriber
-from nlsstream import protocol as p
 from nlsstream.gateway import Gateway, Transcript
 from nlsstream.gateway.light import LightGateway
+from nlsstream.realtime import protocol as p
 
 TEN_MINUTES = b"\x00\x01" * 16000 * 600  # far more than loopback's socket buffers hold
 

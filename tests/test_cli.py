@@ -45,8 +45,9 @@ from helpers import (
     sphinx_timeout,
 )
 
-from nlsstream import __version__, cli
+from nlsstream import __version__
 from nlsstream.audio import load_file
+from nlsstream.cli import main as cli
 from nlsstream.gateway import Faults, Gateway
 
 EXPECTED = json.loads((FIXTURES / "transcripts.json").read_text())["three_sentences.wav"]

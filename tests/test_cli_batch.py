@@ -38,7 +38,7 @@ from helpers import (
     sphinx_timeout,
 )
 
-from nlsstream import cli
+from nlsstream.cli import main as cli
 from nlsstream.gateway import Faults, Gateway
 
 TRANSCRIPTS = json.loads((FIXTURES / "transcripts.json").read_text())

@@ -30,8 +30,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from nlsstream import FileTranscriber, PopError
-from nlsstream.cli import main
-from nlsstream.protocol import TRANSCRIBER, new_id
+from nlsstream.cli.main import main
+from nlsstream.realtime.protocol import TRANSCRIBER, new_id
 
 SECRET = "cli-secret-token-42"
 

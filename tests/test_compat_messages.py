@@ -20,7 +20,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from nlsstream import Recognizer, Transcriber
-from nlsstream.protocol import RECOGNIZER, TRANSCRIBER, build_event, encode
+from nlsstream.realtime.protocol import RECOGNIZER, TRANSCRIBER, build_event, encode
 
 nls = pytest.importorskip("nls")
 

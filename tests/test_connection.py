@@ -9,8 +9,8 @@ import random
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from nlsstream.connection import Connection, client_frame, client_frames, connect
 from nlsstream.errors import AuthenticationError, GatewayConnectionError
+from nlsstream.realtime.connection import Connection, client_frame, client_frames, connect
 
 
 def unmask(data: bytes, key: bytes) -> bytes:
@@ -223,8 +223,8 @@ async def test_sessions_go_through_a_proxy_given_or_from_the_environment(
     """``proxy=URL`` tunnels through that proxy; ``proxy=True`` (the default) finds it in
     ``ws_proxy``; ``no_proxy`` and ``proxy=None`` connect directly."""
     from nlsstream import Transcriber
-    from nlsstream.connection import proxy_for
     from nlsstream.gateway import Gateway
+    from nlsstream.realtime.connection import proxy_for
 
     async with Gateway(recognizer="span") as gw:
         proxy = ConnectProxy()

@@ -26,9 +26,9 @@ from helpers import (
 )
 from websockets.exceptions import ConnectionClosed
 
-from nlsstream import protocol as p
 from nlsstream.gateway import Faults, Gateway, SpanRecognizer, Transcript
 from nlsstream.gateway.engine import sphinx_available
+from nlsstream.realtime import protocol as p
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from nlsstream.gateway import Gateway
 from nlsstream.gateway.light import LightGateway
-from nlsstream.protocol import RECOGNIZER, TRANSCRIBER
+from nlsstream.realtime.protocol import RECOGNIZER, TRANSCRIBER
 
 TOKEN = "rules-token"
 T1 = "0123456789abcdef0123456789abcdef"

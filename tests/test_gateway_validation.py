@@ -16,8 +16,8 @@ from helpers import APPKEY, TOKEN, RawTask, names, open_ws, payloads, read_pcm, 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from nlsstream import protocol as p
 from nlsstream.gateway import Gateway
+from nlsstream.realtime import protocol as p
 
 
 @pytest.fixture

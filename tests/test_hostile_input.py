@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection, serve
 
 from nlsstream import Transcriber
-from nlsstream import protocol as p
 from nlsstream.errors import ProtocolError
+from nlsstream.realtime import protocol as p
 
 TASK = "0123456789abcdef0123456789abcdef"
 

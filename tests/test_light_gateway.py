@@ -31,7 +31,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from nlsstream.gateway.light import LightGateway, SessionStats
-from nlsstream.protocol import RECOGNIZER, TRANSCRIBER, new_id
+from nlsstream.realtime.protocol import RECOGNIZER, TRANSCRIBER, new_id
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import pytest
 from helpers import parse_subtitles
 
-from nlsstream.output import (
+from nlsstream.cli.output import (
     CLEAR_LINE,
     Cue,
     JsonlRenderer,
@@ -23,7 +23,7 @@ from nlsstream.output import (
     format_vtt,
     renderer_for,
 )
-from nlsstream.protocol import (
+from nlsstream.realtime.protocol import (
     RECOGNIZER,
     TRANSCRIBER,
     Event,

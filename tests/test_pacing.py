@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from nlsstream.pacing import LATE_THRESHOLD_MS, Metrics, Pacer
+from nlsstream.realtime.pacing import LATE_THRESHOLD_MS, Metrics, Pacer
 
 FRAME = 640
 BPS_16K = 32000.0  # bytes per second of 16 kHz PCM16 mono

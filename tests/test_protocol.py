@@ -1,4 +1,4 @@
-"""Unit tests for the sans-I/O protocol core (nlsstream.protocol)."""
+"""Unit tests for the sans-I/O protocol core (nlsstream.realtime.protocol)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from nlsstream import protocol as p
 from nlsstream.errors import STATUS_CODES, InvalidStateError, ProtocolError
+from nlsstream.realtime import protocol as p
 
 TID = "0123456789abcdef0123456789abcdef"
 

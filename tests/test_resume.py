@@ -26,7 +26,7 @@ from nlsstream import (
     Transcriber,
 )
 from nlsstream.gateway import Faults, Gateway
-from nlsstream.resume import ReplayBuffer, Timeline
+from nlsstream.realtime.resume import ReplayBuffer, Timeline
 
 pytest.importorskip("pocketsphinx")
 

@@ -12,10 +12,10 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from nlsstream import AuthenticationError, GatewayConnectionError, Transcriber
-from nlsstream import protocol as p
 from nlsstream.errors import redact
 from nlsstream.gateway import Gateway
 from nlsstream.gateway.light import LightGateway
+from nlsstream.realtime import protocol as p
 
 SECRET = "SECRET-tok-8f3a2b"
 

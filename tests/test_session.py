@@ -31,7 +31,7 @@ from nlsstream import (
     Transcriber,
 )
 from nlsstream.gateway import Gateway
-from nlsstream.protocol import State, new_id
+from nlsstream.realtime.protocol import State, new_id
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRANSCRIPTS: dict[str, list[str]] = json.loads((FIXTURES / "transcripts.json").read_text())

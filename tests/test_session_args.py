@@ -22,7 +22,7 @@ from nlsstream import (
     Transcriber,
 )
 from nlsstream.gateway import Gateway
-from nlsstream.protocol import RECOGNIZER, TRANSCRIBER
+from nlsstream.realtime.protocol import RECOGNIZER, TRANSCRIBER
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = str(ROOT / "tests" / "fixtures" / "hello.wav")

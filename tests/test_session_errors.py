@@ -29,7 +29,7 @@ from nlsstream import (
     Transcriber,
 )
 from nlsstream.gateway import Faults, Gateway
-from nlsstream.protocol import TRANSCRIBER, State, build_event
+from nlsstream.realtime.protocol import TRANSCRIBER, State, build_event
 
 FIXTURES = Path(__file__).parent / "fixtures"
 THREE = str(FIXTURES / "three_sentences.wav")

@@ -26,7 +26,7 @@ from nlsstream import (
     TaskFailedError,
 )
 from nlsstream.gateway import Faults, Gateway
-from nlsstream.protocol import State
+from nlsstream.realtime.protocol import State
 from nlsstream.sync import loop_thread
 
 pytestmark = pytest.mark.nls_gateway(recognizer="span")

@@ -29,7 +29,14 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from ..errors import SUCCESS, status_text
-from ..protocol import MAX_SPEECH_MS, RECOGNIZER, TRANSCRIBER, DirectiveError, StartParams, Word
+from ..realtime.protocol import (
+    MAX_SPEECH_MS,
+    RECOGNIZER,
+    TRANSCRIBER,
+    DirectiveError,
+    StartParams,
+    Word,
+)
 from .vad import FRAME_MS, EnergyVad
 
 __all__ = [

@@ -39,8 +39,8 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from .. import auth
 from ..audio import decode_channels
 from ..errors import STATUS_CODES, SUCCESS, AudioFormatError, status_text
-from ..files import read_bounded
-from ..protocol import TRANSCRIBER, DirectiveError, StartParams
+from ..realtime.protocol import TRANSCRIBER, DirectiveError, StartParams
+from ..recordings.clients import read_bounded
 from .engine import TranscriberTask
 from .faults import Faults
 

@@ -6,7 +6,7 @@ sequence (``docs/protocol.md`` §3, §4): Started, then during streaming one
 SentenceBegin/SentenceEnd pair per ``sentence_ms`` of audio received (numbered, with
 ``time``/``begin_time``, so a client can prove that no event was lost), a SentenceEnd
 for the tail on Stop, then Completed. Which directive is allowed when, and the status of
-every refusal, come from :class:`~nlsstream.protocol.ServerTask`, the rule book the full
+every refusal, come from :class:`~nlsstream.realtime.protocol.ServerTask`, the rule book the full
 gateway uses too; after a TaskFailed the gateway closes the connection (1000).
 
 For every binary (audio) message it records the arrival time and its lateness against
@@ -72,7 +72,7 @@ from picows import (
 )
 
 from ..errors import status_text
-from ..protocol import (
+from ..realtime.protocol import (
     NAMESPACES,
     TRANSCRIBER,
     DirectiveError,

@@ -9,7 +9,7 @@ shared method, :meth:`Gateway._authorize`, for any route that needs a token.
 
 One coroutine serves each connection and handles its messages in order; the task rules
 (which directive or audio is allowed when, and every reply's text) are
-:class:`~nlsstream.protocol.ServerTask`'s, recognition runs in a bounded thread pool.
+:class:`~nlsstream.realtime.protocol.ServerTask`'s, recognition runs in a bounded thread pool.
 Per audio frame the server does a little arithmetic and one numpy pass (VAD), never
 JSON and never a new task. Limits: messages over ``max_size`` bytes close that
 connection (1009); a recognizer task holds at most 60 s of audio, a transcriber sentence
@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("the local gateway needs aiohttp: pip install 'nlsstream[local]'") from exc
 
 from ..errors import SUCCESS, status_text
-from ..protocol import (
+from ..realtime.protocol import (
     SUCCESS_TEXT,
     TRANSCRIBER,
     Accepted,

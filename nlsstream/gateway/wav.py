@@ -9,7 +9,7 @@ absurdly long), 40010003 for a valid one describing other audio.
 from __future__ import annotations
 
 from ..errors import status_text
-from ..protocol import DirectiveError
+from ..realtime.protocol import DirectiveError
 
 __all__ = ["MAX_WAV_HEADER", "WavStripper", "wav_data_offset"]
 

@@ -47,7 +47,7 @@ from ...errors import (
     StopTimeoutError,
     TaskFailedError,
 )
-from ...protocol import (
+from ...realtime.protocol import (
     Completed,
     Event,
     ResultChanged,
@@ -58,7 +58,7 @@ from ...protocol import (
     build_task_failed,
     encode,
 )
-from ...session import Recognizer, Session, Transcriber
+from ...realtime.session import Recognizer, Session, Transcriber
 from ...sync import CALL_MARGIN, LoopThread, loop_thread
 from . import exception, token
 from .exception import (

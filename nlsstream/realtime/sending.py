@@ -3,7 +3,7 @@
 :class:`AudioSender` is the session's audio path once it is connected: unpaced binary
 messages (``send_audio``), 640-byte frames as fast as the socket takes them
 (``stream(pace=None)``), or frames paced by the event loop's shared
-:class:`~nlsstream.pacing.Pacer` (``stream(pace=1.0)``). Before each frame it asks the
+:class:`~nlsstream.realtime.pacing.Pacer` (``stream(pace=1.0)``). Before each frame it asks the
 session whether audio may still go out (``check``), so nothing is sent before Started or
 after the task ended; a paced stream that the task's end interrupts fails with the
 reason (:meth:`AudioSender.interrupt`) and says how much audio was not sent.
@@ -15,9 +15,9 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
-from .audio import FRAME_BYTES, Framer
+from ..audio import FRAME_BYTES, Framer
+from ..errors import GatewayConnectionError, InvalidStateError
 from .connection import Connection
-from .errors import GatewayConnectionError, InvalidStateError
 from .pacing import Metrics, PacedStream, Pacer
 from .router import EventRouter
 

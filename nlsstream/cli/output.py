@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from .errors import SUCCESS
-from .protocol import Completed, Event, ResultChanged, SentenceEnd, TaskFailed, Word
+from ..errors import SUCCESS
+from ..realtime.protocol import Completed, Event, ResultChanged, SentenceEnd, TaskFailed, Word
 
 if TYPE_CHECKING:
-    from .files import FileResult
+    from ..recordings.clients import FileResult
 
 __all__ = [
     "Cue",

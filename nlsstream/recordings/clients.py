@@ -39,9 +39,9 @@ import numpy as np
 import numpy.typing as npt
 import soundfile
 
-from . import auth
-from .audio import _check_array, decode_channels, to_pcm16
-from .errors import (
+from .. import auth
+from ..audio import _check_array, decode_channels, to_pcm16
+from ..errors import (
     FILE_TRANS_DONE,
     FILE_TRANS_PENDING,
     SUCCESS,
@@ -54,7 +54,7 @@ from .errors import (
     redact,
     task_error,
 )
-from .protocol import Word
+from ..realtime.protocol import Word
 
 if TYPE_CHECKING:
     import aiohttp
@@ -73,7 +73,7 @@ __all__ = [
     "file_trans_endpoint",
 ]
 
-log = logging.getLogger("nlsstream.files")
+log = logging.getLogger("nlsstream.recordings.clients")
 
 FLASH_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com/stream/v1/FlashRecognizer"
 REST_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com/stream/v1/asr"

@@ -6,12 +6,12 @@ stops gracefully (Stop once, drain until Completed) or, if the block raised or w
 cancelled, aborts: no task and no socket outlive the block.
 
 The session is the lifecycle facade users call. Beneath it: the connection
-(:mod:`nlsstream.connection`: handshake, keepalive, flow control, the audio gate), the
-event router (:mod:`nlsstream.router`: the one path every event takes to iterators,
+(:mod:`nlsstream.realtime.connection`: handshake, keepalive, flow control, the audio gate), the
+event router (:mod:`nlsstream.realtime.router`: the one path every event takes to iterators,
 callbacks, the result and the metrics) and the sans-I/O task state machine
-(:class:`~nlsstream.protocol.ClientProtocol`). Audio goes out through :meth:`send_audio`
+(:class:`~nlsstream.realtime.protocol.ClientProtocol`). Audio goes out through :meth:`send_audio`
 (now, unpaced) or :meth:`stream` (any source, cut into 640-byte frames, paced by the
-event loop's shared :class:`~nlsstream.pacing.Pacer`).
+event loop's shared :class:`~nlsstream.realtime.pacing.Pacer`).
 
 Every wait is bounded (``connect_timeout``, ``start_timeout``, ``stop_timeout``, and the
 WebSocket keepalive while streaming), and every failure ends as a typed
@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
-from . import audio
-from .auth import TokenProvider, TokenSource, as_provider
-from .config import DEFAULT_URL, check_token, start_parameters
-from .connection import Connection, ProxySetting, connect
-from .errors import (
+from .. import audio
+from ..auth import TokenProvider, TokenSource, as_provider
+from ..config import DEFAULT_URL, check_token, start_parameters
+from ..errors import (
     AudioFormatError,
     AuthenticationError,
     CallbackError,
@@ -49,6 +48,7 @@ from .errors import (
     redact,
     with_note,
 )
+from .connection import Connection, ProxySetting, connect
 from .events import EventHub, EventStream
 from .pacing import Metrics, Pacer
 from .protocol import (
@@ -73,7 +73,7 @@ from .sending import AudioSender
 
 __all__ = ["Recognizer", "Result", "Session", "Transcriber"]
 
-logger = logging.getLogger("nlsstream.session")
+logger = logging.getLogger("nlsstream.realtime.session")
 
 E = TypeVar("E", bound=Event)
 #: A callback: a plain function or a coroutine function (awaited before later events).
@@ -127,7 +127,7 @@ class Session(abc.ABC):
         event_queue_size: how many events each iterator may fall behind before it fails
             with :class:`~nlsstream.errors.EventOverflowError`.
         task_id: a 32-hex task id (default: a fresh one).
-        pacer: the :class:`~nlsstream.pacing.Pacer` for :meth:`stream` (default: the
+        pacer: the :class:`~nlsstream.realtime.pacing.Pacer` for :meth:`stream` (default: the
             running loop's shared one).
         max_ahead_ms: how much audio :meth:`stream` buffers ahead of the pacer.
         proxy: ``True`` (default) uses the system's proxy settings for the gateway's
@@ -153,7 +153,7 @@ class Session(abc.ABC):
         params: extra Start parameters, sent as given; ``None`` values are left out.
         **extra: Start parameters as keyword arguments (``max_sentence_silence``,
             ``enable_words``, ``vocabulary_id``, ...); one outside the documented set
-            (:attr:`~nlsstream.protocol.Namespace.parameters`, most likely a typo) draws a
+            (:attr:`~nlsstream.realtime.protocol.Namespace.parameters`, most likely a typo) draws a
             warning, once per name; pass it in ``params`` instead to send it without.
             A value that cannot be sent as JSON (e.g. a callback the class does not
             have) raises TypeError here.
@@ -263,7 +263,7 @@ class Session(abc.ABC):
         self._pacer = pacer
         self.proxy = proxy
         self._max_ahead_bytes = max(audio.FRAME_BYTES, 2 * sample_rate * max_ahead_ms // 1000)
-        #: Counters of what was sent and how late (see :class:`~nlsstream.pacing.Metrics`).
+        #: Counters of what was sent and how late (see :class:`~nlsstream.realtime.pacing.Metrics`).
         self.metrics = Metrics(sample_rate=sample_rate)
 
         self._hub = EventHub()  # iterators may subscribe before start()
@@ -275,7 +275,7 @@ class Session(abc.ABC):
         self._error_raised = False  # the task's error reached the user (raised or aborted)
         self._closed = False  # on_close was called
         self._closer: asyncio.Task[None] | None = None  # closes the connection at the end
-        # Resuming (see nlsstream.resume): the audio to replay, the events' re-basing, the
+        # Resuming (see nlsstream.realtime.resume): the audio to replay, the events' re-basing, the
         # task doing it, and the connection generation (callbacks of older ones are stale).
         self._replay: ReplayBuffer | None = None
         self._timeline: Timeline | None = None

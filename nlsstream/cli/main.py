@@ -3,7 +3,7 @@
 Subcommands:
 
 * ``nlsstream transcribe FILE|URL...|-|--mic``: recordings with ``--service``
-  (flash by default, filetrans, rest or realtime; :mod:`nlsstream.batch`, also for
+  (flash by default, filetrans, rest or realtime; :mod:`nlsstream.cli.batch`, also for
   several inputs), standard input and the microphone in real time;
 * ``nlsstream recognize FILE|-``: sentence recognition (one utterance, at most 60 s);
 * ``nlsstream serve``: run the local NLS gateway until SIGINT/SIGTERM;
@@ -32,20 +32,20 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._version import __version__
-from .auth import AccessKeyTokenProvider
-from .config import Settings
-from .errors import NlsError, redact
+from .._version import __version__
+from ..auth import AccessKeyTokenProvider
+from ..config import Settings
+from ..errors import NlsError, redact
 
 if TYPE_CHECKING:
-    from .gateway.light import LightGateway
+    from ..gateway.light import LightGateway
+    from ..realtime.protocol import Event
+    from ..realtime.session import Session
     from .output import ProgressBar, Renderer
-    from .protocol import Event
-    from .session import Session
 
 __all__ = ["build_parser", "main"]
 
-log = logging.getLogger("nlsstream.cli")
+log = logging.getLogger("nlsstream.cli.main")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -532,7 +532,7 @@ class _Interrupt:
 
 def _notice(args: argparse.Namespace) -> Callable[[str], None]:
     """The embedded gateway's notice, and what it ignores of the options given."""
-    from .quickstart import print_notice
+    from ..quickstart import print_notice
 
     unsupported = [
         flag for flag, on in (("--punctuation", args.punctuation), ("--itn", args.itn)) if on
@@ -570,9 +570,9 @@ async def _interruptible(args: argparse.Namespace, out: TextIO | None) -> int:
 
 
 async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: _Interrupt) -> int:
+    from ..quickstart import print_notice, service_settings
+    from ..realtime.session import Recognizer, Transcriber
     from .output import ProgressBar, renderer_for
-    from .quickstart import print_notice, service_settings
-    from .session import Recognizer, Transcriber
 
     # Read and check the audio before connecting: a bad file costs no session.
     pcm: bytes | None = None
@@ -584,7 +584,7 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
         else:
             stdin = audio
     elif args.source:
-        from .audio import load_file
+        from ..audio import load_file
 
         pcm = await asyncio.to_thread(load_file, args.source, args.sample_rate)
 
@@ -601,7 +601,7 @@ async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: 
         if stdin is not None:
             source = await stack.enter_async_context(contextlib.aclosing(stdin))
         elif args.mic:
-            from .mic import Microphone
+            from ..mic import Microphone
 
             device: int | str | None = args.device
             if isinstance(device, str) and device.isdigit():
@@ -679,7 +679,7 @@ async def _wait_sending(
 
 async def _render(events: AsyncIterator[Event], renderer: Renderer) -> NlsError | None:
     """Feed every event to the renderer; returns the error the stream ended with."""
-    from .protocol import Resumed
+    from ..realtime.protocol import Resumed
 
     try:
         async for event in events:
@@ -719,8 +719,8 @@ async def _stdin_audio(sample_rate: int) -> bytes | AsyncGenerator[bytes, None]:
     at ``sample_rate`` is streamed as it arrives (a live recorder's too); other WAV, MP3,
     OGG and FLAC are read to the end and decoded to PCM; anything else is taken as raw
     PCM16LE mono at ``sample_rate`` and streamed."""
-    from .audio import SNIFF_BYTES, decode_bytes, sniff_container, wav_stream_layout
-    from .errors import AudioFormatError
+    from ..audio import SNIFF_BYTES, decode_bytes, sniff_container, wav_stream_layout
+    from ..errors import AudioFormatError
 
     chunks = _stdin_chunks()
     head = b""
@@ -935,7 +935,7 @@ def _serve(args: argparse.Namespace) -> int:
     # websockets' and picows' INFO lines (every handshake) are noise next to our session lines.
     for noisy in ("websockets", "picows"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
-    from .gateway import Gateway
+    from ..gateway import Gateway
 
     if not args.token and os.environ.get("NLS_GATEWAY_TOKEN"):
         args.token = [t for t in os.environ["NLS_GATEWAY_TOKEN"].split(",") if t.strip()]
@@ -947,7 +947,7 @@ def _serve(args: argparse.Namespace) -> int:
             if args.recognizer is not None:
                 raise ValueError("--recognizer applies to the full gateway, not --light")
             try:
-                from .gateway.light import LightGateway
+                from ..gateway.light import LightGateway
             except ImportError as exc:
                 missing = f"--light needs the 'light' extra ({exc.name} is missing)"
                 raise ValueError(missing) from None
@@ -999,7 +999,7 @@ def _access_keys(pairs: list[str] | None) -> dict[str, str] | None:
 
 
 async def _run_gateway(gateway: object) -> None:
-    from .gateway import Gateway
+    from ..gateway import Gateway
 
     assert isinstance(gateway, Gateway)
     async with gateway:

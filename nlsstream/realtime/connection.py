@@ -41,14 +41,14 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State as WsState
 from websockets.uri import WebSocketURI, parse_uri
 
-from .errors import AuthenticationError, GatewayConnectionError, ProtocolError, redact
+from ..errors import AuthenticationError, GatewayConnectionError, ProtocolError, redact
 
 if TYPE_CHECKING:
     from .pacing import PacedStream
 
 __all__ = ["Connection", "client_frame", "client_frames", "connect"]
 
-logger = logging.getLogger("nlsstream.connection")
+logger = logging.getLogger("nlsstream.realtime.connection")
 
 #: ``proxy=`` of a session: ``True`` for the system's settings, a URL, or ``None``.
 ProxySetting = str | Literal[True] | None
@@ -125,7 +125,7 @@ class Connection(asyncio.Protocol):
     :attr:`failure` and :meth:`describe_close` to say why). Both run synchronously on the
     loop and must not raise.
 
-    As a :class:`~nlsstream.pacing.FrameSink`: :attr:`write_frames` writes already
+    As a :class:`~nlsstream.realtime.pacing.FrameSink`: :attr:`write_frames` writes already
     encoded frames (the transport's own ``write``, bound once), :meth:`encode_frames`
     encodes them, and :meth:`attach` holds a paced stream whenever frames cannot go out.
     """

@@ -57,7 +57,7 @@ The clock is injectable: ``Pacer(clock=..., autorun=False)`` never touches a tim
 driven by calling :meth:`Pacer.run_due` with a fake time (each call is a tick; the grid
 of ticks starts at the clock's time when the first stream registers while none is
 open), which is how pacing accuracy is tested. The writing itself goes through a
-:class:`FrameSink` (a session's :class:`~nlsstream.connection.Connection`, which also
+:class:`FrameSink` (a session's :class:`~nlsstream.realtime.connection.Connection`, which also
 sets :attr:`PacedStream.held`).
 """
 
@@ -72,11 +72,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from .audio import FRAME_BYTES, Framer
+from ..audio import FRAME_BYTES, Framer
 
 __all__ = ["LATE_THRESHOLD_MS", "FrameSink", "Metrics", "PacedStream", "Pacer"]
 
-logger = logging.getLogger("nlsstream.pacing")
+logger = logging.getLogger("nlsstream.realtime.pacing")
 
 #: A frame written more than this late counts in :attr:`Metrics.late_frames`.
 LATE_THRESHOLD_MS = 5.0

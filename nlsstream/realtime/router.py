@@ -3,7 +3,7 @@ takes to the user.
 
 For each event, :meth:`EventRouter.deliver` does everything, in this order: metrics,
 the task's record (final sentences, the Completed event), every iterator's bounded queue
-(:mod:`nlsstream.events`), the user's callback, then the task's lifecycle (Started
+(:mod:`nlsstream.realtime.events`), the user's callback, then the task's lifecycle (Started
 confirms the start, Completed and TaskFailed end the task). A failure that is not an event
 (a lost connection, a timeout) takes the same path through :meth:`EventRouter.fail`.
 
@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .errors import CallbackError, NlsError, ProtocolError, redact, task_error
+from ..errors import CallbackError, NlsError, ProtocolError, redact, task_error
 from .events import EventHub
 from .pacing import Metrics
 from .protocol import (
@@ -39,7 +39,7 @@ from .protocol import (
 
 __all__ = ["Callback", "EventRouter"]
 
-logger = logging.getLogger("nlsstream.session")
+logger = logging.getLogger("nlsstream.realtime.session")
 
 #: A user callback: a plain function or a coroutine function.
 Callback = Callable[[Any], object]
@@ -100,7 +100,7 @@ class EventRouter:
         self._loop = loop
         self.started_future: asyncio.Future[None] = loop.create_future()
         self.ended_future: asyncio.Future[None] = loop.create_future()
-        #: Set by a session that can survive failures (see :mod:`nlsstream.resume`):
+        #: Set by a session that can survive failures (see :mod:`nlsstream.realtime.resume`):
         #: ``rebase(event)`` puts an event on the stream's timeline (``None``: drop it);
         #: ``recover(error)`` returns True if the session takes over a retryable failure
         #: instead of ending the task.

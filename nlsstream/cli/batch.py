@@ -1,8 +1,8 @@
 """The command line's recordings and batches (``nlsstream transcribe``).
 
 * ``--service flash|filetrans|rest`` recognises a recording with that service
-  (:mod:`nlsstream.files`); ``realtime`` streams it through a
-  :class:`~nlsstream.Transcriber` (:mod:`nlsstream.session`).
+  (:mod:`nlsstream.recordings.clients`); ``realtime`` streams it through a
+  :class:`~nlsstream.Transcriber` (:mod:`nlsstream.realtime.session`).
 * Several inputs, or ``--output-dir``: a batch. At most ``-j`` inputs at once, one output
   per input (per channel when a recording has several), each written atomically as soon
   as it is done; a failed input costs only its own output; inputs whose output exists
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .auth import DEFAULT_REGION
-from .errors import (
+from ..auth import DEFAULT_REGION
+from ..errors import (
     AuthenticationError,
     GatewayConnectionError,
     NlsError,
@@ -39,10 +39,10 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .cli import _Interrupt
+    from ..quickstart import Services
+    from ..realtime.protocol import Event
+    from .main import _Interrupt
     from .output import ProgressBar
-    from .protocol import Event
-    from .quickstart import Services
 
 __all__ = [
     "EXTENSIONS",
@@ -54,7 +54,7 @@ __all__ = [
     "run_recording",
 ]
 
-log = logging.getLogger("nlsstream.batch")
+log = logging.getLogger("nlsstream.cli.batch")
 
 SERVICES = ("realtime", "flash", "filetrans", "rest")
 #: The extension of each output format's files (``--output-dir``).
@@ -161,7 +161,7 @@ def _file_link(source: str, services: Services) -> str:
     if services.local or host in _LOOPBACK:
         path = Path(source)
         if not path.is_file():
-            from .errors import AudioFormatError
+            from ..errors import AudioFormatError
 
             raise AudioFormatError(f"audio file not found: {source}")
         return path.resolve().as_uri()
@@ -176,7 +176,7 @@ _hinted: list[bool] = []
 
 def _flash_edition_hint() -> None:
     """Once per run: the cloud refused Flash, which the trial edition does not have."""
-    from .quickstart import print_notice
+    from ..quickstart import print_notice
 
     if not _hinted:
         _hinted.append(True)
@@ -222,7 +222,7 @@ async def recognise(args: argparse.Namespace, services: Services, source: str) -
     service = args.service
     if service == "realtime":
         return await _realtime(args, services, source)
-    from .files import FileTranscriber, FlashRecognizer, RestRecognizer
+    from ..recordings.clients import FileTranscriber, FlashRecognizer, RestRecognizer
     from .output import recording_events
 
     params: dict[str, Any] = {}
@@ -290,9 +290,9 @@ class _Collect:
 
 async def _realtime(args: argparse.Namespace, services: Services, source: str) -> Transcript:
     """One file through a real-time Transcriber at ``--pace``."""
-    from .audio import load_file
-    from .cli import REALTIME_TIMEOUT, _finish_render, _render, realtime_params
-    from .session import Transcriber
+    from ..audio import load_file
+    from ..realtime.session import Transcriber
+    from .main import REALTIME_TIMEOUT, _finish_render, _render, realtime_params
 
     pcm = await asyncio.to_thread(load_file, source, args.sample_rate)
     timeout = args.timeout if args.timeout is not None else REALTIME_TIMEOUT
@@ -328,7 +328,7 @@ async def _realtime(args: argparse.Namespace, services: Services, source: str) -
 def render(
     events: Iterable[tuple[int, Event]], fmt: str, out: TextIO, *, channel_ids: bool
 ) -> None:
-    """Write ``events`` in ``fmt`` with the renderers of :mod:`nlsstream.output` (JSON
+    """Write ``events`` in ``fmt`` with the renderers of :mod:`nlsstream.cli.output` (JSON
     Lines of a recording also carry each sentence's ``channel_id``)."""
     from .output import event_to_json, renderer_for
 
@@ -346,7 +346,7 @@ def render(
 
 def _write_outputs(transcript: Transcript, base: str, fmt: str, channel_ids: bool) -> list[str]:
     """Every output of one input, each written atomically (blocking: a worker thread)."""
-    from .cli import _open_output
+    from .main import _open_output
 
     paths = output_paths(base, fmt, transcript.channels)
     for channel, path in enumerate(paths):
@@ -365,10 +365,10 @@ def _write_outputs(transcript: Transcript, base: str, fmt: str, channel_ids: boo
 def _services(
     args: argparse.Namespace, notice: Any
 ) -> contextlib.AbstractAsyncContextManager[Services]:
-    from .quickstart import service_settings
+    from ..quickstart import service_settings
 
     if args.service != "realtime":
-        from .files import _aiohttp
+        from ..recordings.clients import _aiohttp
 
         _aiohttp()  # before anything starts: ImportError naming the 'files' extra
 
@@ -387,11 +387,11 @@ async def run_recording(
     args: argparse.Namespace, out: TextIO, interrupt: _Interrupt, notice: Any
 ) -> int:
     """One input, one output (standard output or ``-o``): every channel in time order."""
-    from .cli import EXIT_OK
-    from .quickstart import print_notice
+    from ..quickstart import print_notice
+    from .main import EXIT_OK
 
     if not is_url(args.source) and not await asyncio.to_thread(os.path.isfile, args.source):
-        from .errors import AudioFormatError
+        from ..errors import AudioFormatError
 
         # Before any gateway or connection: a missing file costs nothing.
         raise AudioFormatError(f"audio file not found: {args.source}")
@@ -419,7 +419,7 @@ class _Tally:
 
 async def run_batch(args: argparse.Namespace, interrupt: _Interrupt, notice: Any) -> int:
     """Every input of ``args.inputs`` into ``args.output_dir``; see the module docstring."""
-    from .cli import _PROGRESS_INTERVAL, EXIT_FAILURE, EXIT_OK, _isatty, command_secrets
+    from .main import _PROGRESS_INTERVAL, EXIT_FAILURE, EXIT_OK, _isatty, command_secrets
     from .output import ProgressBar
 
     await asyncio.to_thread(os.makedirs, args.output_dir, exist_ok=True)

@@ -21,8 +21,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ._version import __version__
-from .errors import SUCCESS, InvalidStateError, ProtocolError, status_text
+from .._version import __version__
+from ..errors import SUCCESS, InvalidStateError, ProtocolError, status_text
 
 __all__ = [
     "MAX_SPEECH_MS",
@@ -400,7 +400,7 @@ class UnknownEvent(Event):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Resumed(Event):
     """Not a gateway message: the session's own news that it survived a failure (see
-    :class:`~nlsstream.resume.Reconnect`). ``task_id`` is the new task's id,
+    :class:`~nlsstream.realtime.resume.Reconnect`). ``task_id`` is the new task's id,
     ``previous_task_id`` the one that was lost; ``cause`` says why (the error's text);
     ``attempts`` counts the connections it took, ``gap_ms`` the time from the failure to
     the new task's start, ``replayed_ms`` the audio sent again."""

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Generic, TypeVar
 
-from .errors import EventOverflowError
+from ..errors import EventOverflowError
 from .protocol import Event
 
 __all__ = ["EventHub", "EventStream"]
