@@ -488,7 +488,7 @@ class _BlockingSession(BlockingFacade[S]):
         s = self.wrapped
         one_task = s.connect_timeout + s.start_timeout
         self.call_timeout = one_task + 2 * s.stop_timeout + CALL_MARGIN
-        policy = s._reconnect
+        policy = s.config.reconnect
         if policy is not None:  # a call may wait for a resume: every attempt of it
             self.call_timeout += policy.attempts * (policy.max_backoff + one_task)
 

@@ -39,7 +39,7 @@ def test_is_valid_id_rejects(bad: object) -> None:
 
 
 def test_start_directive_shape_matches_official_sdk_order() -> None:
-    proto = p.ClientProtocol(p.TRANSCRIBER, "app", {"max_sentence_silence": 800}, task_id=TID)
+    proto = p.ClientTask(p.TRANSCRIBER, "app", {"max_sentence_silence": 800}, task_id=TID)
     msg = json.loads(proto.start())
     assert list(msg) == ["header", "payload", "context"]
     assert list(msg["header"]) == ["message_id", "task_id", "namespace", "name", "appkey"]
@@ -60,7 +60,7 @@ def test_start_directive_shape_matches_official_sdk_order() -> None:
 
 
 def test_directives_serialise_with_json_dumps_defaults() -> None:
-    proto = p.ClientProtocol(p.RECOGNIZER, "app", task_id=TID)
+    proto = p.ClientTask(p.RECOGNIZER, "app", task_id=TID)
     text = proto.start()
     assert text == json.dumps(json.loads(text))
     assert '"header": {"message_id": ' in text
@@ -74,7 +74,7 @@ def test_start_payload_drops_none_and_keeps_extra_order() -> None:
 
 
 def test_stop_has_no_payload_and_reuses_task_id() -> None:
-    proto = p.ClientProtocol(p.RECOGNIZER, "app")
+    proto = p.ClientTask(p.RECOGNIZER, "app")
     start = json.loads(proto.start())
     proto.receive(
         event_text("RecognitionStarted", namespace="SpeechRecognizer", task_id=proto.task_id)
@@ -87,24 +87,24 @@ def test_stop_has_no_payload_and_reuses_task_id() -> None:
 
 
 def test_control_directive_and_recognizer_has_none() -> None:
-    proto = p.ClientProtocol(p.TRANSCRIBER, "app", task_id=TID)
+    proto = p.ClientTask(p.TRANSCRIBER, "app", task_id=TID)
     proto.start()
     proto.receive(event_text("TranscriptionStarted"))
     ctrl = json.loads(proto.control(max_sentence_silence=2000))
     assert ctrl["header"]["name"] == "ControlTranscriber"
     assert ctrl["payload"] == {"max_sentence_silence": 2000}
-    rec = p.ClientProtocol(p.RECOGNIZER, "app")
+    rec = p.ClientTask(p.RECOGNIZER, "app")
     with pytest.raises(InvalidStateError, match="no control"):
         rec.control(x=1)
 
 
 def test_client_protocol_rejects_bad_task_id() -> None:
     with pytest.raises(ValueError, match="32 lowercase hex"):
-        p.ClientProtocol(p.TRANSCRIBER, "app", task_id="abc")
+        p.ClientTask(p.TRANSCRIBER, "app", task_id="abc")
 
 
 def test_parse_directive_round_trip_and_errors() -> None:
-    proto = p.ClientProtocol(p.TRANSCRIBER, "app", task_id=TID)
+    proto = p.ClientTask(p.TRANSCRIBER, "app", task_id=TID)
     d = p.parse_directive(proto.start())
     assert (d.namespace, d.name, d.task_id, d.appkey) == (
         "SpeechTranscriber",
@@ -234,15 +234,15 @@ def test_protocol_error_message_previews_bad_text() -> None:
 # --------------------------------------------------------------------------- state machine
 
 
-def started(ns: p.Namespace = p.TRANSCRIBER) -> p.ClientProtocol:
-    proto = p.ClientProtocol(ns, "app", task_id=TID)
+def started(ns: p.Namespace = p.TRANSCRIBER) -> p.ClientTask:
+    proto = p.ClientTask(ns, "app", task_id=TID)
     proto.start()
     proto.receive(event_text(ns.started, namespace=ns.name))
     return proto
 
 
 def test_full_transcriber_sequence() -> None:
-    proto = p.ClientProtocol(p.TRANSCRIBER, "app", task_id=TID)
+    proto = p.ClientTask(p.TRANSCRIBER, "app", task_id=TID)
     assert proto.state is p.State.IDLE
     proto.start()
     assert proto.state is p.State.STARTING
@@ -278,7 +278,7 @@ def test_full_transcriber_sequence() -> None:
     ],
 )
 def test_illegal_client_actions_raise_invalid_state(action: str, state_setup: str) -> None:
-    proto = p.ClientProtocol(p.TRANSCRIBER, "app", task_id=TID)
+    proto = p.ClientTask(p.TRANSCRIBER, "app", task_id=TID)
     if state_setup != "idle":
         proto.start()
     if state_setup in ("started", "stopping", "completed"):
@@ -316,7 +316,7 @@ def test_server_vad_completion_while_started() -> None:
 
 @pytest.mark.parametrize("when", ["starting", "started", "stopping"])
 def test_task_failed_from_any_live_state(when: str) -> None:
-    proto = p.ClientProtocol(p.TRANSCRIBER, "app", task_id=TID)
+    proto = p.ClientTask(p.TRANSCRIBER, "app", task_id=TID)
     proto.start()
     if when != "starting":
         proto.receive(event_text("TranscriptionStarted"))
@@ -339,7 +339,7 @@ def test_task_failed_from_any_live_state(when: str) -> None:
 def test_impossible_server_sequences_raise_protocol_error(
     setup: str, name: str, match: str
 ) -> None:
-    proto = p.ClientProtocol(p.TRANSCRIBER, "app", task_id=TID)
+    proto = p.ClientTask(p.TRANSCRIBER, "app", task_id=TID)
     if setup != "idle":
         proto.start()
     if setup in ("started", "completed"):

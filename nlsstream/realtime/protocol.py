@@ -31,7 +31,7 @@ __all__ = [
     "SUCCESS_TEXT",
     "TRANSCRIBER",
     "Accepted",
-    "ClientProtocol",
+    "ClientTask",
     "Completed",
     "Directive",
     "DirectiveError",
@@ -603,7 +603,7 @@ class State(enum.Enum):
         return self in (State.COMPLETED, State.FAILED)
 
 
-class ClientProtocol:
+class ClientTask:
     """The client side of one task, without I/O.
 
     Methods named after client actions return the text to send, or raise

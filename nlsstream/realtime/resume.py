@@ -16,14 +16,31 @@ sentence has begun there (silence) and makes a resume impossible once one has.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import random
+import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .protocol import Event, ResultChanged, SentenceBegin, SentenceEnd, Word
+from ..errors import (
+    AuthenticationError,
+    GatewayConnectionError,
+    NlsError,
+    TaskFailedError,
+    is_server_side,
+    with_note,
+)
+from ..retry import backoff
+from .protocol import Event, ResultChanged, Resumed, SentenceBegin, SentenceEnd, Word
 
-__all__ = ["Reconnect", "ReplayBuffer", "Timeline"]
+if TYPE_CHECKING:
+    from .taskrun import TaskRun
+
+__all__ = ["Reconnect", "ReplayBuffer", "Resumer", "Timeline"]
+
+logger = logging.getLogger("nlsstream.realtime.session")
 
 
 @dataclass(frozen=True)
@@ -57,8 +74,7 @@ class Reconnect:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt`` (1-based), jittered."""
-        base = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
-        return base * (0.5 + random.random() / 2)
+        return backoff(attempt, self.backoff, self.max_backoff)
 
 
 class ReplayBuffer:
@@ -182,3 +198,142 @@ def _shift_words(words: tuple[Word, ...], shift: int) -> tuple[Word, ...]:
     if not shift or not words:
         return words
     return tuple(Word(w.text, w.start_time + shift, w.end_time + shift) for w in words)
+
+
+#: One attempt at a new run: the run once its task started, else the error that ended it.
+OpenRun = Callable[[], Awaitable["TaskRun | NlsError"]]
+
+
+class Resumer:
+    """What a session with a :class:`Reconnect` policy keeps to survive a failure, and the
+    decision and the attempts themselves: the replay buffer, the timeline, and how many
+    connection attempts have been made since the last final sentence (the session's
+    progress: a gateway that fails every task before a sentence can finish cannot keep
+    the session resuming forever).
+
+    The session hands over the stream (:meth:`~nlsstream.realtime.sending.AudioSender.retarget`)
+    once :meth:`reconnect` returns a new run.
+    """
+
+    def __init__(self, policy: Reconnect, sample_rate: int, replay_bytes: int) -> None:
+        self.policy = policy
+        self.replay = ReplayBuffer(replay_bytes)
+        self.timeline = Timeline(sample_rate)
+        self._bytes_per_s = 2 * sample_rate
+        #: Connection attempts, and resumes, since the last final sentence.
+        self.attempts = 0
+        self.resumes = 0
+        #: What made the session resume, until a new final sentence shows progress.
+        self.cause: NlsError | None = None
+        #: Why the attempt under way failed (``None`` while it may still succeed).
+        self.attempt_error: NlsError | None = None
+        #: Connection attempts the last resume took.
+        self.last_attempts = 0
+        #: The task doing the resume, while it runs.
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def resuming(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a resume in progress, if any (bounded by its attempts and their
+        timeouts, and by ``timeout`` if given); True if it finished meanwhile."""
+        task = self.task
+        if task is None or task.done() or task is asyncio.current_task():
+            return False
+        if timeout is not None and timeout <= 0:
+            return False
+        await asyncio.wait([task], timeout=timeout)
+        return task.done()
+
+    def cancel(self) -> None:
+        task = self.task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    @staticmethod
+    def cures(error: NlsError, refreshable: bool) -> bool:
+        """Whether a new task can take up where ``error`` stopped this one: a lost
+        connection, a failure of the service's own (see :func:`errors.is_server_side`),
+        or a token that expired mid-task when the provider can fetch a fresh one
+        (``refreshable``)."""
+        if isinstance(error, GatewayConnectionError):
+            return True
+        if isinstance(error, AuthenticationError):
+            return refreshable
+        return isinstance(error, TaskFailedError) and is_server_side(error.status)
+
+    def rebase(self, event: Event) -> Event | None:
+        """``event`` on the whole stream's timeline (``None``: already delivered)."""
+        rebased = self.timeline.rebase(event)
+        if isinstance(rebased, SentenceEnd):
+            self.replay.trim(self.timeline.sentence_end_bytes(rebased))
+            # Progress: the attempts are the next failure's.
+            self.attempts = self.resumes = 0
+            self.cause = None
+        return rebased
+
+    def replay_for(self, cause: NlsError, bytes_sent: int) -> bytes | NlsError:
+        """The audio a new task must be given again, or the error to end with when the
+        bound dropped some of the sentence in progress."""
+        replay = self.replay.replay(bytes_sent, self.timeline.open_since)
+        if replay is not None:
+            return replay
+        behind = (bytes_sent - self.replay.mark) / self._bytes_per_s
+        return with_note(
+            cause,
+            f"cannot resume: the gateway had not finished the {behind:.1f} s of audio "
+            "since its last final sentence, more than the replay buffer keeps "
+            f"({self.policy.replay_seconds:g} s, Reconnect.replay_seconds)",
+        )
+
+    async def reconnect(self, cause: NlsError, open_run: OpenRun) -> TaskRun | NlsError:
+        """Try new runs, with backoff, until one starts or the attempts since the last
+        final sentence run out; the run, or the error to end the session with."""
+        self.cause = cause if self.cause is None else self.cause
+        self.resumes += 1
+        attempt = self.last_attempts = 0
+        last: NlsError | None = None
+        while self.attempts < self.policy.attempts:
+            attempt = self.last_attempts = attempt + 1
+            self.attempts += 1
+            await asyncio.sleep(self.policy.delay(attempt))
+            outcome = await open_run()
+            if not isinstance(outcome, NlsError):
+                self.timeline.resume_at(self.replay.replay_start())
+                return outcome
+            last = outcome
+            if not outcome.retryable:
+                break
+        return self.gave_up(cause, last)
+
+    def gave_up(self, cause: NlsError, last: NlsError | None = None) -> NlsError:
+        """The error that made the session resume, saying that resuming did not help."""
+        tail = f", the last: {last}" if last is not None else ""
+        return with_note(
+            cause,
+            f"gave up resuming after {self.attempts} connection attempt(s) in "
+            f"{self.resumes} resume(s) without a new final sentence{tail}",
+        )
+
+    def resumed(
+        self,
+        namespace: str,
+        task_id: str,
+        previous: str,
+        cause: NlsError,
+        gap_s: float,
+        replayed: int,
+    ) -> Resumed:
+        """The :class:`~nlsstream.Resumed` event of a resume that succeeded."""
+        return Resumed(
+            name="Resumed",
+            namespace=namespace,
+            task_id=task_id,
+            previous_task_id=previous,
+            cause=str(cause),
+            attempts=self.last_attempts,
+            gap_ms=round(gap_s * 1000),
+            replayed_ms=replayed * 1000 // self._bytes_per_s,
+        )

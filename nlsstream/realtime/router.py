@@ -28,7 +28,7 @@ from ..errors import CallbackError, NlsError, ProtocolError, redact, task_error
 from .events import EventHub
 from .pacing import Metrics
 from .protocol import (
-    ClientProtocol,
+    ClientTask,
     Completed,
     Event,
     ResultChanged,
@@ -67,7 +67,6 @@ class EventRouter:
 
     def __init__(
         self,
-        proto: ClientProtocol,
         metrics: Metrics,
         *,
         callbacks: dict[type[Event], Callback | None],
@@ -75,8 +74,10 @@ class EventRouter:
         on_end: Callable[[NlsError | None], None],
         hub: EventHub | None = None,
         keep_sentences: int | None = None,
+        rebase: Callable[[Event], Event | None] | None = None,
+        recover: Callable[[NlsError], bool] | None = None,
     ) -> None:
-        self.proto = proto
+        self.task: ClientTask | None = None
         self.metrics = metrics
         self.hub = hub if hub is not None else EventHub()
         self.callbacks = callbacks
@@ -98,31 +99,46 @@ class EventRouter:
         self.last_message_at: float | None = None
         loop = asyncio.get_running_loop()
         self._loop = loop
+        #: The current task's Started (see :meth:`attach`), and the end of the stream.
         self.started_future: asyncio.Future[None] = loop.create_future()
         self.ended_future: asyncio.Future[None] = loop.create_future()
-        #: Set by a session that can survive failures (see :mod:`nlsstream.realtime.resume`):
+        #: Given by a session that can survive failures (see :mod:`nlsstream.realtime.resume`):
         #: ``rebase(event)`` puts an event on the stream's timeline (``None``: drop it);
         #: ``recover(error)`` returns True if the session takes over a retryable failure
         #: instead of ending the task.
-        self.rebase: Callable[[Event], Event | None] | None = None
+        self.rebase = rebase
+        self.recover = recover
         #: The error of a TaskFailed received but not yet delivered (events ahead of it
         #: wait for a coroutine callback): calls that check the task see it at once.
         self.failing: NlsError | None = None
-        self.recover: Callable[[NlsError], bool] | None = None
         self._queue: deque[Event | _Failure] = deque()
         self._drainer: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- input
+
+    def attach(self, task: ClientTask) -> asyncio.Future[None]:
+        """Route the events of ``task`` from now on (a session's first task, or the new
+        task of a resume); returns the future its Started resolves."""
+        self.task = task
+        if self.started_future.done():
+            self.started_future = self._loop.create_future()
+        return self.started_future
+
+    @property
+    def task_id(self) -> str:
+        assert self.task is not None
+        return self.task.task_id
 
     def message(self, text: str) -> None:
         """A text message from the gateway (the connection's ``on_message``)."""
         if self.ended:
             return  # the task is over: what still arrives is not read
         self.last_message_at = self._loop.time()
+        assert self.task is not None
         try:
-            event = self.proto.receive(text)
+            event = self.task.receive(text)
         except ProtocolError as exc:
-            error = ProtocolError(f"task {self.proto.task_id}: {exc}; connection aborted")
+            error = ProtocolError(f"task {self.task_id}: {exc}; connection aborted")
             error.__cause__ = exc
             self.fail(error)
             return
@@ -233,8 +249,8 @@ class EventRouter:
             return
         self.ended = True
         self.error = error
-        if error is not None:
-            self.proto.fail()
+        if error is not None and self.task is not None:
+            self.task.fail()
         self.hub.close(error)
         for future in (self.started_future, self.ended_future):
             if not future.done():
@@ -242,6 +258,19 @@ class EventRouter:
         self._on_end(error)
 
     # ---------------------------------------------------------------- callbacks
+
+    async def call(self, callback: Callable[[], object], name: str) -> None:
+        """Run a callback that is not an event's (``on_close``) as event callbacks run:
+        awaited if it returns an awaitable; a failure goes to ``on_error`` (or the log)."""
+        try:
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            error = CallbackError(f"{name} callback raised {type(exc).__name__}: {exc}")
+            pending = self._report(error, exc)
+            if pending is not None:
+                await pending
 
     def _call(self, callback: Callback, arg: object) -> Awaitable[None] | None:
         try:
@@ -269,12 +298,12 @@ class EventRouter:
             error.__cause__ = cause
         if self._on_error is None:
             if isinstance(error, CallbackError):
-                logger.error("task %s: %s", self.proto.task_id, error, exc_info=cause)
+                logger.error("task %s: %s", self.task_id, error, exc_info=cause)
             return None
         try:
             result = self._on_error(error)
         except Exception:
-            logger.exception("task %s: on_error callback raised", self.proto.task_id)
+            logger.exception("task %s: on_error callback raised", self.task_id)
             return None
         if inspect.isawaitable(result):
             return self._await_on_error(result)
@@ -284,11 +313,11 @@ class EventRouter:
         try:
             await result
         except Exception:
-            logger.exception("task %s: on_error callback raised", self.proto.task_id)
+            logger.exception("task %s: on_error callback raised", self.task_id)
 
     def _drain(self, first: Awaitable[None]) -> None:
         self._drainer = self._loop.create_task(
-            self._run_queue(first), name=f"nlsstream-callbacks-{self.proto.task_id}"
+            self._run_queue(first), name=f"nlsstream-callbacks-{self.task_id}"
         )
 
     async def _run_queue(self, first: Awaitable[None]) -> None:

@@ -1,41 +1,74 @@
 """How a session's audio leaves: now, paced, or as fast as the socket takes it.
 
-:class:`AudioSender` is the session's audio path once it is connected: unpaced binary
-messages (``send_audio``), 640-byte frames as fast as the socket takes them
-(``stream(pace=None)``), or frames paced by the event loop's shared
-:class:`~nlsstream.realtime.pacing.Pacer` (``stream(pace=1.0)``). Before each frame it asks the
-session whether audio may still go out (``check``), so nothing is sent before Started or
-after the task ended; a paced stream that the task's end interrupts fails with the
-reason (:meth:`AudioSender.interrupt`) and says how much audio was not sent.
+:class:`AudioSender` is the one way out for a session's audio once it is connected:
+unpaced binary messages (``send_audio``), 640-byte frames as fast as the socket takes
+them (``stream(pace=None)``), frames paced by the event loop's shared
+:class:`~nlsstream.realtime.pacing.Pacer` (``stream(pace=1.0)``; the pacer writes them
+and counts them, one write per session per tick), keepalive silence, and a resume's
+replay. Each byte is counted in the session's :class:`~nlsstream.realtime.pacing.Metrics`
+once, where it is written. Before each frame it asks the session whether audio may still
+go out (``gate``), so nothing is sent before Started or after the task ended; a paced
+stream that the task's end interrupts fails with the reason (:meth:`AudioSender.interrupt`)
+and says how much audio was not sent.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
+from .. import audio
 from ..audio import FRAME_BYTES, Framer
-from ..errors import GatewayConnectionError, InvalidStateError
+from ..errors import AudioFormatError, InvalidStateError
 from .connection import Connection
 from .pacing import Metrics, PacedStream, Pacer
+from .resume import ReplayBuffer
 from .router import EventRouter
 
-__all__ = ["AudioSender"]
+__all__ = ["AudioLimit", "AudioSender"]
 
 # Keepalive silence goes out in pieces of 1/10 s, one piece every 1/10 s.
 _KEEPALIVE_PER_S = 10
 
 
+class AudioLimit:
+    """The most audio one task of ``owner`` takes (a Recognizer's 60 s), against the
+    audio ``metrics`` say was sent."""
+
+    def __init__(self, owner: str, max_ms: int, sample_rate: int, metrics: Metrics) -> None:
+        self._owner = owner
+        self._max_bytes = max_ms * 2 * sample_rate // 1000
+        self._bytes_per_s = 2 * sample_rate
+        self._metrics = metrics
+
+    def left(self) -> int:
+        """PCM bytes the task may still take."""
+        return max(0, self._max_bytes - self._metrics.bytes_sent)
+
+    def text(self) -> str:
+        seconds = self._max_bytes // self._bytes_per_s
+        return f"{self._owner}'s limit of {seconds} s of audio per task"
+
+    def check(self, size: int) -> None:
+        """Refuse ``size`` bytes, before any is sent, if they do not fit."""
+        left = self.left()
+        if size > left:
+            ms = size * 1000 // self._bytes_per_s
+            raise AudioFormatError(
+                f"{ms / 1000:.1f} s of audio is more than {self.text()} "
+                f"({left * 1000 // self._bytes_per_s / 1000:.1f} s left); nothing was "
+                "sent: use a Transcriber for longer audio"
+            )
+
+
 class AudioSender:
     """The audio path of one connected session.
 
-    ``check()`` raises if audio may not be sent now; ``lost()`` is the error for a
-    connection that went away under a send; ``raise_error()`` raises the task's own
-    error first, when it has one (the real cause, rather than the lost connection).
-    A session that can resume also gives ``keep(pcm)``, told of all audio as it is
-    handed over (for the replay buffer), and ``resumed(conn)``, which returns True once
-    a new connection has taken over from ``conn`` (see :meth:`retarget`).
+    ``gate()`` raises if audio may not be sent now. ``failed(conn)``, after a send on
+    ``conn`` failed, returns the connection that took over (a resume) or raises why the
+    task cannot go on. A session that can resume gives its ``replay`` buffer, which is
+    handed all audio as it goes out.
     """
 
     def __init__(
@@ -47,11 +80,9 @@ class AudioSender:
         pacer: Pacer,
         sample_rate: int,
         max_ahead_bytes: int,
-        check: Callable[[], None],
-        lost: Callable[[], GatewayConnectionError],
-        raise_error: Callable[[], Awaitable[None]],
-        keep: Callable[[bytes], None] | None = None,
-        resumed: Callable[[Connection], Awaitable[bool]] | None = None,
+        gate: Callable[[], None],
+        failed: Callable[[Connection], Awaitable[Connection]],
+        replay: ReplayBuffer | None = None,
     ) -> None:
         self.conn = conn
         self._router = router
@@ -59,11 +90,9 @@ class AudioSender:
         self._pacer = pacer
         self._sample_rate = sample_rate
         self._max_ahead_bytes = max_ahead_bytes
-        self._check = check
-        self._lost = lost
-        self._raise_error = raise_error
-        self._keep = keep
-        self._resumed = resumed
+        self._check = gate
+        self._failed = failed
+        self._keep = replay.add if replay is not None else None
         self._paced: PacedStream | None = None
         self.streaming = False
 
@@ -101,21 +130,52 @@ class AudioSender:
     async def send(self, data: bytes) -> None:
         """One binary message now; waits while the socket is backed up (or, for a session
         that resumes, until it has)."""
+        conn = self.conn
         while True:
-            conn = self.conn
             try:
                 await conn.send_binary(data)
                 break
             except ConnectionError:
-                if self._resumed is None or not await self._resumed(conn):
-                    await self._raise_error()
-                    raise self._lost() from None
+                conn = await self._failed(conn)
         if self._keep is not None:
             self._keep(data)
         router = self._router
         if router.first_audio_at is None:
             router.first_audio_at = asyncio.get_running_loop().time()
         self._metrics.record_audio(len(data))
+
+    async def stream_source(
+        self,
+        source: audio.AudioSource,
+        pace: float | None,
+        sample_rate: float | None,
+        *,
+        keepalive: float | None,
+        limit: AudioLimit | None,
+    ) -> None:
+        """What ``Session.stream()`` sends: ``source`` as PCM at the session's rate, up to
+        ``limit`` (a whole source that does not fit is refused before anything is sent; a
+        live one is cut there, and AudioFormatError raised once the rest was sent), with
+        ``keepalive`` silence while a live source is quiet."""
+        rate = self._sample_rate
+        cut: list[bool] = []
+        if limit is None:
+            chunks = audio.pcm_chunks(source, rate, sample_rate)
+        elif audio.is_whole(source):
+            pcm = await audio.whole_pcm(source, rate, sample_rate)
+            limit.check(len(pcm))
+            chunks = audio.pcm_chunks(pcm, rate)
+        else:
+            chunks = _up_to(audio.pcm_chunks(source, rate, sample_rate), limit.left(), cut)
+        live = isinstance(source, AsyncIterable) and not audio.is_whole(source)
+        async with aclosing(chunks) as limited:
+            await self.stream(limited, pace, keepalive if live else None)
+        if cut:
+            assert limit is not None
+            raise AudioFormatError(
+                f"stream() stopped sending at {limit.text()}: the rest of the live "
+                "source was not sent; stop() returns what was recognised up to there"
+            )
 
     async def stream(
         self, chunks: AsyncIterator[bytes], pace: float | None, keepalive: float | None = None
@@ -173,13 +233,24 @@ class AudioSender:
                 return
             paced.put_nowait(pcm)
         elif self.conn.open:
-            self.conn.write_frames(b"".join(self.conn.encode_frames(pcm, FRAME_BYTES)))
+            self._write_frames(self.conn, pcm)
             self._metrics.record_audio(len(pcm))
         else:
             return  # a resume is under way: nothing to keep alive
         self._metrics.keepalive_bytes += len(pcm)
         if self._keep is not None:
             self._keep(pcm)
+
+    def replay(self, conn: Connection, pcm: bytes) -> None:
+        """Give a resumed task on ``conn`` the audio it must recognise again (as fast as
+        the socket takes it; counted in ``replayed_bytes``, not in the stream's clock)."""
+        if pcm:
+            self._write_frames(conn, pcm)
+            self._metrics.replayed_bytes += len(pcm)
+
+    @staticmethod
+    def _write_frames(conn: Connection, pcm: bytes) -> None:
+        conn.write_frames(b"".join(conn.encode_frames(pcm, FRAME_BYTES)))
 
     async def _unpaced(self, chunks: AsyncIterator[bytes]) -> None:
         framer = Framer(FRAME_BYTES)
@@ -223,3 +294,19 @@ class AudioSender:
         finally:
             self.conn.attach(None)
             self._paced = None
+
+
+async def _up_to(
+    chunks: AsyncGenerator[bytes, None], limit: int, cut: list[bool]
+) -> AsyncGenerator[bytes, None]:
+    """``chunks`` until ``limit`` bytes have come (the last one cut to fit); then ends,
+    appending to ``cut`` if there was more."""
+    async with aclosing(chunks) as source:
+        async for chunk in source:
+            if len(chunk) > limit:
+                if limit:
+                    yield chunk[:limit]
+                cut.append(True)
+                return
+            limit -= len(chunk)
+            yield chunk
