@@ -8,7 +8,6 @@ AccessKey secret: the server's text is passed through :func:`redact` first.
 
 from __future__ import annotations
 
-import copy as _copy
 import re
 from dataclasses import dataclass
 from typing import TypeVar
@@ -375,8 +374,13 @@ NlsErrorT = TypeVar("NlsErrorT", bound="NlsError")
 
 def with_note(error: NlsErrorT, note: str) -> NlsErrorT:
     """A copy of ``error`` (same type and attributes) whose message ends with ``note``."""
-    copy = _copy.copy(error)
+    # Not copy.copy(): it re-calls __init__ with args, which classes with several
+    # required arguments (TaskFailedError) do not take.
+    copy = type(error).__new__(type(error))
+    copy.__dict__.update(error.__dict__)
     copy.args = (f"{error}; {note}",)
+    copy.__cause__, copy.__context__ = error.__cause__, error.__context__
+    copy.__traceback__ = error.__traceback__
     return copy
 
 

@@ -257,3 +257,38 @@ def test_reconnect_policy_is_validated() -> None:
     delays = [Reconnect(backoff=1, max_backoff=4).delay(n) for n in (1, 2, 3, 9)]
     assert 0.5 <= delays[0] <= 1 and 1 <= delays[1] <= 2 and 2 <= delays[2] <= 4
     assert 2 <= delays[3] <= 4
+
+
+async def test_a_task_failing_every_time_raises_its_own_error_not_a_stop_timeout(
+    gw: Gateway,
+) -> None:
+    # Every task fails with the retryable 52010001 1.5 s into its audio, before a sentence
+    # can finish: resuming never gets anywhere. stop()'s own deadline comes first; what
+    # the user learns is the service's failure, with the timeout as its context.
+    gw.faults = Faults(fail_status=52010001, fail_at="audio", fail_after_bytes=2 * 16000 * 3 // 2)
+    t = Transcriber(APPKEY, TOKEN, url=gw.url, reconnect=FAST, stop_timeout=10)
+    with pytest.raises(TaskFailedError) as caught:
+        async with t:
+            await t.stream(THREE, pace=None)
+            await t.stop(timeout=5)
+    error = caught.value
+    assert error.status == 52010001 and error.retryable
+    assert "without a new final sentence" in str(error)
+    assert isinstance(error.__context__, TimeoutError) or "gave up resuming" in str(error)
+
+
+async def test_resumes_without_progress_are_counted_across_resumes(gw: Gateway) -> None:
+    # Each resumed task starts, then fails again: a successful Start is no progress, so
+    # the session gives up after Reconnect.attempts resumes in a row, well before any
+    # deadline, and says how many it made.
+    gw.faults = Faults(fail_status=52010001, fail_at="audio", fail_after_bytes=16000)
+    resumed: list[Resumed] = []
+    policy = Reconnect(attempts=3, backoff=0.01, max_backoff=0.02)
+    t = Transcriber(APPKEY, TOKEN, url=gw.url, reconnect=policy, on_resume=resumed.append)
+    with pytest.raises(TaskFailedError) as caught:
+        async with t:
+            await t.stream(THREE, pace=None)
+            await t.stop(timeout=60)
+    assert caught.value.status == 52010001
+    assert "gave up resuming after 3 connection attempt(s)" in str(caught.value)
+    assert len(resumed) <= 3

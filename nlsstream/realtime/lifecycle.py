@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..auth import RefreshableTokenProvider, TokenProvider
+from ..auth import TokenProvider
 from ..errors import (
     AuthenticationError,
     GatewayConnectionError,
@@ -28,7 +28,6 @@ from ..errors import (
     ProtocolError,
     StartTimeoutError,
     StopTimeoutError,
-    with_note,
 )
 from .connection import Connection
 from .events import EventHub
@@ -38,7 +37,7 @@ from .protocol import ClientTask, Event, Namespace, Started, State
 from .resume import Resumer
 from .router import EventRouter
 from .sending import AudioSender
-from .taskrun import TaskRun
+from .taskrun import TaskRun, Tokens
 
 __all__ = ["Lifecycle"]
 
@@ -72,8 +71,7 @@ class Lifecycle:
         self.namespace = namespace
         self.task = task
         self.metrics = metrics
-        self._provider = provider
-        self._token: str | None = None
+        self.tokens = Tokens(provider)
         self._hub = hub
         self._callbacks = callbacks
         self._on_error = on_error
@@ -102,9 +100,9 @@ class Lifecycle:
     def ended(self) -> bool:
         return self.router is not None and self.router.ended
 
-    def note_raised(self) -> None:
-        """The task's error reached user code through the facade."""
-        self._error_raised = True
+    def _cause_of(self, timed_out: StopTimeoutError) -> NlsError:
+        resumer = self.resumer
+        return timed_out if resumer is None else resumer.real_cause(timed_out)
 
     async def start(self) -> None:
         """Connect, send Start and wait for Started (see ``Session.start``)."""
@@ -157,34 +155,20 @@ class Lifecycle:
     async def _connect(self, run: TaskRun) -> Connection:
         """Get a token and connect ``run``, all within ``connect_timeout``."""
         assert self.router is not None
-        timeout = self.config.connect_timeout
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            token = await asyncio.wait_for(self._provider.get_token(), timeout)
-        except asyncio.TimeoutError:
-            raise GatewayConnectionError(
-                f"timed out after {timeout:g} s waiting for the token provider"
-            ) from None
-        self._token = token
+        deadline = loop.time() + self.config.connect_timeout
+        token = await self.tokens.get(self.config.connect_timeout)
         self.router.secrets = (token,)
         try:
             return await run.connect(token, deadline - loop.time())
         except AuthenticationError:
-            self._invalidate_token()
+            self.tokens.invalidate()
             raise
 
     async def _start(self, run: TaskRun) -> StartTimeoutError | None:
         """Send Start for ``run``'s task and wait for Started (see TaskRun.wait_started)."""
         self.send_text(run.task.start())
         return await run.wait_started()
-
-    def _invalidate_token(self) -> None:
-        if isinstance(self._provider, RefreshableTokenProvider):
-            try:
-                self._provider.invalidate(self._token)
-            except Exception:
-                logger.exception("token provider's invalidate() failed")
 
     async def stop(self, timeout: float | None) -> None:
         """Send Stop (once) and wait for the end of the task (see ``Session.stop``);
@@ -224,23 +208,10 @@ class Lifecycle:
                 else:
                     why = f"after Stop: it sent nothing for {self.config.stop_timeout:g} s"
                 timed_out = StopTimeoutError(f"gateway did not complete task {self.task_id} {why}")
-                router.fail(self._real_cause(timed_out))
+                router.fail(self._cause_of(timed_out))
                 return
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(router.ended_future), left)
-
-    def _real_cause(self, timed_out: StopTimeoutError) -> NlsError:
-        """``timed_out``, or, when the session has been resuming since its last final
-        sentence, the failure that made it resume (with ``timed_out`` as its context)."""
-        resumer = self.resumer
-        if resumer is None or resumer.cause is None:
-            return timed_out
-        error = with_note(
-            resumer.cause,
-            f"resumed {resumer.resumes} time(s) without a new final sentence; {timed_out}",
-        )
-        error.__context__ = timed_out
-        return error
 
     async def raise_error(self) -> None:
         """Raise the task's error, if it failed, once ``on_error`` has heard of it."""
@@ -303,7 +274,7 @@ class Lifecycle:
     def _on_task_end(self, error: NlsError | None) -> None:
         """Called once by the router when the task ends, however it ended."""
         if isinstance(error, AuthenticationError):
-            self._invalidate_token()
+            self.tokens.invalidate()
         if self.resumer is not None:
             self.resumer.cancel()
         if self.writer is not None:
@@ -346,7 +317,7 @@ class Lifecycle:
             timed_out = StopTimeoutError(
                 f"task {self.task_id} was still resuming when the timeout given to stop() passed"
             )
-            self.router.fail(self._real_cause(timed_out))
+            self.router.fail(self._cause_of(timed_out))
         return False
 
     def _rebase(self, event: Event) -> Event | None:
@@ -371,7 +342,7 @@ class Lifecycle:
             if not router.started_future.done():
                 router.started_future.set_result(None)
             return True
-        if not resumer.cures(error, isinstance(self._provider, RefreshableTokenProvider)):
+        if not resumer.cures(error, self.tokens.refreshable):
             return False
         if not router.started_future.done() or self.writer is None:
             return False  # still starting: start() reports the failure itself
@@ -407,7 +378,7 @@ class Lifecycle:
         lost_at = loop.time()
         previous = self.task_id
         if isinstance(cause, AuthenticationError):
-            self._invalidate_token()  # the new connection asks the provider for a fresh one
+            self.tokens.invalidate()  # the new connection asks the provider for a fresh one
         writer.hold()
         old.retire()
         replay = resumer.replay_for(cause, self.metrics.bytes_sent)

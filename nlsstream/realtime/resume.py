@@ -317,6 +317,19 @@ class Resumer:
             f"{self.resumes} resume(s) without a new final sentence{tail}",
         )
 
+    def real_cause(self, timed_out: NlsError) -> NlsError:
+        """``timed_out`` (a stop that timed out), or, when the session has been resuming
+        since its last final sentence, the failure that made it resume, saying so, with
+        ``timed_out`` as its context."""
+        if self.cause is None:
+            return timed_out
+        error = with_note(
+            self.cause,
+            f"resumed {self.resumes} time(s) without a new final sentence; {timed_out}",
+        )
+        error.__context__ = timed_out
+        return error
+
     def resumed(
         self,
         namespace: str,

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from ..auth import RefreshableTokenProvider, TokenProvider
 from ..errors import (
     GatewayConnectionError,
     NlsError,
@@ -25,9 +26,40 @@ from .options import SessionConfig
 from .protocol import ClientTask
 from .router import EventRouter
 
-__all__ = ["TaskRun"]
+__all__ = ["TaskRun", "Tokens"]
 
 logger = logging.getLogger("nlsstream.realtime.session")
+
+
+class Tokens:
+    """A session's token: asked of the provider before each connection, and dropped
+    when the gateway rejects it (so that the next connection gets a fresh one)."""
+
+    def __init__(self, provider: TokenProvider) -> None:
+        self.provider = provider
+        self.current: str | None = None
+
+    @property
+    def refreshable(self) -> bool:
+        """Whether a rejected token can be replaced (a fixed one cannot)."""
+        return isinstance(self.provider, RefreshableTokenProvider)
+
+    async def get(self, timeout: float) -> str:
+        try:
+            token = await asyncio.wait_for(self.provider.get_token(), timeout)
+        except asyncio.TimeoutError:
+            raise GatewayConnectionError(
+                f"timed out after {timeout:g} s waiting for the token provider"
+            ) from None
+        self.current = token
+        return token
+
+    def invalidate(self) -> None:
+        if isinstance(self.provider, RefreshableTokenProvider):
+            try:
+                self.provider.invalidate(self.current)
+            except Exception:
+                logger.exception("token provider's invalidate() failed")
 
 
 class TaskRun:
