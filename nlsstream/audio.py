@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import math
 import numbers
 import os
@@ -44,6 +43,7 @@ import soundfile
 import soxr
 
 from .errors import AudioFormatError
+from .redaction import get_logger
 
 __all__ = [
     "FRAME_BYTES",
@@ -63,7 +63,7 @@ __all__ = [
     "whole_pcm",
 ]
 
-logger = logging.getLogger("nlsstream.audio")
+logger = get_logger("nlsstream.audio")
 
 #: 20 ms of 16 kHz PCM16 mono: the frame size the official SDKs send.
 FRAME_BYTES = 640

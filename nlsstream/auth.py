@@ -14,7 +14,6 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 import time
 import urllib.error
 import urllib.parse
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .errors import PopError, TokenError, redact
+from .redaction import get_logger
 
 __all__ = [
     "CREATE_TOKEN_VERSION",
@@ -46,7 +46,7 @@ __all__ = [
     "token_endpoint",
 ]
 
-logger = logging.getLogger("nlsstream.auth")
+logger = get_logger("nlsstream.auth")
 
 DEFAULT_REGION = "cn-shanghai"
 #: The CreateToken API version documented for every region (docs/protocol.md §8.1).

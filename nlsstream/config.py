@@ -35,7 +35,7 @@ from .auth import (
     TokenProvider,
     TokenSource,
 )
-from .errors import NlsError
+from .errors import ConfigurationError
 from .realtime.protocol import Namespace
 
 __all__ = [
@@ -49,10 +49,6 @@ __all__ = [
 
 #: The gateway every official SDK connects to by default (docs/protocol.md §1.1).
 DEFAULT_URL = "wss://nls-gateway.cn-shanghai.aliyuncs.com/ws/v1"
-
-
-class ConfigurationError(NlsError, ValueError):
-    """The environment is incomplete or contradictory (e.g. an AccessKey id without secret)."""
 
 
 def gateway_url(region: str = DEFAULT_REGION) -> str:

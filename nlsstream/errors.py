@@ -3,14 +3,15 @@
 Every error the SDK raises derives from :class:`NlsError`. Errors that come from the
 gateway carry the server's ``status``, ``status_text`` and ``task_id`` and say whether a
 retry can help (:attr:`NlsError.retryable`). No error message ever contains a token or an
-AccessKey secret: the server's text is passed through :func:`redact` first.
+AccessKey secret (see :mod:`nlsstream.redaction`).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TypeVar
+
+from .redaction import redact, redact_known
 
 __all__ = [
     "FILE_TRANS_DONE",
@@ -20,9 +21,12 @@ __all__ = [
     "AudioFormatError",
     "AuthenticationError",
     "CallbackError",
+    "ConfigurationError",
+    "DirectiveError",
     "EventOverflowError",
     "GatewayConnectionError",
     "InvalidStateError",
+    "MicrophoneError",
     "NlsError",
     "PopError",
     "ProtocolError",
@@ -185,41 +189,18 @@ def is_retryable(status: int) -> bool:
     return 50000000 <= status < 60000000
 
 
-# Where a token can appear whatever its value: quoted back in a server's text ("The token
-# '...' is invalid!"), in the X-NLS-Token header (websockets' DEBUG lines), in a URL's
-# token parameter.
-_QUOTED_TOKEN = re.compile(r"(token\s*')[^']*(')", re.IGNORECASE)
-_TOKEN_HEADER = re.compile(r"(X-NLS-Token\s*:\s*)\S+", re.IGNORECASE)
-_TOKEN_PARAM = re.compile(r"([?&;]token=)[^&#;\s'\"]*", re.IGNORECASE)
-# A secret is replaced only where it stands on its own, never inside a longer word: not
-# next to a character a token is made of, nor a "." inside a word (token "1" leaves
-# "ws://127.0.0.1/ws/v1" alone, but not "says 1."). "=" may end a secret (base64
-# padding) but also introduces a value ("token=...").
-_WORD = r"A-Za-z0-9_~+/%-"
-_ALONE = (rf"(?<![{_WORD}])(?<![{_WORD}]\.)", rf"(?![={_WORD}])(?!\.[{_WORD}])")
-
-
-def redact(text: str, *secrets: str | None) -> str:
-    """Return ``text`` with every token hidden as ``***``: quoted tokens, the
-    ``X-NLS-Token`` header, a URL's ``token`` parameter, and each of ``secrets`` where it
-    stands as a whole word (however short), never part of a longer one."""
-    text = _QUOTED_TOKEN.sub(r"\1***\2", text)
-    text = _TOKEN_HEADER.sub(r"\1***", text)
-    text = _TOKEN_PARAM.sub(r"\1***", text)
-    for secret in secrets:
-        if secret:
-            text = re.sub(_ALONE[0] + re.escape(secret) + _ALONE[1], "***", text)
-    return text
-
-
 class NlsError(Exception):
     """Base class of every nlsstream error.
 
     ``retryable`` says whether repeating the same request (possibly after a token
-    refresh or a backoff) can succeed.
+    refresh or a backoff) can succeed. The message never shows a token or a secret that
+    nlsstream was given (see :mod:`nlsstream.redaction`), whoever built it.
     """
 
     retryable: bool = False
+
+    def __str__(self) -> str:
+        return redact_known(super().__str__())
 
 
 class InvalidStateError(NlsError, RuntimeError):
@@ -239,6 +220,26 @@ class AudioFormatError(NlsError, ValueError):
 
     Raised before anything is sent.
     """
+
+
+class ConfigurationError(NlsError, ValueError):
+    """The environment is incomplete or contradictory (e.g. an AccessKey id without secret)."""
+
+
+class MicrophoneError(NlsError):
+    """The microphone cannot be used: sounddevice/PortAudio missing, no input device,
+    the device cannot record at the requested rate, or it stopped delivering audio."""
+
+
+class DirectiveError(Exception):
+    """A client directive the gateway must refuse, with the status to answer it with
+    (the gateway's side: never raised to a client)."""
+
+    def __init__(self, status: int, status_text: str, task_id: str | None = None):
+        super().__init__(f"{status} {status_text}")
+        self.status = status
+        self.status_text = status_text
+        self.task_id = task_id
 
 
 class CallbackError(NlsError):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-from .errors import AudioFormatError, InvalidStateError, NlsError
+from .errors import AudioFormatError, InvalidStateError, MicrophoneError
+from .redaction import get_logger
 
 __all__ = [
     "AudioBackend",
@@ -25,7 +25,7 @@ __all__ = [
     "SoundDeviceBackend",
 ]
 
-logger = logging.getLogger("nlsstream.mic")
+logger = get_logger("nlsstream.mic")
 
 #: Sample rates the gateway accepts (docs/protocol.md §5).
 SUPPORTED_RATES = (8000, 16000)
@@ -33,11 +33,6 @@ SUPPORTED_RATES = (8000, 16000)
 _DEVICE_TIMEOUT = 10.0
 # A warning is logged for the first dropped chunk and then for every this many more.
 _OVERFLOW_LOG_EVERY = 50
-
-
-class MicrophoneError(NlsError):
-    """The microphone cannot be used: sounddevice/PortAudio missing, no input device,
-    the device cannot record at the requested rate, or it stopped delivering audio."""
 
 
 class InputStream(Protocol):

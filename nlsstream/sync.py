@@ -51,7 +51,6 @@ import concurrent.futures
 import contextlib
 import functools
 import inspect
-import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -63,6 +62,7 @@ from .realtime import session as _session
 from .realtime.pacing import Metrics
 from .realtime.protocol import State
 from .recordings import clients as _files
+from .redaction import get_logger
 
 __all__ = [
     "BlockingFacade",
@@ -79,7 +79,7 @@ __all__ = [
     "loop_thread",
 ]
 
-logger = logging.getLogger("nlsstream.sync")
+logger = get_logger("nlsstream.sync")
 
 T = TypeVar("T")
 P = ParamSpec("P")

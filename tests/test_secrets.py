@@ -125,3 +125,25 @@ async def test_a_short_token_does_not_garble_the_error() -> None:
         async with Transcriber("app", "1", url=url, proxy=None, connect_timeout=5):
             pass
     assert f"cannot connect to {url}" in str(info.value)
+
+
+def test_a_registered_secret_is_hidden_at_every_boundary(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The boundaries, not the call sites: a log line of any nlsstream logger (a child's
+    # records do not pass the parent's filters, so each logger has the filter), and the
+    # message of any NlsError, however it was built.
+    from nlsstream.errors import TaskFailedError
+    from nlsstream.redaction import get_logger, register
+
+    secret = "REGISTERED-secret-41c9"
+    register(secret)
+    caplog.set_level(logging.DEBUG)
+    get_logger("nlsstream.some.module").warning("sent %s to %s", secret, "host")
+    [record] = [r for r in caplog.records if r.name == "nlsstream.some.module"]
+    assert record.getMessage() == "sent *** to host"  # the rest of the line intact
+    error = TaskFailedError(40000000, f"bad {secret} here", "t" * 32)
+    assert secret not in str(error) and "bad *** here" in str(error)
+    assert secret not in "".join(traceback.format_exception(error))
+    # a secret inside a longer word is left alone: nothing else is garbled
+    assert f"x{secret}y" in str(GatewayConnectionError(f"x{secret}y"))

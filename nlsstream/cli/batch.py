@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
 import os
 import random
 import sys
@@ -37,6 +36,7 @@ from ..errors import (
     TaskFailedError,
     redact,
 )
+from ..redaction import get_logger
 
 if TYPE_CHECKING:
     from ..quickstart import Services
@@ -54,7 +54,7 @@ __all__ = [
     "run_recording",
 ]
 
-log = logging.getLogger("nlsstream.cli.batch")
+log = get_logger("nlsstream.cli.batch")
 
 SERVICES = ("realtime", "flash", "filetrans", "rest")
 #: The extension of each output format's files (``--output-dir``).

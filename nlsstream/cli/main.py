@@ -36,6 +36,7 @@ from .._version import __version__
 from ..auth import AccessKeyTokenProvider
 from ..config import Settings
 from ..errors import NlsError, redact
+from ..redaction import get_logger
 
 if TYPE_CHECKING:
     from ..gateway.light import LightGateway
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["build_parser", "main"]
 
-log = logging.getLogger("nlsstream.cli.main")
+log = get_logger("nlsstream.cli.main")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

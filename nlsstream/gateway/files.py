@@ -24,7 +24,6 @@ import collections
 import functools
 import hmac
 import json
-import logging
 import time
 import urllib.parse
 import urllib.request
@@ -41,6 +40,7 @@ from ..audio import decode_channels
 from ..errors import STATUS_CODES, SUCCESS, AudioFormatError, status_text
 from ..realtime.protocol import TRANSCRIBER, DirectiveError, StartParams
 from ..recordings.clients import read_bounded
+from ..redaction import get_logger
 from .engine import TranscriberTask
 from .faults import Faults
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FileServices", "FileTask"]
 
-log = logging.getLogger("nlsstream.gateway.files")
+log = get_logger("nlsstream.gateway.files")
 
 FLASH_PATH = "/stream/v1/FlashRecognizer"
 REST_PATH = "/stream/v1/asr"

@@ -80,10 +80,11 @@ from ..realtime.protocol import (
     ServerState,
     ServerTask,
 )
+from ..redaction import get_logger
 
 __all__ = ["PATH", "LightGateway", "SessionStats", "main"]
 
-logger = logging.getLogger("nlsstream.gateway.light")
+logger = get_logger("nlsstream.gateway.light")
 
 PATH = "/ws/v1"
 _CONTROL_PATHS = ("/stats", "/reset")

@@ -43,6 +43,7 @@ from ..realtime.protocol import (
     DirectiveError,
     ServerTask,
 )
+from ..redaction import get_logger
 from .engine import (
     DecoderSlots,
     RecognizerSpec,
@@ -57,7 +58,7 @@ from .wav import WavStripper
 
 __all__ = ["Gateway", "GatewayThread", "SessionRecord"]
 
-log = logging.getLogger("nlsstream.gateway")
+log = get_logger("nlsstream.gateway")
 
 PATH = "/ws/v1"
 DEFAULT_TOKEN = "local-token"

@@ -42,13 +42,14 @@ from websockets.protocol import State as WsState
 from websockets.uri import WebSocketURI, parse_uri
 
 from ..errors import AuthenticationError, GatewayConnectionError, ProtocolError, redact
+from ..redaction import get_logger
 
 if TYPE_CHECKING:
     from .pacing import PacedStream
 
 __all__ = ["Connection", "client_frame", "client_frames", "connect"]
 
-logger = logging.getLogger("nlsstream.realtime.connection")
+logger = get_logger("nlsstream.realtime.connection")
 
 #: ``proxy=`` of a session: ``True`` for the system's settings, a URL, or ``None``.
 ProxySetting = str | Literal[True] | None

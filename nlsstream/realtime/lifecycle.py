@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from ..errors import (
     StartTimeoutError,
     StopTimeoutError,
 )
+from ..redaction import get_logger
 from .connection import Connection
 from .events import EventHub
 from .options import SessionConfig
@@ -41,7 +41,7 @@ from .taskrun import TaskRun, Tokens
 
 __all__ = ["Lifecycle"]
 
-logger = logging.getLogger("nlsstream.realtime.session")
+logger = get_logger("nlsstream.realtime.session")
 
 
 class Lifecycle:

@@ -64,7 +64,6 @@ sets :attr:`PacedStream.held`).
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import weakref
 from collections import deque
@@ -73,10 +72,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from ..audio import FRAME_BYTES, Framer
+from ..redaction import get_logger
 
 __all__ = ["LATE_THRESHOLD_MS", "FrameSink", "Metrics", "PacedStream", "Pacer"]
 
-logger = logging.getLogger("nlsstream.realtime.pacing")
+logger = get_logger("nlsstream.realtime.pacing")
 
 #: A frame written more than this late counts in :attr:`Metrics.late_frames`.
 LATE_THRESHOLD_MS = 5.0

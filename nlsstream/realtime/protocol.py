@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .._version import __version__
-from ..errors import SUCCESS, InvalidStateError, ProtocolError, status_text
+from ..errors import SUCCESS, DirectiveError, InvalidStateError, ProtocolError, status_text
 
 __all__ = [
     "MAX_SPEECH_MS",
@@ -223,16 +223,6 @@ def build_directive(
         message["payload"] = dict(payload)
     message["context"] = sdk_context()
     return message
-
-
-class DirectiveError(Exception):
-    """A client directive the gateway must refuse, with the status to answer it with."""
-
-    def __init__(self, status: int, status_text: str, task_id: str | None = None):
-        super().__init__(f"{status} {status_text}")
-        self.status = status
-        self.status_text = status_text
-        self.task_id = task_id
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from ..errors import (
     is_server_side,
     with_note,
 )
+from ..redaction import get_logger
 from ..retry import backoff
 from .protocol import Event, ResultChanged, Resumed, SentenceBegin, SentenceEnd, Word
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Reconnect", "ReplayBuffer", "Resumer", "Timeline"]
 
-logger = logging.getLogger("nlsstream.realtime.session")
+logger = get_logger("nlsstream.realtime.session")
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import CallbackError, NlsError, ProtocolError, redact, task_error
+from ..redaction import get_logger
 from .events import EventHub
 from .pacing import Metrics
 from .protocol import (
@@ -39,7 +39,7 @@ from .protocol import (
 
 __all__ = ["Callback", "EventRouter"]
 
-logger = logging.getLogger("nlsstream.realtime.session")
+logger = get_logger("nlsstream.realtime.session")
 
 #: A user callback: a plain function or a coroutine function.
 Callback = Callable[[Any], object]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -42,6 +41,7 @@ from ..errors import (
     InvalidStateError,
     NlsError,
 )
+from ..redaction import get_logger
 from .connection import ProxySetting
 from .events import EventHub, EventStream
 from .lifecycle import Lifecycle
@@ -68,7 +68,7 @@ from .sending import AudioLimit
 
 __all__ = ["Recognizer", "Result", "Session", "Transcriber"]
 
-logger = logging.getLogger("nlsstream.realtime.session")
+logger = get_logger("nlsstream.realtime.session")
 
 E = TypeVar("E", bound=Event)
 #: A callback: a plain function or a coroutine function (awaited before later events).

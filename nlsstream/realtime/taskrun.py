@@ -10,7 +10,6 @@ reconnecting in ``connect()`` and out of its connection.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from ..auth import RefreshableTokenProvider, TokenProvider
@@ -21,6 +20,7 @@ from ..errors import (
     StartTimeoutError,
     redact,
 )
+from ..redaction import get_logger, register
 from .connection import Connection, connect
 from .options import SessionConfig
 from .protocol import ClientTask
@@ -28,7 +28,7 @@ from .router import EventRouter
 
 __all__ = ["TaskRun", "Tokens"]
 
-logger = logging.getLogger("nlsstream.realtime.session")
+logger = get_logger("nlsstream.realtime.session")
 
 
 class Tokens:
@@ -52,6 +52,7 @@ class Tokens:
                 f"timed out after {timeout:g} s waiting for the token provider"
             ) from None
         self.current = token
+        register(token)
         return token
 
     def invalidate(self) -> None:

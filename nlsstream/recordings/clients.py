@@ -27,7 +27,6 @@ import bisect
 import dataclasses
 import io
 import json
-import logging
 import os
 import urllib.parse
 from collections.abc import Mapping
@@ -55,6 +54,7 @@ from ..errors import (
     task_error,
 )
 from ..realtime.protocol import Word
+from ..redaction import get_logger
 
 if TYPE_CHECKING:
     import aiohttp
@@ -73,7 +73,7 @@ __all__ = [
     "file_trans_endpoint",
 ]
 
-log = logging.getLogger("nlsstream.recordings.clients")
+log = get_logger("nlsstream.recordings.clients")
 
 FLASH_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com/stream/v1/FlashRecognizer"
 REST_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com/stream/v1/asr"

@@ -59,6 +59,7 @@ from ...realtime.protocol import (
     encode,
 )
 from ...realtime.session import Recognizer, Session, Transcriber
+from ...redaction import get_logger
 from ...sync import CALL_MARGIN, LoopThread, loop_thread
 from . import exception, token
 from .exception import (
@@ -92,7 +93,7 @@ __all__ = [  # the official top level, plus its exception classes (nls.exception
 #: The official SDK version whose surface this module reproduces, and ours.
 __version__ = f"1.0.2+nlsstream.{_nlsstream_version}"
 
-logger = logging.getLogger("nlsstream.compat.nls")
+logger = get_logger("nlsstream.compat.nls")
 
 #: Formats the official SDK accepts in ``start(aformat=...)``.
 FORMATS = ("pcm", "opus", "opu", "wav", "amr", "speex", "mp3", "aac")
