@@ -391,9 +391,7 @@ class Lifecycle:
             router.fail(run)
             return
         assert run.conn is not None
-        writer.replay(run.conn, replay)  # the new task recognises the stream from there on
-        self.metrics.reconnects += 1
-        writer.retarget(run.conn)
+        writer.retarget(run.conn, replay)  # the new task recognises the stream from there on
         if router.stop_sent_at is not None:
             self.send_text(self.task.stop())
         gap = loop.time() - lost_at

@@ -102,9 +102,15 @@ class AudioSender:
         if self._paced is not None:
             self._paced.held = True
 
-    def retarget(self, conn: Connection) -> None:
-        """Send on ``conn`` from now on; the running paced stream goes on there, on its
-        own schedule (frames that fell due meanwhile go out at once)."""
+    def retarget(self, conn: Connection, replay: bytes) -> None:
+        """A resume: give the new task on ``conn`` the audio it must recognise again
+        (``replay``, as fast as the socket takes it; counted in ``replayed_bytes``, not in
+        the stream's clock), then send on ``conn`` from now on; the running paced stream
+        goes on there, on its own schedule (frames that fell due meanwhile go out at once)."""
+        if replay:
+            self._write_frames(conn, replay)
+            self._metrics.replayed_bytes += len(replay)
+        self._metrics.reconnects += 1
         self.conn = conn
         paced = self._paced
         if paced is not None:
@@ -240,13 +246,6 @@ class AudioSender:
         self._metrics.keepalive_bytes += len(pcm)
         if self._keep is not None:
             self._keep(pcm)
-
-    def replay(self, conn: Connection, pcm: bytes) -> None:
-        """Give a resumed task on ``conn`` the audio it must recognise again (as fast as
-        the socket takes it; counted in ``replayed_bytes``, not in the stream's clock)."""
-        if pcm:
-            self._write_frames(conn, pcm)
-            self._metrics.replayed_bytes += len(pcm)
 
     @staticmethod
     def _write_frames(conn: Connection, pcm: bytes) -> None:
