@@ -22,13 +22,15 @@ pip install 'aliyun-python-sdk-core>=2.13.3'
 # gateway against them (scripts/lowest-versions.txt).
 [ -x .venv-lowest/bin/python ] || "$PY" -m venv .venv-lowest
 .venv-lowest/bin/python -m pip --disable-pip-version-check -q install \
-    -c scripts/lowest-versions.txt -e '.[files,local,proxy,uvloop]' 'pytest>=8' 'pytest-asyncio>=0.24'
+    -c scripts/lowest-versions.txt -e '.[files,local,otel,proxy,uvloop]' 'pytest>=8' 'pytest-asyncio>=0.24' \
+    opentelemetry-sdk
 .venv-lowest/bin/python -m pip list 2>/dev/null |
-    grep -E '^(websockets|numpy|soundfile|soxr|python-socks|aiohttp|pocketsphinx|uvloop) '
+    grep -E '^(websockets|numpy|soundfile|soxr|python-socks|aiohttp|pocketsphinx|uvloop|opentelemetry-api|opentelemetry-sdk) '
 .venv-lowest/bin/python -m pytest -q -p no:cacheprovider tests/test_connection.py \
     tests/test_session.py tests/test_session_errors.py tests/test_pacing.py \
     tests/test_protocol.py tests/test_audio.py tests/test_gateway.py \
-    tests/test_gateway_faults.py tests/test_gateway_validation.py tests/test_files.py
+    tests/test_gateway_faults.py tests/test_gateway_validation.py tests/test_files.py \
+    tests/test_resume.py tests/test_latency.py tests/test_telemetry.py
 # The light gateway on the lowest picows (its own venv: see scripts/lowest-versions.txt).
 [ -x .venv-lowest-light/bin/python ] || "$PY" -m venv .venv-lowest-light
 .venv-lowest-light/bin/python -m pip --disable-pip-version-check -q install \

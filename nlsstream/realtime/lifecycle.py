@@ -38,6 +38,7 @@ from .resume import Resumer
 from .router import EventRouter
 from .sending import AudioSender
 from .taskrun import TaskRun, Tokens
+from .telemetry import SessionTelemetry
 
 __all__ = ["Lifecycle"]
 
@@ -83,6 +84,7 @@ class Lifecycle:
         self.run: TaskRun | None = None
         self.writer: AudioSender | None = None
         self.resumer: Resumer | None = None
+        self.telemetry: SessionTelemetry | None = None
         self.opened = False
         self._error_raised = False  # the task's error reached the user (raised or aborted)
         self._closed = False  # on_close was called
@@ -112,6 +114,7 @@ class Lifecycle:
         config = self.config
         if self._pacer is None:
             self._pacer = Pacer.for_loop()
+        self.telemetry = SessionTelemetry.begin(self.namespace.name, config.url)
         if config.reconnect is not None:
             seconds = max(config.reconnect.replay_seconds, (self._max_audio_ms or 0) / 1000)
             replay_bytes = int(seconds * 2 * config.sample_rate)
@@ -125,6 +128,7 @@ class Lifecycle:
             keep_sentences=self._keep_sentences,
             rebase=self._rebase if self.resumer is not None else None,
             recover=self._recover if self.resumer is not None else None,
+            observe=self.telemetry.event if self.telemetry is not None else None,
         )
         try:
             run = self.run = self._new_run(self.task)
@@ -275,6 +279,8 @@ class Lifecycle:
         """Called once by the router when the task ends, however it ended."""
         if isinstance(error, AuthenticationError):
             self.tokens.invalidate()
+        if self.telemetry is not None:
+            self.telemetry.end(self.task_id, error, self.metrics)
         if self.resumer is not None:
             self.resumer.cancel()
         if self.writer is not None:

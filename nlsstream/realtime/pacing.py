@@ -73,6 +73,7 @@ from typing import ClassVar, Protocol
 
 from ..audio import FRAME_BYTES, Framer
 from ..redaction import get_logger
+from .latency import LatencyHistogram, SendLog
 
 __all__ = ["LATE_THRESHOLD_MS", "FrameSink", "Metrics", "PacedStream", "Pacer"]
 
@@ -123,8 +124,25 @@ class Metrics:
     #: Silence the session sent to keep the task alive while its source was quiet
     #: (counted in ``bytes_sent`` too: it is on the stream's timeline).
     keepalive_bytes: int = 0
+    #: Per transcriber sentence: audio at its end written -> its SentenceEnd, and audio
+    #: at its beginning written -> its first intermediate result (see
+    #: :mod:`nlsstream.realtime.latency`); percentiles via :meth:`final_latency_ms` and
+    #: :meth:`first_partial_latency_ms`.
+    final_latency: LatencyHistogram = field(default_factory=LatencyHistogram, repr=False)
+    first_partial_latency: LatencyHistogram = field(default_factory=LatencyHistogram, repr=False)
+    #: When the recent audio went out (offset reached, loop time), for the latencies.
+    send_log: SendLog = field(default_factory=SendLog, repr=False)
     _hist: list[int] = field(default_factory=lambda: [0] * (_HIST_MS + 1), repr=False)
     _paced_frames: int = field(default=0, repr=False)
+
+    def final_latency_ms(self, percentile: float = 50) -> float | None:
+        """A percentile of the final-sentence latency (ms, 10 ms resolution); ``None``
+        before the first sentence."""
+        return self.final_latency.percentile(percentile)
+
+    def first_partial_latency_ms(self, percentile: float = 50) -> float | None:
+        """A percentile of the sentences' first-partial latency (ms, 10 ms resolution)."""
+        return self.first_partial_latency.percentile(percentile)
 
     @property
     def audio_ms_sent(self) -> float:
@@ -437,6 +455,7 @@ class PacedStream:
         metrics.frames_sent += 1
         metrics.bytes_sent += self._frame_bytes
         metrics._paced_frames += 1
+        metrics.send_log.mark(metrics.bytes_sent, now)
         if len(buf) <= self._low_water:
             self._drained()
 
@@ -487,6 +506,7 @@ class PacedStream:
         metrics.frames_sent += len(frames)
         metrics.bytes_sent += len(frames) * self._frame_bytes
         metrics._paced_frames += len(frames)
+        metrics.send_log.mark(metrics.bytes_sent, now)
         if len(buf) <= self._low_water:
             self._drained()
 

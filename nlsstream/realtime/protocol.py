@@ -349,6 +349,9 @@ class ResultChanged(Event):
     confidence: float | None = None
     words: tuple[Word, ...] = ()
     duration: int | None = None
+    #: On a transcriber sentence's first intermediate result: ms from writing the audio
+    #: at the sentence's beginning to this event's arrival (the session's measure).
+    latency_ms: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -361,6 +364,10 @@ class SentenceEnd(Event):
     text: str
     confidence: float | None = None
     words: tuple[Word, ...] = ()
+    #: ms from writing the audio at ``time`` to this event's arrival (the session's
+    #: measure, not the gateway's; ``None`` if that audio went out too long ago to be
+    #: remembered). Not part of the event's equality.
+    latency_ms: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -32,6 +32,7 @@ from .protocol import (
     Completed,
     Event,
     ResultChanged,
+    SentenceBegin,
     SentenceEnd,
     Started,
     TaskFailed,
@@ -76,6 +77,7 @@ class EventRouter:
         keep_sentences: int | None = None,
         rebase: Callable[[Event], Event | None] | None = None,
         recover: Callable[[NlsError], bool] | None = None,
+        observe: Callable[[Event], None] | None = None,
     ) -> None:
         self.task: ClientTask | None = None
         self.metrics = metrics
@@ -108,11 +110,15 @@ class EventRouter:
         #: instead of ending the task.
         self.rebase = rebase
         self.recover = recover
+        #: Told of every event delivered (telemetry), before anything else.
+        self._observe = observe
         #: The error of a TaskFailed received but not yet delivered (events ahead of it
         #: wait for a coroutine callback): calls that check the task see it at once.
         self.failing: NlsError | None = None
         self._queue: deque[Event | _Failure] = deque()
         self._drainer: asyncio.Task[None] | None = None
+        # Sentences begun whose first intermediate result has not come: index -> ms.
+        self._begins: dict[int, int] = {}
 
     # ---------------------------------------------------------------- input
 
@@ -153,7 +159,34 @@ class EventRouter:
             if rebased is None:
                 return
             event = rebased
-        self.deliver(event)
+        self.deliver(self._measured(event))
+
+    def _measured(self, event: Event) -> Event:
+        """``event`` with its latency, measured at its arrival (now) against when the
+        audio it answers went out (see :mod:`nlsstream.realtime.latency`)."""
+        metrics = self.metrics
+        if isinstance(event, SentenceBegin):
+            self._begins[event.index] = event.time
+            if len(self._begins) > 64:  # sentences that never got a partial
+                del self._begins[next(iter(self._begins))]
+            return event
+        if isinstance(event, SentenceEnd):
+            at, histogram = event.time, metrics.final_latency
+            self._begins.pop(event.index, None)
+        elif (
+            isinstance(event, ResultChanged)
+            and event.index is not None
+            and event.index in self._begins
+        ):
+            at, histogram = self._begins.pop(event.index), metrics.first_partial_latency
+        else:
+            return event  # not a sentence's first partial
+        sent = metrics.send_log.sent_at(at * metrics.sample_rate // 500)
+        if sent is None:
+            return event
+        latency = (self._loop.time() - sent) * 1000.0
+        histogram.record(latency)
+        return dataclasses.replace(event, latency_ms=round(latency))
 
     def _redacted(self, event: TaskFailed) -> TaskFailed:
         """``event`` without the token the gateway may quote in its text
@@ -166,6 +199,8 @@ class EventRouter:
 
     def deliver(self, event: Event) -> None:
         """Deliver ``event`` now, or after the coroutine callbacks ahead of it."""
+        if self._observe is not None:
+            self._observe(event)
         if self._drainer is not None:
             self._queue.append(event)
             return

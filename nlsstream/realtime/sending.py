@@ -146,9 +146,11 @@ class AudioSender:
         if self._keep is not None:
             self._keep(data)
         router = self._router
+        now = asyncio.get_running_loop().time()
         if router.first_audio_at is None:
-            router.first_audio_at = asyncio.get_running_loop().time()
+            router.first_audio_at = now
         self._metrics.record_audio(len(data))
+        self._metrics.send_log.mark(self._metrics.bytes_sent, now)
 
     async def stream_source(
         self,
@@ -241,6 +243,7 @@ class AudioSender:
         elif self.conn.open:
             self._write_frames(self.conn, pcm)
             self._metrics.record_audio(len(pcm))
+            self._metrics.send_log.mark(self._metrics.bytes_sent, asyncio.get_running_loop().time())
         else:
             return  # a resume is under way: nothing to keep alive
         self._metrics.keepalive_bytes += len(pcm)
