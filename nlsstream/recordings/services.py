@@ -501,7 +501,9 @@ class FlashRecognizer(_TokenClient):
     (:class:`AudioFormatError` before upload). ``token``: a string or a token provider
     (sent as the ``token`` query parameter). ``url``: the endpoint (default
     :data:`FLASH_URL`, Shanghai), or just ``http(s)://host:port`` (e.g. a local gateway).
-    ``timeout`` bounds each request (default 120 s).
+    ``timeout`` bounds each request (default 120 s). ``proxy``: ``True`` (default) the
+    system's proxy settings (``https_proxy``/``http_proxy``/``no_proxy``), an ``http://``
+    proxy URL, or ``None`` to connect directly (the real-time client's rule).
     The cloud offers this service to commercial-edition appkeys only.
     """
 
@@ -536,8 +538,9 @@ class RestRecognizer(_TokenClient):
     mixed), so that its length is checked before upload (more than 60 s:
     :class:`AudioFormatError`). An explicit ``format=`` other than pcm/wav sends bytes as
     they are, unchecked. The token goes in the ``X-NLS-Token`` header. ``url`` as for
-    :class:`FlashRecognizer` (default :data:`REST_URL`); ``timeout`` default 60 s. The
-    result has one sentence spanning the audio.
+    :class:`FlashRecognizer` (default :data:`REST_URL`); ``timeout`` default 60 s;
+    ``proxy`` as for :class:`FlashRecognizer`. The result has one sentence spanning the
+    audio.
     """
 
     _service = "REST recognizer"
@@ -643,7 +646,7 @@ class FileTranscriber(_Client):
     2018-08-17); ``endpoint`` overrides the URL (e.g. ``http://127.0.0.1:PORT/``).
     ``timeout`` bounds each request; ``poll_interval`` / ``max_poll_interval`` set the
     polling backoff of :meth:`FileTransTask.wait` (never below the service's one query
-    per second per task).
+    per second per task). ``proxy`` as for :class:`FlashRecognizer`.
     """
 
     _service = "FileTrans"
