@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from nlsstream import (
     AccessKeyTokenProvider,
+    AudioFormatError,
     FileTranscriber,
     FlashRecognizer,
     GatewayConnectionError,
@@ -321,3 +322,15 @@ async def test_recording_clients_use_the_proxy_they_are_given(
                     await rest.recognize(FIXTURES / "hello.wav")
         finally:
             await runner.cleanup()
+
+
+async def test_more_channels_than_the_services_take_fail_before_upload(tmp_path: Any) -> None:
+    import numpy as np
+    import soundfile
+
+    four = tmp_path / "four.wav"
+    soundfile.write(four, np.zeros((1600, 4), dtype=np.int16), 16000)
+    async with FlashRecognizer(APPKEY, TOKEN, url="http://127.0.0.1:9", proxy=None) as flash:
+        for source in (four, np.zeros((1600, 3), dtype=np.int16)):
+            with pytest.raises(AudioFormatError, match="channels"):
+                await flash.recognize(source, sample_rate=16000)

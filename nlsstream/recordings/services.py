@@ -161,6 +161,11 @@ def _prepare(
         if sample_rate is None:
             raise AudioFormatError("a numpy array needs its sample_rate= (in Hz)")
         if keep_channels:
+            if source.ndim == 2 and source.shape[1] > wire.MAX_CHANNELS:
+                raise AudioFormatError(
+                    f"the array has {source.shape[1]} channels; the service takes at most "
+                    f"{wire.MAX_CHANNELS}"
+                )
             channels, rate = _array_channels(source, sample_rate)
             return _Upload(_wav(channels, rate), "wav", rate, len(channels[0]) / (2 * rate))
         rate = _target_rate(sample_rate)
@@ -200,6 +205,11 @@ def _prepare(
         return _raw_pcm(data, sample_rate, keep_channels)
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioFormatError("the recording contains no audio")
+    if keep_channels and info.channels > wire.MAX_CHANNELS:
+        raise AudioFormatError(
+            f"the recording has {info.channels} channels; the service takes at most "
+            f"{wire.MAX_CHANNELS} (mix it down, or split the channels)"
+        )
     duration = info.frames / info.samplerate
     if keep_channels:
         native = _FLASH_NATIVE.get((info.format, info.subtype)) or _FLASH_NATIVE.get(
