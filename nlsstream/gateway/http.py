@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from aiohttp import web
 
@@ -132,9 +132,9 @@ class _Guarded(asyncio.Protocol):
         self._busy = False  # a request's headers arrived; its handler runs
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._owner.open[transport] = self
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
+        self._owner.open[self._transport] = self
         self._arm()
         self._inner.connection_made(transport)
 
