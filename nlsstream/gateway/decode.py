@@ -146,9 +146,12 @@ class BlockDecoder:
         if self._done:
             return None
         block = self._block()
-        last = block is None
-        if block is None:
+        # A short block is the last one: flushing the resamplers now saves a round trip
+        # to the worker thread (a sentence holds its decoder meanwhile).
+        last = block is None or block.shape[0] < BLOCK_FRAMES
+        if last:
             self._done = True
+        if block is None:
             block = np.zeros((0, self.channels), dtype=np.float32)
         else:
             self.frames += block.shape[0]

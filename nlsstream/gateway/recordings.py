@@ -127,8 +127,19 @@ class Recordings:
             for c in range(channels)
         ]
         try:
-            while (block := await run(decoder.read)) is not None:
-                await asyncio.gather(*(_feed(t, pcm) for t, pcm in zip(tasks, block, strict=False)))
+            block = await run(decoder.read)
+            while block is not None:
+                # The next block is decoded while this one is recognised.
+                following = run(decoder.read)
+                try:
+                    await asyncio.gather(
+                        *(_feed(t, pcm) for t, pcm in zip(tasks, block, strict=False))
+                    )
+                except BaseException:
+                    # The worker must be done with the file before it is closed.
+                    await asyncio.wait([following])
+                    raise
+                block = await following
             await asyncio.gather(*(t.stop() for t in tasks))
         finally:
             for t in tasks:
