@@ -49,7 +49,7 @@ from .realtime.protocol import (
 )
 from .realtime.resume import Reconnect
 from .realtime.session import Recognizer, Result, Transcriber
-from .recordings.clients import (
+from .recordings.services import (
     FileResult,
     FileSentence,
     FileTranscriber,

@@ -4,7 +4,7 @@ Besides a fixed token (:class:`StaticTokenProvider`), :class:`AccessKeyTokenProv
 tokens with an AccessKey through the CreateToken POP RPC (docs/protocol.md §8), caches them and
 refreshes them before they expire. The request signing (§8.2, signature v1.0, HMAC-SHA1) is
 implemented here directly, once for every POP call of the project (CreateToken here,
-FileTrans in :mod:`nlsstream.recordings.clients`); no Alibaba Cloud SDK is needed.
+FileTrans in :mod:`nlsstream.recordings.services`); no Alibaba Cloud SDK is needed.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import time
 import urllib.error
 import urllib.parse
@@ -23,8 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from .errors import PopError, TokenError, redact
-from .redaction import get_logger
+from .errors import PopError, ProtocolError, TokenError, redact
+from .redaction import get_logger, register
 
 __all__ = [
     "CREATE_TOKEN_VERSION",
@@ -54,6 +55,12 @@ CREATE_TOKEN_VERSION = "2019-02-28"
 
 # Largest CreateToken answer we read; real ones are ~200 bytes.
 _MAX_RESPONSE_BYTES = 64 * 1024
+#: Most JSON objects and lists one answer may hold (a 12 h recording's words fit): what
+#: parsing costs grows with them, not only with the bytes (17 M empty objects in 50 MB
+#: took 89 s and 5.4 GB).
+MAX_JSON_CONTAINERS = 1_000_000
+#: A token's id longer than this is no token.
+_MAX_TOKEN_CHARS = 1024
 # A cached token is still handed out after a failed refresh only if it stays valid this long.
 _MIN_REMAINING_VALIDITY = 5.0
 
@@ -88,6 +95,7 @@ class StaticTokenProvider:
     """A fixed token, e.g. one copied from the console."""
 
     def __init__(self, token: str) -> None:
+        register(token)
         self._token = token
 
     async def get_token(self) -> str:
@@ -199,6 +207,17 @@ def canonical_query(params: Mapping[str, str]) -> str:
     return _canonical_query(params)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed (urllib's documented handler hook): a 3xx answer is
+    returned as it is, so the signed request never reaches another host."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
 # Why urllib in a worker thread rather than a hand-written asyncio HTTP client: a token is
 # fetched about once a day, so one short-lived pool thread costs nothing, while urllib
 # already does TLS verification, proxies (HTTPS_PROXY), chunked answers and error bodies
@@ -211,7 +230,7 @@ def _http_request(
         headers["Content-Type"] = "application/x-www-form-urlencoded"
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _opener.open(request, timeout=timeout) as response:
             return int(response.status), response.read(_MAX_RESPONSE_BYTES)
     except urllib.error.HTTPError as exc:
         with exc:
@@ -224,12 +243,28 @@ def _is_retryable(http_status: int, code: str | None) -> bool:
     return code is not None and (code.startswith("Throttling") or code == "ServiceUnavailable")
 
 
-def json_object(body: bytes) -> dict[str, Any] | None:
-    """``body`` decoded as a JSON object, or ``None`` if it is not one."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_object(body: bytes, *, max_containers: int = MAX_JSON_CONTAINERS) -> dict[str, Any] | None:
+    """``body`` decoded as a JSON object, or ``None`` if it is not one (``NaN`` and
+    ``Infinity`` are not JSON; nor is a number of more than 4300 digits).
+
+    Raises :class:`~nlsstream.errors.ProtocolError` for a body that would cost too much
+    to parse: more than ``max_containers`` objects and lists (counted before parsing),
+    or nested deeper than Python's recursion limit.
+    """
+    if body.count(b"{") + body.count(b"[") > max_containers:
+        raise ProtocolError(
+            f"the answer holds more than {max_containers} JSON objects and lists: refused"
+        )
     try:
-        data: Any = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        data: Any = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError):
         return None
+    except RecursionError:
+        raise ProtocolError("the answer's JSON is nested too deeply: refused") from None
     return data if isinstance(data, dict) else None
 
 
@@ -259,11 +294,9 @@ def pop_failure(
             http_status=http_status,
             retryable=_is_retryable(http_status, None),
         )
-    request_id = data.get("RequestId")
-    request_id = str(request_id) if request_id is not None else None
-    code = data.get("Code")
-    code = str(code) if code is not None else None
-    message = redact(str(data.get("Message") or data.get("ErrMsg") or ""), secret)
+    request_id = _short(data.get("RequestId"))
+    code = _short(data.get("Code"))
+    message = redact(_short(data.get("Message")) or _short(data.get("ErrMsg")) or "", secret)
     retryable = _is_retryable(http_status, code)
     if code is None and not message:
         code, message = "InvalidResponse", detail or "the answer is not a success"
@@ -278,20 +311,55 @@ def pop_failure(
     )
 
 
+def _short(value: Any, limit: int = 500) -> str | None:
+    """A text field of an error answer: strings and numbers only (anything else could be
+    a structure that is costly to print), cut to ``limit`` characters."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
+        return str(value)
+    return None
+
+
+def _expire_time(value: Any) -> float | None:
+    """``Token.ExpireTime`` as Unix seconds, if it is a finite, positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int) and not 0 < value < 2**53:
+        return None  # also keeps float() from overflowing
+    expire = float(value)
+    return expire if math.isfinite(expire) and expire > 0 else None
+
+
 def _parse_answer(status: int, body: bytes, host: str, secret: str) -> Token:
-    data = json_object(body)
+    try:
+        data = json_object(body, max_containers=64)
+    except ProtocolError as exc:
+        raise TokenError(
+            f"CreateToken at {host} answered malformed JSON: {exc}",
+            code="InvalidResponse",
+            http_status=status,
+        ) from None
     if data is not None and status == 200:
         token = data.get("Token")
         if isinstance(token, dict) and token.get("Id"):
-            expire = token.get("ExpireTime")
-            if isinstance(expire, (int, float)) and not isinstance(expire, bool):
-                return Token(str(token["Id"]), float(expire))
+            token_id = token["Id"]
+            expire = _expire_time(token.get("ExpireTime"))
+            problem = None
+            if not isinstance(token_id, str) or len(token_id) > _MAX_TOKEN_CHARS:
+                problem = "a Token.Id that is not a string of at most 1024 characters"
+            elif expire is None:
+                problem = "without a finite, positive, numeric Token.ExpireTime"
+            if problem is None:
+                assert isinstance(token_id, str) and expire is not None
+                register(token_id)
+                return Token(token_id, expire)
             request_id = data.get("RequestId")
             raise TokenError(
-                f"CreateToken at {host} answered without a numeric Token.ExpireTime",
+                f"CreateToken at {host} answered {problem}",
                 code="InvalidResponse",
                 http_status=status,
-                request_id=str(request_id) if request_id is not None else None,
+                request_id=str(request_id)[:100] if request_id is not None else None,
             )
     raise pop_failure(
         "CreateToken",
@@ -389,6 +457,7 @@ class AccessKeyTokenProvider:
             raise ValueError("refresh_margin must not be negative")
         self._access_key_id = access_key_id
         self._secret = access_key_secret
+        register(access_key_secret)
         self.region = region
         self.endpoint = endpoint or token_endpoint(region)
         self._refresh_margin = refresh_margin

@@ -55,10 +55,17 @@ _MAX_SECRETS = 256
 _known: OrderedDict[str, None] = OrderedDict()
 
 
+#: Shorter secrets are not registered process-wide: hiding a word like "1" or "app" in
+#: every message would garble them (real tokens and AccessKey secrets are 30+ characters;
+#: short ones are still hidden where the code that holds them redacts them itself).
+MIN_REGISTERED_LENGTH = 8
+
+
 def register(*secrets: str | None) -> None:
-    """Hide each of ``secrets`` wherever nlsstream's text leaves from now on."""
+    """Hide each of ``secrets`` (of at least :data:`MIN_REGISTERED_LENGTH` characters)
+    wherever nlsstream's text leaves from now on."""
     for secret in secrets:
-        if secret:
+        if secret and len(secret) >= MIN_REGISTERED_LENGTH:
             _known[secret] = None
             _known.move_to_end(secret)
             while len(_known) > _MAX_SECRETS:

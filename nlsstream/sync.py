@@ -61,7 +61,7 @@ from .auth import TokenSource
 from .realtime import session as _session
 from .realtime.pacing import Metrics
 from .realtime.protocol import State
-from .recordings import clients as _files
+from .recordings import services as _files
 from .redaction import get_logger
 
 __all__ = [

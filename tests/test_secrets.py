@@ -147,3 +147,11 @@ def test_a_registered_secret_is_hidden_at_every_boundary(
     assert secret not in "".join(traceback.format_exception(error))
     # a secret inside a longer word is left alone: nothing else is garbled
     assert f"x{secret}y" in str(GatewayConnectionError(f"x{secret}y"))
+
+
+def test_short_secrets_are_not_hidden_process_wide() -> None:
+    # A test's token "1" must not turn every "sentence 1" into "sentence ***".
+    from nlsstream.redaction import register
+
+    register("1", "app")
+    assert str(GatewayConnectionError("sentence 1 of app")) == "sentence 1 of app"

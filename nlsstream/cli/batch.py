@@ -1,7 +1,7 @@
 """The command line's recordings and batches (``nlsstream transcribe``).
 
 * ``--service flash|filetrans|rest`` recognises a recording with that service
-  (:mod:`nlsstream.recordings.clients`); ``realtime`` streams it through a
+  (:mod:`nlsstream.recordings.services`); ``realtime`` streams it through a
   :class:`~nlsstream.Transcriber` (:mod:`nlsstream.realtime.session`).
 * Several inputs, or ``--output-dir``: a batch. At most ``-j`` inputs at once, one output
   per input (per channel when a recording has several), each written atomically as soon
@@ -222,7 +222,7 @@ async def recognise(args: argparse.Namespace, services: Services, source: str) -
     service = args.service
     if service == "realtime":
         return await _realtime(args, services, source)
-    from ..recordings.clients import FileTranscriber, FlashRecognizer, RestRecognizer
+    from ..recordings.services import FileTranscriber, FlashRecognizer, RestRecognizer
     from .output import recording_events
 
     params: dict[str, Any] = {}
@@ -368,7 +368,7 @@ def _services(
     from ..quickstart import service_settings
 
     if args.service != "realtime":
-        from ..recordings.clients import _aiohttp
+        from ..recordings.services import _aiohttp
 
         _aiohttp()  # before anything starts: ImportError naming the 'files' extra
 

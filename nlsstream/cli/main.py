@@ -857,7 +857,17 @@ limits (what a client sees when it hits one):
   session records     the newest 1000 (Gateway.sessions)
   recordings          FlashRecognizer 100 MB and 2 h (status 40000000), REST 60 s
                       (41010104); FileTrans: 2 tasks recognised at once, the rest
-                      QUEUEING; the newest 1000 tasks kept (older: 41050010)
+                      QUEUEING; the newest 1000 tasks kept (older: 41050010);
+                      audio checked from its header before decoding: 8000-96000 Hz
+                      (41010101), at most 2 channels (40270004); FileTrans 512 MB, 12 h
+  HTTP requests       headers within --header-timeout s (30), else closed; a body
+                      within --body-timeout s (300), no read waiting over 30 s:
+                      HTTP 408 (40000004); --max-uploads (16) bodies at once, more:
+                      HTTP 429 (40000005); bodies over 1 MiB spooled to a temp file
+  POP RPC             Timestamp within 15 min, SignatureNonce single-use: HTTP 400
+                      (InvalidTimeStamp.*, SignatureNonceUsed); tokens and no
+                      AccessKeys: CreateToken refused (InvalidAccessKeyId.NotFound)
+  file:// links       regular files only, under --file-root DIR when given
 """
 
 
@@ -920,6 +930,34 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="TaskFailed 40000004 after this long without a message (default %(default)s)",
     )
     p.add_argument(
+        "--file-root",
+        metavar="DIR",
+        help="file:// links (FileTrans file_link, Flash audio_address) may name only "
+        "regular files under DIR (default: any regular file this process can read; set "
+        "it whenever the gateway is reachable by others)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close an HTTP connection whose request headers take longer (default %(default)s)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="HTTP 408 for a request body that takes longer (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-uploads",
+        type=int,
+        default=16,
+        metavar="N",
+        help="recording uploads received at once; more get HTTP 429 (default %(default)s)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -936,7 +974,7 @@ def _serve(args: argparse.Namespace) -> int:
     # websockets' and picows' INFO lines (every handshake) are noise next to our session lines.
     for noisy in ("websockets", "picows"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
-    from ..gateway import Gateway
+    from ..gateway import Gateway, HttpLimits
 
     if not args.token and os.environ.get("NLS_GATEWAY_TOKEN"):
         args.token = [t for t in os.environ["NLS_GATEWAY_TOKEN"].split(",") if t.strip()]
@@ -971,6 +1009,12 @@ def _serve(args: argparse.Namespace) -> int:
                 recognizer=args.recognizer or "auto",
                 idle_timeout=args.idle_timeout,
                 access_keys=_access_keys(args.access_key),
+                file_root=args.file_root,
+                http_limits=HttpLimits(
+                    header_timeout=args.header_timeout,
+                    body_timeout=args.body_timeout,
+                    max_uploads=args.max_uploads,
+                ),
             )
             run = _run_gateway(gateway)
     except ValueError as exc:

@@ -23,7 +23,7 @@ from ..errors import SUCCESS
 from ..realtime.protocol import Completed, Event, ResultChanged, SentenceEnd, TaskFailed, Word
 
 if TYPE_CHECKING:
-    from ..recordings.clients import FileResult
+    from ..recordings.services import FileResult
 
 __all__ = [
     "Cue",

@@ -15,6 +15,7 @@ from .engine import (
     Transcript,
 )
 from .faults import Faults
+from .http import HttpLimits
 from .server import Gateway, GatewayThread, SessionRecord
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Faults",
     "Gateway",
     "GatewayThread",
+    "HttpLimits",
     "SegmentDecoder",
     "SessionRecord",
     "SpanRecognizer",

@@ -114,6 +114,13 @@ def _percentiles_ms(values: np.ndarray[Any, Any]) -> dict[str, float]:
     }
 
 
+#: The answer to any path but /ws/v1 (the recordings and POP RPC need the full gateway).
+_NOT_HERE = (
+    "Not Found: the light gateway serves only /ws/v1 (FlashRecognizer, REST, FileTrans "
+    "and CreateToken need the full gateway: nlsstream serve without --light)"
+)
+
+
 class SessionStats:
     """What the gateway recorded for one task."""
 
@@ -591,8 +598,9 @@ class LightGateway:
                 ),
                 None,
             )
-        self.handshakes_refused += 1
-        return None  # picows answers 404
+        # Say why (picows' own 404 says nothing). picows answers any method but GET
+        # itself, before this factory runs: a POST gets its 400.
+        return self._refuse(404, _NOT_HERE)
 
     def _refuse(self, status: int, body: str) -> WSUpgradeResponseWithListener:
         # Never echo the token (the cloud does; we do not repeat secrets).

@@ -23,11 +23,13 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 import time
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 try:
@@ -53,7 +55,9 @@ from .engine import (
     resolve_recognizer,
 )
 from .faults import MALFORMED_TEXT, FaultPoint, Faults
-from .files import FileServices
+from .filetrans import FileTrans
+from .http import Deadlines, HttpLimits, install_accept_throttle
+from .recordings import RECORDINGS, Needs, Recordings, application, pop_routes
 from .wav import WavStripper
 
 __all__ = ["Gateway", "GatewayThread", "SessionRecord"]
@@ -124,15 +128,23 @@ class Gateway:
             newest); a gateway that runs for days must not keep every connection.
         access_keys: ``{AccessKeyId: secret}`` for the POP RPC on ``/`` (FileTrans'
             SubmitTask/GetTaskResult, CreateToken): the signature is checked against
-            them; ``None`` accepts any AccessKey without checking signatures. Tokens
-            that CreateToken issues are accepted everywhere (until they expire).
+            them; ``None`` accepts any AccessKey without checking signatures. Every
+            POP request's Timestamp must be within 15 min and its SignatureNonce
+            unused. Tokens that CreateToken issues are accepted everywhere (until they
+            expire) when AccessKeys are configured; a gateway with ``tokens`` but no
+            ``access_keys`` issues none (InvalidAccessKeyId.NotFound).
         file_workers: FileTrans tasks recognised at once (the rest wait, QUEUEING).
         max_file_tasks: FileTrans tasks kept (the oldest finished ones are forgotten;
             when all are unfinished, SubmitTask answers Throttling.User).
+        http_limits: the bounds of the HTTP side (:class:`~nlsstream.gateway.http.
+            HttpLimits`: header and body deadlines, uploads in flight, spooling).
+        file_root: ``file://`` links (FileTrans ``file_link``, Flash ``audio_address``)
+            may name only regular files under this directory; ``None`` allows any
+            regular file the process can read (fine on loopback, not when exposed).
 
     Besides ``/ws/v1`` the same port serves ``/stream/v1/FlashRecognizer``,
-    ``/stream/v1/asr`` and POP RPC on ``/`` (see :mod:`nlsstream.gateway.files` and
-    :attr:`endpoints`).
+    ``/stream/v1/asr`` and POP RPC on ``/`` (see :mod:`nlsstream.gateway.recordings`
+    and :attr:`endpoints`).
 
     Use ``async with Gateway() as gw`` (or :meth:`start` / :meth:`close`), or
     :meth:`run_in_thread` from synchronous code.
@@ -158,6 +170,8 @@ class Gateway:
         access_keys: Mapping[str, str] | None = None,
         file_workers: int = 2,
         max_file_tasks: int = 1000,
+        http_limits: HttpLimits | None = None,
+        file_root: str | os.PathLike[str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -183,8 +197,17 @@ class Gateway:
             raise ValueError("file_workers and max_file_tasks must be at least 1")
         self.file_workers = file_workers
         self.max_file_tasks = max_file_tasks
-        #: The recording services (made in :meth:`start`): FileTrans tasks in ``.tasks``.
-        self.files: FileServices | None = None
+        self.http_limits = http_limits or HttpLimits()
+        self.file_root = Path(file_root) if file_root is not None else None
+        if self.file_root is not None and not self.file_root.is_dir():
+            raise ValueError(f"file_root {self.file_root} is not a directory")
+        #: The recording services (made in :meth:`start`).
+        self.recordings: Recordings | None = None
+        #: FileTrans (made in :meth:`start`): its tasks in ``.tasks``.
+        self.files: FileTrans | None = None
+        self._deadlines: Deadlines | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._restore_handler: Callable[[], None] | None = None
         self._issued: collections.OrderedDict[str, float] = collections.OrderedDict()
         #: What the gateway saw of its most recent connections, oldest first (at most
         #: ``max_records``).
@@ -244,33 +267,68 @@ class Gateway:
             max_workers=self.max_workers, thread_name_prefix="nls-recognize"
         )
         self._slots = DecoderSlots(self.max_decoders, self.decoder_wait)
-        self.files = FileServices(self)
-        app = web.Application()
+        limits = self.http_limits
+        needs = Needs(
+            recognizer=self.recognizer,
+            run=self._run,
+            slots=self._slots,
+            next_faults=self._next_faults,
+            token_refusal=self._token_refusal,
+            issue_token=self._issue_token,
+            appkeys=self.appkeys,
+            access_keys=self.access_keys,
+            tokens_restricted=self.tokens is not None,
+            limits=limits,
+            file_workers=self.file_workers,
+            max_file_tasks=self.max_file_tasks,
+            file_root=self.file_root,
+        )
+        self.recordings = Recordings(needs)
+        self.files = self.recordings.filetrans
+        app = web.Application(middlewares=[self._received])
+        app[RECORDINGS] = self.recordings
         app.add_routes(self._routes())
+        app.add_subapp("/stream/v1", application())
         app.on_shutdown.append(self._going_away)
-        # No access log: a request line may carry ?token=.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        # No access log: a request line may carry ?token=. Idle keep-alive connections
+        # close after the header deadline (a request must start within it anyway).
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            keepalive_timeout=limits.header_timeout,
+            # After a refusal, unread body is drained at most this long (default 10 s).
+            lingering_time=min(limits.header_timeout, 2.0),
+        )
+        loop = asyncio.get_running_loop()
         try:
             if isinstance(self.recognizer, SphinxRecognizer):
-                await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.recognizer.warm_up
-                )
+                await loop.run_in_executor(self._executor, self.recognizer.warm_up)
             await runner.setup()
             self._runner = runner
-            await web.TCPSite(runner, self.host, self.port).start()
+            assert runner.server is not None
+            self._deadlines = Deadlines(runner.server, limits.header_timeout, limits.log_interval)
+            self._restore_handler = install_accept_throttle(loop, limits.log_interval)
+            self._server = await loop.create_server(self._deadlines, self.host, self.port)
         except BaseException:
             await self.close()
             raise
-        self.port = runner.addresses[0][1]
+        self.port = self._server.sockets[0].getsockname()[1]
         log.info("NLS gateway listening on %s (recognizer %s)", self.url, self.recognizer.name)
 
     async def close(self) -> None:
         """Stop listening, close every connection (1001) and the recognition pool."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # stop listening; the runner closes the connections
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-        if self.files is not None:
-            await self.files.close()
+        if self.recordings is not None:
+            await self.recordings.close()
+        restore, self._restore_handler = self._restore_handler, None
+        if restore is not None:
+            restore()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -300,13 +358,34 @@ class Gateway:
     # ---------------------------------------------------------------- HTTP
 
     def _routes(self) -> list[web.RouteDef]:
-        """Every endpoint of the gateway; paths not listed get 404."""
-        assert self.files is not None
+        """The endpoints of the main application (the recordings' sub-application adds
+        ``/stream/v1/...``); paths not listed get 404."""
         return [
             web.get(PATH, self._websocket),
             web.get(PATH + "/", self._websocket),
-            *self.files.routes(),
+            *pop_routes(),
         ]
+
+    @web.middleware
+    async def _received(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Every request: its headers arrived (the header deadline is off until the
+        answer is sent); an unexpected failure is one log line and HTTP 500."""
+        done = self._deadlines.started(request) if self._deadlines is not None else None
+        try:
+            return await handler(request)
+        except (web.HTTPException, asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:
+            log.error("%s %s failed: %s", request.method, request.path, type(exc).__name__)
+            log.debug("the failure", exc_info=True)
+            return web.json_response({"status": 50000000, "message": "Internal error"}, status=500)
+        finally:
+            if done is not None:
+                done()
 
     def _issue_token(self, token: str, expire_time: float) -> None:
         """Accept ``token`` until ``expire_time`` (Unix seconds): CreateToken's tokens."""
@@ -314,13 +393,15 @@ class Gateway:
         while len(self._issued) > 10000:
             self._issued.popitem(last=False)
 
-    def _token_refusal(self, request: web.Request) -> str | None:
+    def _token_refusal(self, request: web.BaseRequest) -> str | None:
         """``None`` if the request carries an accepted token (header ``X-NLS-Token``,
         else query ``token``), else the cloud's status text. Never logs the token."""
         token = request.headers.get("X-NLS-Token") or request.query.get("token")
         if self.tokens is None or token in self.tokens:
             return None
-        if token is not None and self._issued.get(token, 0.0) > time.time():
+        # CreateToken's tokens count only where the AccessKeys that got them are known.
+        issued = self.access_keys is not None and token is not None
+        if issued and self._issued.get(token or "", 0.0) > time.time():
             return None
         log.info(
             "%s %s rejected: %s",

@@ -23,14 +23,12 @@ secret ever appears in a message or log line.
 from __future__ import annotations
 
 import asyncio
-import bisect
-import dataclasses
 import io
 import json
 import os
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
@@ -53,15 +51,30 @@ from ..errors import (
     redact,
     task_error,
 )
-from ..realtime.protocol import Word
+from ..realtime.connection import ProxySetting, proxy_for, redact_proxy
 from ..redaction import get_logger
+from . import wire
+from .wire import (
+    FLASH_MAX_BYTES,
+    FLASH_MAX_SECONDS,
+    FLASH_PATH,
+    MIN_POLL_INTERVAL,
+    REST_MAX_SECONDS,
+    REST_PATH,
+    FileResult,
+    FileSentence,
+)
 
 if TYPE_CHECKING:
     import aiohttp
 
 __all__ = [
     "FILE_TRANS_VERSION",
+    "FLASH_MAX_BYTES",
+    "FLASH_MAX_SECONDS",
     "FLASH_URL",
+    "MIN_POLL_INTERVAL",
+    "REST_MAX_SECONDS",
     "REST_URL",
     "FileResult",
     "FileSentence",
@@ -73,25 +86,16 @@ __all__ = [
     "file_trans_endpoint",
 ]
 
-log = get_logger("nlsstream.recordings.clients")
+log = get_logger("nlsstream.recordings.services")
 
-FLASH_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com/stream/v1/FlashRecognizer"
-REST_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com/stream/v1/asr"
-FLASH_PATH = "/stream/v1/FlashRecognizer"
-REST_PATH = "/stream/v1/asr"
+FLASH_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com" + FLASH_PATH
+REST_URL = "https://nls-gateway-cn-shanghai.aliyuncs.com" + REST_PATH
 #: FileTrans API version of the mainland regions (the international one: 2019-08-23).
 FILE_TRANS_VERSION = "2018-08-17"
 _INTL_FILE_TRANS_VERSION = "2019-08-23"
 
-#: FlashRecognizer limits (§11.2): bytes and seconds of one recording.
-FLASH_MAX_BYTES = 100 * 1024 * 1024
-FLASH_MAX_SECONDS = 2 * 3600
-#: One-sentence REST limit (§11.4).
-REST_MAX_SECONDS = 60
-#: FileTrans allows one GetTaskResult per second per task (§11.3).
-MIN_POLL_INTERVAL = 1.0
-#: Largest answer read from any service (a 2 h recording's words fit many times over).
-_MAX_ANSWER_BYTES = 64 * 1024 * 1024
+#: Largest answer read from any service (a 12 h recording's words fit several times).
+_MAX_ANSWER_BYTES = 32 * 1024 * 1024
 #: Containers the FlashRecognizer takes as they are; anything else is sent as WAV.
 _FLASH_NATIVE = {("WAV", "PCM_16"): "wav", ("MP3", None): "mp3", ("OGG", "OPUS"): "opus"}
 _FLASH_OPAQUE = {".aac": "aac", ".mp4": "mp4", ".m4a": "mp4", ".opus": "opus"}
@@ -101,143 +105,6 @@ _FLASH_OPAQUE = {".aac": "aac", ".mp4": "mp4", ".m4a": "mp4", ".opus": "opus"}
 RecordingSource: TypeAlias = (
     "str | os.PathLike[str] | bytes | bytearray | memoryview | npt.NDArray[Any]"
 )
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class FileSentence:
-    """One recognised sentence of a recording; times in ms from its start.
-
-    ``words`` (when asked for) are :class:`~nlsstream.Word` s with the same time base.
-    FileTrans also reports ``speech_rate`` (words or characters per minute),
-    ``emotion_value`` (1-10) and ``silence_duration`` (seconds of silence before the
-    sentence); the other services leave them ``None``.
-    """
-
-    text: str
-    begin_time: int
-    end_time: int
-    channel_id: int = 0
-    words: tuple[Word, ...] = ()
-    speech_rate: int | None = None
-    emotion_value: float | None = None
-    silence_duration: int | None = None
-
-
-@dataclass(frozen=True)
-class FileResult:
-    """A recognised recording: ``sentences`` in time order (all channels), ``duration``
-    of the audio in ms, the service's ``task_id`` and ``status`` (e.g. 21050003 when
-    FileTrans found no speech: no sentences), and the ``raw`` answer."""
-
-    sentences: tuple[FileSentence, ...]
-    duration: int
-    task_id: str
-    status: int
-    raw: Mapping[str, Any] = field(repr=False, compare=False)
-
-    @property
-    def text(self) -> str:
-        """The sentences' texts joined (a space between sentences of Latin script)."""
-        out = ""
-        for s in self.sentences:
-            if not s.text:
-                continue
-            if out and (out[-1].isascii() or s.text[0].isascii()):
-                out += " "
-            out += s.text
-        return out
-
-    def channel(self, channel_id: int) -> tuple[FileSentence, ...]:
-        """The sentences of one channel."""
-        return tuple(s for s in self.sentences if s.channel_id == channel_id)
-
-
-def _int(value: Any, default: int = 0) -> int:
-    """Lenient integer: the services send some numbers as strings (Flash word times)."""
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return default
-
-
-def _sorted(sentences: list[FileSentence]) -> tuple[FileSentence, ...]:
-    return tuple(sorted(sentences, key=lambda s: (s.begin_time, s.channel_id)))
-
-
-def _sentence(s: Mapping[str, Any], keys: tuple[str, str, str, str], **more: Any) -> FileSentence:
-    """A sentence from either service's dialect: ``keys`` name its text, begin, end and
-    channel fields."""
-    text, begin, end, channel = keys
-    return FileSentence(
-        str(s.get(text, "")), _int(s.get(begin)), _int(s.get(end)), _int(s.get(channel)), **more
-    )
-
-
-def _flash_result(data: Mapping[str, Any]) -> FileResult:
-    flash = data.get("flash_result") or {}
-    keys = ("text", "begin_time", "end_time", "channel_id")
-    sentences = [
-        _sentence(
-            s,
-            keys,
-            words=tuple(
-                Word(str(w.get("text", "")), _int(w.get("begin_time")), _int(w.get("end_time")))
-                for w in s.get("words") or ()
-            ),
-        )
-        for s in flash.get("sentences") or ()
-    ]
-    duration = _int(flash.get("duration"))
-    last_end = max((s.end_time for s in sentences), default=0)
-    if 0 < duration * 10 < last_end:
-        duration *= 1000  # one documented example gives seconds, not ms (§11.2)
-    return FileResult(
-        _sorted(sentences), duration, str(data.get("task_id", "")), SUCCESS, dict(data)
-    )
-
-
-def _file_trans_result(data: Mapping[str, Any]) -> FileResult:
-    result = data.get("Result") or {}
-    keys = ("Text", "BeginTime", "EndTime", "ChannelId")
-    sentences = [
-        _sentence(
-            s,
-            keys,
-            speech_rate=_int(s["SpeechRate"]) if "SpeechRate" in s else None,
-            emotion_value=float(s["EmotionValue"]) if "EmotionValue" in s else None,
-            silence_duration=_int(s["SilenceDuration"]) if "SilenceDuration" in s else None,
-        )
-        for s in result.get("Sentences") or ()
-    ]
-    ordered = list(_sorted(sentences))
-    # Words come as one flat list: each goes to the latest sentence of its channel that
-    # began at or before it.
-    starts: dict[int, list[int]] = {}
-    members: dict[int, list[int]] = {}
-    for i, s in enumerate(ordered):
-        starts.setdefault(s.channel_id, []).append(s.begin_time)
-        members.setdefault(s.channel_id, []).append(i)
-    words: dict[int, list[Word]] = {}
-    for w in result.get("Words") or ():
-        channel, begin = _int(w.get("ChannelId")), _int(w.get("BeginTime"))
-        if channel not in starts:
-            continue
-        k = max(bisect.bisect_right(starts[channel], begin) - 1, 0)
-        word = Word(str(w.get("Word", "")), begin, _int(w.get("EndTime")))
-        words.setdefault(members[channel][k], []).append(word)
-    for i, ws in words.items():
-        ws.sort(key=lambda w: w.start_time)
-        ordered[i] = dataclasses.replace(ordered[i], words=tuple(ws))
-    return FileResult(
-        tuple(ordered),
-        _int(data.get("BizDuration")),
-        str(data.get("TaskId", "")),
-        _int(data.get("StatusCode")),
-        dict(data),
-    )
 
 
 # --------------------------------------------------------------------------- audio
@@ -294,6 +161,11 @@ def _prepare(
         if sample_rate is None:
             raise AudioFormatError("a numpy array needs its sample_rate= (in Hz)")
         if keep_channels:
+            if source.ndim == 2 and source.shape[1] > wire.MAX_CHANNELS:
+                raise AudioFormatError(
+                    f"the array has {source.shape[1]} channels; the service takes at most "
+                    f"{wire.MAX_CHANNELS}"
+                )
             channels, rate = _array_channels(source, sample_rate)
             return _Upload(_wav(channels, rate), "wav", rate, len(channels[0]) / (2 * rate))
         rate = _target_rate(sample_rate)
@@ -333,6 +205,11 @@ def _prepare(
         return _raw_pcm(data, sample_rate, keep_channels)
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioFormatError("the recording contains no audio")
+    if keep_channels and info.channels > wire.MAX_CHANNELS:
+        raise AudioFormatError(
+            f"the recording has {info.channels} channels; the service takes at most "
+            f"{wire.MAX_CHANNELS} (mix it down, or split the channels)"
+        )
     duration = info.frames / info.samplerate
     if keep_channels:
         native = _FLASH_NATIVE.get((info.format, info.subtype)) or _FLASH_NATIVE.get(
@@ -431,10 +308,13 @@ class _Client:
 
     _service = "service"
 
-    def __init__(self, timeout: float, secrets: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, timeout: float, secrets: tuple[str, ...] = (), proxy: ProxySetting = True
+    ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.timeout = timeout
+        self.proxy = proxy
         self._aiohttp = _aiohttp()
         self._session: aiohttp.ClientSession | None = None
         self._secrets = secrets
@@ -475,7 +355,10 @@ class _Client:
 
         try:
             target = URL(url, encoded=True)
-            async with self._http().request(method, target, allow_redirects=False, **kwargs) as r:
+            proxy = self._proxy(target)
+            async with self._http().request(
+                method, target, allow_redirects=False, proxy=proxy, **kwargs
+            ) as r:
                 body = await read_bounded(r.content, _MAX_ANSWER_BYTES)
                 status = r.status
         except asyncio.TimeoutError:
@@ -491,6 +374,22 @@ class _Client:
                 f"{self._service} at {host} answered more than {_MAX_ANSWER_BYTES} bytes"
             )
         return _Answer(status, body, auth.json_object(body))
+
+    def _proxy(self, target: Any) -> str | None:
+        """The HTTP proxy for ``target``, by the real-time client's rule (``proxy=``:
+        ``True`` the system's settings, a URL, ``None`` direct)."""
+        url = (
+            proxy_for(target.scheme == "https", target.host or "")
+            if self.proxy is True
+            else self.proxy
+        )
+        if url is not None and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise GatewayConnectionError(
+                f"{self._service}: the proxy {redact_proxy(url)} is not an HTTP proxy; the "
+                "recording clients support http:// proxies (pass proxy=None to connect "
+                "directly)"
+            )
+        return url
 
     def _http_failure(self, answer: _Answer, host: str, *secrets: str) -> NlsError:
         snippet = redact(answer.body[:200].decode("utf-8", "replace"), *self._secrets, *secrets)
@@ -522,8 +421,9 @@ class _TokenClient(_Client):
         url: str | None = None,
         *,
         timeout: float | None = None,
+        proxy: ProxySetting = True,
     ) -> None:
-        super().__init__(timeout or self._default_timeout)
+        super().__init__(timeout or self._default_timeout, proxy=proxy)
         if not appkey:
             raise ValueError("appkey must not be empty")
         self.appkey = appkey
@@ -588,12 +488,14 @@ class _TokenClient(_Client):
     def _check(self, answer: _Answer, token: str) -> dict[str, Any]:
         host = urllib.parse.urlsplit(self.url).netloc
         data = answer.data
-        if data is None or not isinstance(data.get("status"), int):
+        status = data.get("status") if data is not None else None
+        if data is None or isinstance(status, bool) or not isinstance(status, int):
             raise self._http_failure(answer, host, token)
-        status = data["status"]
         if status != SUCCESS:
-            message = redact(str(data.get("message", "")), token)
-            raise task_error(status, message, str(data.get("task_id") or "") or None)
+            message = data.get("message")
+            message = redact(message[:500] if isinstance(message, str) else "", token)
+            task_id = data.get("task_id")
+            raise task_error(status, message, task_id[:64] if isinstance(task_id, str) else None)
         return data
 
 
@@ -609,7 +511,9 @@ class FlashRecognizer(_TokenClient):
     (:class:`AudioFormatError` before upload). ``token``: a string or a token provider
     (sent as the ``token`` query parameter). ``url``: the endpoint (default
     :data:`FLASH_URL`, Shanghai), or just ``http(s)://host:port`` (e.g. a local gateway).
-    ``timeout`` bounds each request (default 120 s).
+    ``timeout`` bounds each request (default 120 s). ``proxy``: ``True`` (default) the
+    system's proxy settings (``https_proxy``/``http_proxy``/``no_proxy``), an ``http://``
+    proxy URL, or ``None`` to connect directly (the real-time client's rule).
     The cloud offers this service to commercial-edition appkeys only.
     """
 
@@ -634,7 +538,7 @@ class FlashRecognizer(_TokenClient):
         if (source is None) == (audio_address is None):
             raise ValueError("give either a source or audio_address=, not both or neither")
         data, _ = await self._recognize(source, audio_address, format, sample_rate, params)
-        return _flash_result(data)
+        return wire.parse_flash(data)
 
 
 class RestRecognizer(_TokenClient):
@@ -644,8 +548,9 @@ class RestRecognizer(_TokenClient):
     mixed), so that its length is checked before upload (more than 60 s:
     :class:`AudioFormatError`). An explicit ``format=`` other than pcm/wav sends bytes as
     they are, unchecked. The token goes in the ``X-NLS-Token`` header. ``url`` as for
-    :class:`FlashRecognizer` (default :data:`REST_URL`); ``timeout`` default 60 s. The
-    result has one sentence spanning the audio.
+    :class:`FlashRecognizer` (default :data:`REST_URL`); ``timeout`` default 60 s;
+    ``proxy`` as for :class:`FlashRecognizer`. The result has one sentence spanning the
+    audio.
     """
 
     _service = "REST recognizer"
@@ -668,9 +573,7 @@ class RestRecognizer(_TokenClient):
         data, upload = await self._recognize(source, None, format, sample_rate, params)
         assert upload is not None
         duration = round(upload.duration * 1000) if upload.duration is not None else 0
-        text = str(data.get("result", ""))
-        sentences = (FileSentence(text, 0, duration),) if text else ()
-        return FileResult(sentences, duration, str(data.get("task_id", "")), SUCCESS, data)
+        return wire.parse_rest(data, duration)
 
 
 # --------------------------------------------------------------------------- FileTrans
@@ -702,12 +605,12 @@ class FileTransTask:
         :class:`TaskFailedError` if it failed."""
         data = await self.client._get_task_result(self.task_id)
         self.polls += 1
-        self.status = _int(data.get("StatusCode"))
+        self.status, text = wire.parse_task_status(data)
         if self.status in FILE_TRANS_PENDING:
             return None
         if self.status in FILE_TRANS_DONE:
-            return _file_trans_result(data)
-        raise TaskFailedError(self.status, str(data.get("StatusText", "")), self.task_id)
+            return wire.parse_file_trans(data)
+        raise TaskFailedError(self.status, text[:500], self.task_id)
 
     async def wait(self, timeout: float = 3600.0) -> FileResult:
         """Poll until the task is done; the first poll comes ``poll_interval`` after the
@@ -753,7 +656,7 @@ class FileTranscriber(_Client):
     2018-08-17); ``endpoint`` overrides the URL (e.g. ``http://127.0.0.1:PORT/``).
     ``timeout`` bounds each request; ``poll_interval`` / ``max_poll_interval`` set the
     polling backoff of :meth:`FileTransTask.wait` (never below the service's one query
-    per second per task).
+    per second per task). ``proxy`` as for :class:`FlashRecognizer`.
     """
 
     _service = "FileTrans"
@@ -770,12 +673,13 @@ class FileTranscriber(_Client):
         timeout: float = 30.0,
         poll_interval: float = 1.0,
         max_poll_interval: float = 10.0,
+        proxy: ProxySetting = True,
     ) -> None:
         if not ak_id or not ak_secret:
             raise ValueError("FileTranscriber needs both the AccessKey id and secret")
         if not appkey:
             raise ValueError("appkey must not be empty")
-        super().__init__(timeout, secrets=(ak_secret,))
+        super().__init__(timeout, secrets=(ak_secret,), proxy=proxy)
         self._ak_id = ak_id
         self._secret = ak_secret
         self.appkey = appkey
@@ -809,10 +713,9 @@ class FileTranscriber(_Client):
             task["callback_url"] = callback_url
         task.update(params)
         data = await self._pop("POST", "SubmitTask", {"Task": json.dumps(task)})
-        status = _int(data.get("StatusCode"))
-        task_id = str(data.get("TaskId") or "")
+        status, task_id, text = wire.parse_submit(data)
         if status != 21050000 or not task_id:
-            raise TaskFailedError(status, str(data.get("StatusText", "")), task_id or None)
+            raise TaskFailedError(status, text[:500], task_id[:64] or None)
         log.info("FileTrans task %s submitted", task_id)
         return FileTransTask(self, task_id)
 
