@@ -48,6 +48,7 @@ from .errors import AudioFormatError
 __all__ = [
     "FRAME_BYTES",
     "SAMPLE_RATES",
+    "SNIFF_BYTES",
     "AudioChunk",
     "AudioSource",
     "Framer",
