@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -104,6 +105,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _proxy(text: str) -> str:
+    if text.lower() == "none":
+        return "none"
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https", "socks4", "socks5") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            "must be none or a proxy URL such as http://HOST:PORT or socks5://HOST:PORT"
+        )
+    return text
+
+
 def _pace(text: str) -> float:
     value = float(text)
     if value < 0 or value != value:
@@ -132,6 +144,15 @@ def _session_options() -> argparse.ArgumentParser:
         "--token",
         help="token (discouraged: visible to other users in the process list; "
         "prefer the NLS_TOKEN or ALIYUN_AK_ID/ALIYUN_AK_SECRET environment variables)",
+    )
+    conn.add_argument(
+        "--proxy",
+        type=_proxy,
+        metavar="URL|none",
+        help="real time: connect through this proxy (http://, https://, socks4://, "
+        "socks5://; needs the 'proxy' extra), or 'none' to connect directly (default: the "
+        "https_proxy/http_proxy/all_proxy/no_proxy variables; a loopback address and the "
+        "embedded gateway are never proxied)",
     )
     conn.add_argument(
         "--timeout",

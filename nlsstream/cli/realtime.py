@@ -7,12 +7,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import sys
+import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
-from nlsstream import Event, NlsError, Recognizer, Resumed, Transcriber
+from nlsstream import ConfigurationError, Event, NlsError, Recognizer, Resumed, Transcriber
 from nlsstream.audio import load_file
+from nlsstream.proxies import redact_proxy, system_proxy
 from nlsstream.quickstart import Services, print_notice, service_settings
 
 from .common import EXIT_OK, PROGRESS_INTERVAL, Interrupt, isatty, notice_for
@@ -38,6 +41,27 @@ def realtime_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def session_proxy(args: argparse.Namespace, services: Services) -> str | Literal[True] | None:
+    """The session's ``proxy=`` of ``--proxy`` (default ``True``: the system's settings);
+    the embedded gateway is always reached directly. Raises
+    :class:`~nlsstream.ConfigurationError` when a proxy is to be used but python-socks is
+    missing, naming the options rather than Python arguments."""
+    proxy: str | Literal[True] | None = True
+    if services.local or args.proxy == "none":
+        proxy = None
+    elif args.proxy is not None:
+        proxy = args.proxy
+    parts = urllib.parse.urlsplit(services.url)
+    chosen = system_proxy(parts.scheme, parts.hostname or "") if proxy is True else proxy
+    if chosen is not None and importlib.util.find_spec("python_socks") is None:
+        raise ConfigurationError(
+            f"a proxy is set for {parts.hostname} ({redact_proxy(chosen)}) but python-socks "
+            "is not installed: pip install 'nlsstream[proxy]', or give --proxy none to "
+            "connect directly"
+        )
+    return proxy
+
+
 def _session(
     args: argparse.Namespace, services: Services, *, intermediate: bool
 ) -> Transcriber | Recognizer:
@@ -48,6 +72,7 @@ def _session(
         services.appkey,
         services.token,
         url=services.url,
+        proxy=session_proxy(args, services),
         sample_rate=args.sample_rate,
         enable_intermediate_result=intermediate,
         enable_punctuation_prediction=args.punctuation,

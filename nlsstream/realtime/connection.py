@@ -30,7 +30,6 @@ import os
 import socket
 import ssl
 import struct
-import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -42,6 +41,7 @@ from websockets.protocol import State as WsState
 from websockets.uri import WebSocketURI, parse_uri
 
 from ..errors import AuthenticationError, GatewayConnectionError, ProtocolError, redact
+from ..proxies import system_proxy
 
 if TYPE_CHECKING:
     from .pacing import PacedStream
@@ -584,15 +584,12 @@ def _status_error(exc: InvalidStatus, shown: str, token: str) -> Exception:
 @functools.lru_cache(maxsize=64)
 def proxy_for(secure: bool, host: str) -> str | None:
     """The proxy the system's settings name for a gateway (``wss_proxy``/``https_proxy``,
-    ``ws_proxy``/``http_proxy``, ``all_proxy``, minus ``no_proxy``), or ``None``.
+    ``ws_proxy``/``http_proxy``, ``all_proxy``, minus ``no_proxy``; never for a loopback
+    host), or ``None``: :func:`nlsstream.proxies.system_proxy`, the rule every client follows.
 
     Read once per address per process: the lookup scans the whole environment, which
     thousands of connects need not repeat."""
-    if urllib.request.proxy_bypass(host):
-        return None
-    proxies = urllib.request.getproxies()
-    scheme, fallback = ("wss", "https") if secure else ("ws", "http")
-    return proxies.get(scheme) or proxies.get(fallback) or proxies.get("all")
+    return system_proxy("wss" if secure else "ws", host)
 
 
 async def _proxy_socket(

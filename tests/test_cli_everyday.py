@@ -1,0 +1,140 @@
+"""Everyday use of the command line in a normal environment (issue 20): proxy variables
+set, standard input redirected, Ctrl-C, outputs next to inputs, a local gateway with
+AccessKeys. Every run is a real ``python -m nlsstream`` subprocess against a real
+gateway on this machine."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from helpers import (
+    HELLO,
+    TIMEOUT,
+    clean_env,
+    run_cli,
+)
+
+from nlsstream.gateway import Gateway, GatewayThread
+from nlsstream.testing import TEST_APPKEY, TEST_TOKEN
+
+# Nothing listens on the discard port: a client sent there fails at once.
+DEAD_PROXY = "http://127.0.0.1:9"
+PROXY_ENV = {name: DEAD_PROXY for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")}
+
+
+def _gateway_args(gateway: Gateway, host: str = "127.0.0.1") -> list[str]:
+    url = gateway.url.replace("127.0.0.1", host)
+    return ["--url", url, "--token", TEST_TOKEN, "--appkey", TEST_APPKEY]
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its default route (not loopback), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("203.0.113.1", 9))  # TEST-NET-3: a route lookup, nothing is sent
+        except OSError:
+            return None
+        address: str = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture
+def outward_gateway() -> Iterator[tuple[Gateway, str]]:
+    """A span gateway listening on every address, and this machine's outward address."""
+    address = _outward_address()
+    if address is None:
+        pytest.skip("no address besides loopback")
+    gateway = Gateway("0.0.0.0", 0, recognizer="span", tokens=[TEST_TOKEN], appkeys=[TEST_APPKEY])
+    with GatewayThread(gateway) as gw:
+        yield gw, address
+
+
+# --------------------------------------------------------------------------- 1. proxies
+
+
+@pytest.mark.nls_gateway(recognizer="span")
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_proxy_variables_never_proxy_a_loopback_gateway(nls_gateway: Gateway, host: str) -> None:
+    proc = run_cli(
+        "transcribe",
+        HELLO,
+        "--service",
+        "realtime",
+        "--pace",
+        "0",
+        *_gateway_args(nls_gateway, host),
+        env=clean_env(**PROXY_ENV),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("speech ")
+
+
+def test_proxy_variables_never_proxy_the_embedded_gateway() -> None:
+    proc = run_cli(
+        "recognize", HELLO, "--pace", "0", env=clean_env(**PROXY_ENV), timeout=3 * TIMEOUT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "embedded local gateway" in proc.stderr
+
+
+def test_proxy_option_none_connects_directly(outward_gateway: tuple[Gateway, str]) -> None:
+    gateway, address = outward_gateway
+    args = ["transcribe", HELLO, "--service", "realtime", "--pace", "0"]
+    args += _gateway_args(gateway, address)
+    env = clean_env(**PROXY_ENV)
+    through = run_cli(*args, env=env)  # not loopback: the variables apply
+    assert through.returncode == 1
+    assert "through the proxy http://127.0.0.1:9" in through.stderr
+    direct = run_cli(*args, "--proxy", "none", env=env)
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout.startswith("speech ")
+
+
+@pytest.mark.nls_gateway(recognizer="span")
+def test_proxy_option_url_is_used_and_its_password_hidden(nls_gateway: Gateway) -> None:
+    proc = run_cli(
+        "transcribe",
+        HELLO,
+        "--service",
+        "realtime",
+        "--proxy",
+        "socks5://user:hunter2@127.0.0.1:9",
+        *_gateway_args(nls_gateway),
+    )
+    assert proc.returncode == 1
+    assert "through the proxy socks5://user:***@127.0.0.1:9" in proc.stderr
+    assert "hunter2" not in proc.stderr
+
+
+def test_proxy_option_takes_a_url_or_none() -> None:
+    proc = run_cli("transcribe", HELLO, "--proxy", "nowhere")
+    assert proc.returncode == 2
+    assert "--proxy: must be none or a proxy URL" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "proxied"),
+    [
+        ("127.0.0.1", False),
+        ("127.8.9.10", False),
+        ("::1", False),
+        ("[::1]", False),
+        ("localhost", False),
+        ("LOCALHOST.", False),
+        ("nls-gateway.cn-shanghai.aliyuncs.com", True),
+        ("192.0.2.7", True),
+    ],
+)
+def test_the_one_proxy_rule_skips_loopback_only(
+    host: str, proxied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nlsstream.proxies import system_proxy
+
+    for name in ("no_proxy", "NO_PROXY", "https_proxy", "HTTPS_PROXY", "ws_proxy", "wss_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in PROXY_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert system_proxy("wss", host) == (DEAD_PROXY if proxied else None)
+    assert system_proxy("http", host) == (DEAD_PROXY if proxied else None)
