@@ -6,10 +6,12 @@ gateway on this machine."""
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 from helpers import (
+    CLI,
     HELLO,
     TIMEOUT,
     clean_env,
@@ -138,3 +140,22 @@ def test_the_one_proxy_rule_skips_loopback_only(
         monkeypatch.setenv(name, value)
     assert system_proxy("wss", host) == (DEAD_PROXY if proxied else None)
     assert system_proxy("http", host) == (DEAD_PROXY if proxied else None)
+
+
+# --------------------------------------------------------------------------- 2. stdin
+
+
+@pytest.mark.parametrize("command", ["transcribe", "recognize"])
+def test_stdin_from_dev_null_is_one_line_not_a_hang(command: str) -> None:
+    proc = subprocess.run(
+        [*CLI, command, "-"],
+        stdin=subprocess.DEVNULL,  # /dev/null: a device the event loop cannot poll
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "nlsstream: error: standard input is empty: there is no audio to transcribe\n"
+    )

@@ -70,14 +70,22 @@ async def _chain(
                 return
 
 
+def _pollable(fd: int) -> bool:
+    """Whether the event loop can wait for ``fd`` to be readable: a pipe, a socket or a
+    terminal. Regular files and devices such as ``/dev/null`` cannot be polled (epoll
+    refuses them) and never block for long: they are read in a worker thread."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
+
+
 async def _stdin_chunks() -> AsyncGenerator[bytes, None]:
     """Standard input as chunks of bytes, without blocking the event loop.
 
-    Pipes and terminals are read through the event loop; regular files (``< file.pcm``)
-    cannot be, and never block for long, so they are read in a worker thread.
+    Pipes, sockets and terminals are read through the event loop; anything else
+    (``< file.pcm``, ``< /dev/null``) in a worker thread (see :func:`_pollable`).
     """
     stdin = sys.stdin.buffer
-    if stat.S_ISREG(os.fstat(stdin.fileno()).st_mode):
+    if not _pollable(stdin.fileno()):
         while chunk := await asyncio.to_thread(stdin.read, _STDIN_CHUNK):
             yield chunk
         return
