@@ -21,6 +21,8 @@ The rules, in order:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
 import sys
@@ -47,6 +49,10 @@ PLACEHOLDER_TOKEN = "local-token"
 PLACEHOLDER_APPKEY = "local-appkey"
 PLACEHOLDER_ACCESS_KEY_ID = "local-access-key"
 PLACEHOLDER_ACCESS_KEY_SECRET = "local-access-key-secret"
+
+#: How long the embedded gateway's close may take when its block is left by an
+#: exception (a cancelled or failed run), rather than the handlers' whole grace period.
+ABANDON_TIMEOUT = 0.5
 
 _RECOGNIZER_NAMES = {"sphinx": "PocketSphinx", "span": "no speech recognizer: speech spans only"}
 
@@ -197,7 +203,8 @@ async def service_settings(
     gateway = Gateway(
         recognizer=recognizer, access_keys=dict([pair]), file_workers=max(file_workers, 1)
     )
-    async with gateway as gw:
+    gw = await gateway.__aenter__()
+    try:
         if notice is not None:
             name = _RECOGNIZER_NAMES.get(gw.recognizer.name, gw.recognizer.name)
             where = gw.url if service_name is None else gw.http_url
@@ -206,3 +213,11 @@ async def service_settings(
                 f"({name}) at {where}"
             )
         yield Services(gw.url, gw.http_url, key or gw.appkey, gw.token, pair, settings.region, True)
+    except BaseException:
+        # Cancelled (Ctrl-C) or failed: the work still in the gateway is for this
+        # process's own clients, which are gone. Closing waits for its handlers (seconds,
+        # for a long recording being decoded): bound it, so that an interrupt is quick.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(gateway.close(), ABANDON_TIMEOUT)
+        raise
+    await gateway.close()

@@ -5,16 +5,25 @@ gateway on this machine."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 from helpers import (
     CLI,
+    FIXTURES,
     HELLO,
     TIMEOUT,
     clean_env,
+    readline_within,
     run_cli,
 )
 
@@ -159,3 +168,64 @@ def test_stdin_from_dev_null_is_one_line_not_a_hang(command: str) -> None:
     assert proc.stderr == (
         "nlsstream: error: standard input is empty: there is no audio to transcribe\n"
     )
+
+
+# --------------------------------------------------------------------------- 3. Ctrl-C
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _long_recording(path: Path) -> str:
+    """74 s of speech: the embedded gateway decodes it for seconds."""
+    data, rate = sf.read(FIXTURES / "three_sentences.wav", dtype="int16")
+    sf.write(path, np.concatenate([data] * 8), rate)
+    return str(path)
+
+
+def _interrupt_while_decoding(args: list[str], signals: int) -> tuple[int, str]:
+    """Run the CLI; once its embedded gateway is decoding (the process has spent two
+    seconds of CPU since it announced the gateway), send SIGINT ``signals`` times."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc")
+    proc = subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()
+    )
+    try:
+        assert proc.stderr is not None
+        assert "embedded local gateway" in readline_within(proc.stderr, TIMEOUT)
+        start = _cpu_seconds(proc.pid)
+        deadline = time.monotonic() + TIMEOUT
+        while _cpu_seconds(proc.pid) - start < 2.0:  # decoding: CPU time, not a guess
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        if signals == 2:  # once the first is handled: signals sent at once may merge
+            assert "interrupted: finishing" in readline_within(proc.stderr, TIMEOUT)
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def test_ctrl_c_during_a_flash_run_is_one_line(tmp_path: Path) -> None:
+    status, err = _interrupt_while_decoding(
+        ["transcribe", _long_recording(tmp_path / "long.wav")], signals=1
+    )
+    assert status == 130
+    assert err.splitlines() == ["nlsstream: interrupted before the recording was recognised"]
+
+
+def test_second_ctrl_c_in_a_flash_batch_still_sums_up(tmp_path: Path) -> None:
+    first = _long_recording(tmp_path / "a.wav")
+    second = str(tmp_path / "b.wav")
+    shutil.copy(first, second)
+    args = ["transcribe", first, second, "--output-dir", str(tmp_path / "out")]
+    status, err = _interrupt_while_decoding(args, signals=2)
+    assert status == 130
+    assert err.splitlines() == ["nlsstream: 0 of 2 done, 2 cancelled (interrupted)"]

@@ -136,6 +136,7 @@ def _write_outputs(transcript: Transcript, base: str, fmt: str, channel_ids: boo
 @dataclass
 class _Tally:
     total: int
+    started: int = 0
     done: int = 0
     failed: int = 0
 
@@ -145,6 +146,20 @@ class _Tally:
 
     def label(self) -> str:
         return f"{self.finished}/{self.total} files, {self.failed} failed"
+
+
+def _summary(tally: _Tally, inputs: int, skipped: int) -> str:
+    """The batch's last line: what was done, failed, skipped and left."""
+    parts = [f"{tally.done} of {inputs} done"]
+    if tally.failed:
+        parts.append(f"{tally.failed} failed")
+    if skipped:
+        parts.append(f"{skipped} skipped (output exists; --force redoes them)")
+    if cancelled := tally.started - tally.finished:
+        parts.append(f"{cancelled} cancelled (interrupted)")
+    if not_started := tally.total - tally.started:
+        parts.append(f"{not_started} not started (interrupted)")
+    return f"nlsstream: {', '.join(parts)}"
 
 
 async def run_batch(
@@ -171,7 +186,13 @@ async def run_batch(
 
     if todo:
         stopping = asyncio.Event()
-        interrupt.graceful = stopping.set  # the first signal: start no more inputs
+
+        def stop_starting() -> None:  # the first signal: start no more inputs
+            stopping.set()
+            running = tally.started - tally.finished
+            say(f"nlsstream: interrupted: finishing {running} running (again to cancel them)")
+
+        interrupt.graceful = stop_starting
         limit = asyncio.Semaphore(args.jobs)
         secrets = command_secrets(args)
 
@@ -179,6 +200,7 @@ async def run_batch(
             async with limit:
                 if stopping.is_set():
                     return
+                tally.started += 1
                 try:
                     transcript = await recognise_retrying(args, services, source)
                     paths = await asyncio.to_thread(
@@ -202,35 +224,33 @@ async def run_batch(
                     say(f"nlsstream: {source}: no speech recognised")
                 log.info("%s -> %s", source, ", ".join(paths))
 
-        async with services_for(args, notice) as services:
-            if args.service == "filetrans" and not services.local:
-                for source in todo:  # a local path the service cannot fetch: say so now
-                    if not is_url(source):
-                        file_link(source, services)
-            if args.progress and isatty(sys.stderr):
-                progress = ProgressBar(len(todo), sys.stderr, label=tally.label())
-            jobs = {asyncio.ensure_future(one(source, services)) for source in todo}
-            try:
-                pending = set(jobs)
-                while pending:
-                    refresh()  # the elapsed time and ETA, between completions too
-                    _, pending = await asyncio.wait(pending, timeout=PROGRESS_INTERVAL)
-            finally:
-                for job in jobs:
-                    job.cancel()
-                await asyncio.gather(*jobs, return_exceptions=True)
-                interrupt.graceful = None
-                if progress is not None:
-                    progress.close()
-    not_run = len(todo) - tally.finished
-    parts = [f"{tally.done} of {len(args.inputs)} done"]
-    if tally.failed:
-        parts.append(f"{tally.failed} failed")
-    if skipped:
-        parts.append(f"{len(skipped)} skipped (output exists; --force redoes them)")
-    if not_run:
-        parts.append(f"{not_run} not started (interrupted)")
-    print(f"nlsstream: {', '.join(parts)}", file=sys.stderr, flush=True)
+        try:
+            async with services_for(args, notice) as services:
+                if args.service == "filetrans" and not services.local:
+                    for source in todo:  # a local path the service cannot fetch: say so now
+                        if not is_url(source):
+                            file_link(source, services)
+                if args.progress and isatty(sys.stderr):
+                    progress = ProgressBar(len(todo), sys.stderr, label=tally.label())
+                jobs = {asyncio.ensure_future(one(source, services)) for source in todo}
+                try:
+                    pending = set(jobs)
+                    while pending:
+                        refresh()  # the elapsed time and ETA, between completions too
+                        _, pending = await asyncio.wait(pending, timeout=PROGRESS_INTERVAL)
+                finally:
+                    for job in jobs:
+                        job.cancel()
+                    await asyncio.gather(*jobs, return_exceptions=True)
+                    interrupt.graceful = None
+                    if progress is not None:
+                        progress.close()
+        except asyncio.CancelledError:
+            if not interrupt.count:
+                raise
+            # The second signal cancelled the running inputs (and the embedded gateway
+            # was left without waiting for them): the summary still says what was done.
+    print(_summary(tally, len(args.inputs), len(skipped)), file=sys.stderr, flush=True)
     if interrupt.count:
         return interrupt.status
     return EXIT_FAILURE if tally.failed else EXIT_OK

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from nlsstream import AccessKeyTokenProvider, NlsError, Settings, __version__
+from nlsstream.quickstart import print_notice
 
 from .batch import collisions, run_batch
 from .common import (
@@ -419,6 +420,8 @@ async def _interruptible(args: argparse.Namespace, out: TextIO | None) -> int:
         return await transcribe_session(args, out, interrupt)
     except asyncio.CancelledError:
         if interrupt.count:
+            if out is not None and args.service != "realtime":
+                print_notice("interrupted before the recording was recognised")
             return interrupt.status
         raise
     finally:
