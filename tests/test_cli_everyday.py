@@ -27,7 +27,7 @@ from helpers import (
     run_cli,
 )
 
-from nlsstream.gateway import Gateway, GatewayThread
+from nlsstream.gateway import Faults, Gateway, GatewayThread
 from nlsstream.testing import TEST_APPKEY, TEST_TOKEN
 
 # Nothing listens on the discard port: a client sent there fails at once.
@@ -229,3 +229,45 @@ def test_second_ctrl_c_in_a_flash_batch_still_sums_up(tmp_path: Path) -> None:
     status, err = _interrupt_while_decoding(args, signals=2)
     assert status == 130
     assert err.splitlines() == ["nlsstream: 0 of 2 done, 2 cancelled (interrupted)"]
+
+
+# --------------------------------------------------------------------------- 4, 5. -o FILE
+
+THREE = str(FIXTURES / "three_sentences.wav")
+
+
+@pytest.mark.nls_gateway(
+    recognizer="span",
+    # Two of the three sentences are final when the task fails (not retryable: no resume).
+    faults=Faults(fail_status=40000000, fail_at="audio", fail_after_bytes=8 * 32000),
+)
+def test_a_live_run_that_fails_part_way_keeps_what_was_recognised(
+    nls_gateway: Gateway, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.txt"
+    out.write_text("an earlier transcript\n")
+    proc = run_cli(
+        "transcribe", THREE, "--service", "realtime", "--pace", "0", "-o", str(out),
+        *_gateway_args(nls_gateway),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert out.read_text() == "an earlier transcript\n"  # FILE untouched, as promised
+    partial = Path(f"{out}.partial")
+    assert f"what was recognised before the failure is in {partial}" in proc.stderr
+    lines = partial.read_text().splitlines()
+    assert len(lines) >= 1 and all(line.startswith("speech ") for line in lines)
+    assert sorted(os.listdir(tmp_path)) == ["out.txt", "out.txt.partial"]  # no debris
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_output_onto_the_input_is_refused(tmp_path: Path, link: bool) -> None:
+    victim = tmp_path / "victim.wav"
+    shutil.copy(HELLO, victim)
+    target = victim
+    if link:
+        target = tmp_path / "alias.txt"
+        target.symlink_to(victim)
+    proc = run_cli("transcribe", str(victim), "-o", str(target))
+    assert proc.returncode == 2
+    assert f"-o {target} is the input {victim}: it would replace the recording" in proc.stderr
+    assert victim.read_bytes() == Path(HELLO).read_bytes()

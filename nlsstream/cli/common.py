@@ -134,18 +134,21 @@ def notice_for(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 class Output:
-    """Where the transcript goes; ``keep`` says whether a file written is to be kept."""
+    """Where the transcript goes; ``keep`` says whether a file written is to be kept,
+    ``salvage`` where to save it otherwise (``None``: nowhere)."""
 
     def __init__(self, file: TextIO) -> None:
         self.file = file
         self.keep = False
+        self.salvage: str | None = None
 
 
 @contextlib.contextmanager
 def open_output(path: str | None) -> Iterator[Output]:
     """Standard output, or ``path`` written atomically: into a temporary file in the same
     directory that replaces ``path`` only if the run keeps it (a failed run destroys
-    nothing). A path that is not a regular file (``/dev/null``, a FIFO) is written as is."""
+    nothing), or else becomes ``salvage`` if the run sets one. A path that is not a
+    regular file (``/dev/null``, a FIFO) is written as is."""
     if path is None or path == "-":
         yield Output(sys.stdout)
         return
@@ -167,6 +170,8 @@ def open_output(path: str | None) -> Iterator[Output]:
             yield output
         if output.keep:
             os.replace(tmp, target)
+        elif output.salvage is not None:
+            os.replace(tmp, output.salvage)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

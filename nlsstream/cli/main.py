@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -374,6 +375,8 @@ def _check_transcribe(args: argparse.Namespace) -> str | None:
         return f"--service {args.service} takes files, not URLs ({urls[0]}): use flash or filetrans"
     if args.output_dir is not None and args.output is not None:
         return "give either -o FILE (one input) or --output-dir DIR, not both"
+    if args.output not in (None, "-") and (same := _same_file(args.output, inputs)):
+        return f"-o {args.output} is the input {same}: it would replace the recording"
     if len(inputs) > 1 and args.output_dir is None:
         return "several inputs need --output-dir DIR (one output per input)"
     if args.output_dir is not None:
@@ -402,9 +405,39 @@ def _transcribe_cmd(args: argparse.Namespace) -> int:
             output.keep = status == EXIT_OK or (
                 args.service == "realtime" and status != EXIT_FAILURE
             )
+            regular = args.output not in (None, "-") and not _special(args.output)
+            if not output.keep and regular and _written(output.file):
+                # A live run that failed part-way: FILE stays as it was, and nothing
+                # recognised is lost.
+                output.salvage = f"{args.output}.partial"
+                print_notice(f"what was recognised before the failure is in {output.salvage}")
             return status
     except OSError as exc:  # run() handles everything else: this is opening/closing FILE
         return fail(f"cannot write {args.output}: {exc.strerror or exc}")
+
+
+def _special(path: str) -> bool:
+    """Whether ``path`` exists and is not a regular file (``/dev/null``, a FIFO)."""
+    return os.path.exists(path) and not os.path.isfile(path)
+
+
+def _written(file: TextIO) -> bool:
+    """Whether anything was written to ``file`` (a regular file being written)."""
+    try:
+        return file.tell() > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _same_file(output: str, inputs: list[str]) -> str | None:
+    """The input that ``output`` is (or links to), if any."""
+    for source in inputs:
+        if source == "-" or is_url(source):
+            continue
+        with contextlib.suppress(OSError):
+            if os.path.samefile(output, source):
+                return source
+    return None
 
 
 async def _interruptible(args: argparse.Namespace, out: TextIO | None) -> int:
