@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 from helpers import (
+    AK_ID,
+    AK_SECRET,
     CLI,
     FIXTURES,
     HELLO,
@@ -271,3 +273,38 @@ def test_output_onto_the_input_is_refused(tmp_path: Path, link: bool) -> None:
     assert proc.returncode == 2
     assert f"-o {target} is the input {victim}: it would replace the recording" in proc.stderr
     assert victim.read_bytes() == Path(HELLO).read_bytes()
+
+
+# --------------------------------------------------------------------------- 6. tokens
+
+
+@pytest.fixture
+def access_key_gateway() -> Iterator[Gateway]:
+    """A gateway that accepts only the tokens its own CreateToken issued."""
+    gateway = Gateway(
+        recognizer="span", tokens=["not-yours"], access_keys={AK_ID: AK_SECRET}, port=0
+    )
+    with GatewayThread(gateway) as gw:
+        yield gw
+
+
+@pytest.mark.parametrize("service", ["flash", "rest", "realtime"])
+def test_access_key_with_a_local_url_gets_tokens_there(
+    access_key_gateway: Gateway, service: str
+) -> None:
+    env = clean_env(ALIYUN_AK_ID=AK_ID, ALIYUN_AK_SECRET=AK_SECRET, NLS_APPKEY="app")
+    url = access_key_gateway.http_url
+    proc = run_cli("transcribe", HELLO, "--service", service, "--url", url, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("speech ")
+    assert AK_SECRET not in proc.stderr
+
+
+def test_token_endpoint_option_is_where_tokens_come_from(access_key_gateway: Gateway) -> None:
+    env = clean_env(ALIYUN_AK_ID=AK_ID, ALIYUN_AK_SECRET=AK_SECRET, NLS_APPKEY="app")
+    proc = run_cli(
+        "transcribe", HELLO, "--url", access_key_gateway.http_url,
+        "--token-endpoint", "http://127.0.0.1:9/", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "127.0.0.1:9" in proc.stderr

@@ -148,6 +148,13 @@ def _session_options() -> argparse.ArgumentParser:
         "prefer the NLS_TOKEN or ALIYUN_AK_ID/ALIYUN_AK_SECRET environment variables)",
     )
     conn.add_argument(
+        "--token-endpoint",
+        metavar="URL",
+        help="where tokens are made from ALIYUN_AK_ID/ALIYUN_AK_SECRET (CreateToken; "
+        "default: the --url/NLS_URL host, which a local gateway serves it on, else "
+        "https://nls-meta.REGION.aliyuncs.com/)",
+    )
+    conn.add_argument(
         "--proxy",
         type=_proxy,
         metavar="URL|none",

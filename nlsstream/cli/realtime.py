@@ -191,7 +191,11 @@ async def transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: I
         # --url may also be the gateway's http(s)://host:port (as for the recordings).
         services = await stack.enter_async_context(
             service_settings(
-                url=args.url, appkey=args.appkey, token=args.token, notice=notice_for(args)
+                url=args.url,
+                appkey=args.appkey,
+                token=args.token,
+                notice=notice_for(args),
+                token_endpoint=args.token_endpoint,
             )
         )
         session = _session(args, services, intermediate=intermediate)

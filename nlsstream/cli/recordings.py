@@ -219,6 +219,7 @@ def services_for(
         access_key_needed=args.service == "filetrans",
         file_workers=args.jobs,
         service_name=None if args.service == "realtime" else args.service,
+        token_endpoint=args.token_endpoint,
     )
 
 
