@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from helpers import (
     run_cli,
 )
 
+import nlsstream.testing
 from nlsstream.gateway import Faults, Gateway, GatewayThread
 from nlsstream.testing import TEST_APPKEY, TEST_TOKEN
 
@@ -308,3 +310,45 @@ def test_token_endpoint_option_is_where_tokens_come_from(access_key_gateway: Gat
     )  # fmt: skip
     assert proc.returncode == 1
     assert "127.0.0.1:9" in proc.stderr
+
+
+# --------------------------------------------------------------------------- 10. the plugin
+
+PLUGIN_USER_TESTS = """
+import asyncio
+
+import nlsstream.testing
+from nlsstream import FlashRecognizer
+
+
+def test_recordings_through_http_url(nls_gateway):
+    assert "http_url" in nlsstream.testing.__doc__  # documented
+
+    async def flash():
+        async with FlashRecognizer(
+            nls_gateway.appkey, nls_gateway.token, url=nls_gateway.http_url
+        ) as f:
+            return await f.recognize({hello!r})
+
+    assert asyncio.run(flash()).text
+
+
+async def test_unmarked_async(nls_gateway):
+    pass
+"""
+
+
+@pytest.mark.parametrize("plugin", ["nls_gateway"])
+def test_the_plugin_as_documented(tmp_path: Path, plugin: str) -> None:
+    """The fixture's documented ``http_url`` serves the recording clients; an unmarked
+    ``async def`` test without pytest-asyncio fails (as the docs now say)."""
+    (tmp_path / "test_user.py").write_text(PLUGIN_USER_TESTS.format(hello=HELLO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:asyncio", "-p", "no:cacheprovider",
+         "-q", "-rA", str(tmp_path / "test_user.py")],
+        capture_output=True, text=True, cwd=tmp_path, env=clean_env(), timeout=3 * TIMEOUT,
+    )  # fmt: skip
+    assert "PASSED test_user.py::test_recordings_through_http_url" in proc.stdout, proc.stdout
+    assert "FAILED test_user.py::test_unmarked_async" in proc.stdout, proc.stdout
+    assert "async def functions are not natively supported" in proc.stdout
+    assert plugin in nlsstream.testing.__doc__
