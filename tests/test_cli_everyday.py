@@ -5,6 +5,7 @@ gateway on this machine."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -352,3 +353,26 @@ def test_the_plugin_as_documented(tmp_path: Path, plugin: str) -> None:
     assert "FAILED test_user.py::test_unmarked_async" in proc.stdout, proc.stdout
     assert "async def functions are not natively supported" in proc.stdout
     assert plugin in nlsstream.testing.__doc__
+
+
+# --------------------------------------------------------------------------- 11. help, JSON
+
+
+def test_recognize_help_names_only_its_own_timeout() -> None:
+    proc = run_cli("recognize", "--help")
+    assert proc.returncode == 0
+    assert "--timeout" in proc.stdout
+    text = " ".join(proc.stdout.split())
+    assert "flash" not in text and "filetrans" not in text
+
+
+@pytest.mark.nls_gateway(recognizer="span")
+def test_realtime_jsonl_completed_has_no_empty_totals(nls_gateway: Gateway) -> None:
+    proc = run_cli(
+        "transcribe", HELLO, "--service", "realtime", "--pace", "0", "--jsonl",
+        *_gateway_args(nls_gateway),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    completed = json.loads(proc.stdout.splitlines()[-1])
+    assert completed["type"] == "Completed"
+    assert "text" not in completed and "duration" not in completed

@@ -132,8 +132,18 @@ def _silence_ms(text: str) -> int:
     return value
 
 
-def _session_options() -> argparse.ArgumentParser:
-    """Options shared by transcribe and recognize."""
+_TIMEOUT_HELP_REALTIME = (
+    "limit for connecting and starting, each, and for the gateway's silence after Stop (default 10)"
+)
+_TIMEOUT_HELP = (
+    "real time: " + _TIMEOUT_HELP_REALTIME + "; flash and rest: limit for the request "
+    "(default 120 + the audio's duration); filetrans: how long the task is waited for "
+    "(default 24 h)"
+)
+
+
+def _session_options(recordings: bool) -> argparse.ArgumentParser:
+    """Options shared by transcribe and recognize (``recordings``: transcribe's services)."""
     p = argparse.ArgumentParser(add_help=False)
     conn = p.add_argument_group("connection")
     conn.add_argument(
@@ -167,12 +177,7 @@ def _session_options() -> argparse.ArgumentParser:
         "--timeout",
         type=_positive_float,
         metavar="SECONDS",
-        help=(
-            "real time: limit for connecting and starting, each, and for the gateway's "
-            "silence after Stop (default 10); flash and rest: limit for the request "
-            "(default 120 + the audio's duration); filetrans: how long the task is waited "
-            "for (default 24 h)"
-        ),
+        help=_TIMEOUT_HELP if recordings else _TIMEOUT_HELP_REALTIME,
     )
     audio = p.add_argument_group("audio")
     audio.add_argument(
@@ -236,7 +241,7 @@ def _session_options() -> argparse.ArgumentParser:
 def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "transcribe",
-        parents=[_session_options()],
+        parents=[_session_options(recordings=True)],
         help="transcribe recordings, standard input or the microphone",
         description=(
             "Transcribe recordings with the service of --service, or standard input and "
@@ -302,7 +307,7 @@ def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _add_recognize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "recognize",
-        parents=[_session_options()],
+        parents=[_session_options(recordings=False)],
         help="recognise one utterance (at most 60 s) from a file or standard input",
         description=(
             "Sentence recognition (SpeechRecognizer): one result for the whole audio, "

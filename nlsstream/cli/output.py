@@ -185,7 +185,8 @@ def event_to_json(event: Event) -> dict[str, Any]:
     """A JSON-ready dict of an event: ``type`` (class name, e.g. ``"SentenceEnd"``),
     ``name`` (wire name), ``task_id``, then the event's own fields (``index``, ``time``,
     ``begin_time``, ``text``, ``confidence``, ``words``, ``duration``...; ``None`` when the
-    gateway did not send one). ``status`` and ``status_text`` are included for failures,
+    gateway did not send one; a ``Completed`` leaves out what it lacks, as a transcriber's
+    has no text or duration). ``status`` and ``status_text`` are included for failures,
     ``payload`` for unknown events. The raw message is not included.
     """
     out: dict[str, Any] = {
@@ -196,7 +197,10 @@ def event_to_json(event: Event) -> dict[str, Any]:
     for f in dataclasses.fields(event):
         if f.name in _BASE_FIELDS or f.name == "raw_text":
             continue
-        out[f.name] = _jsonable(getattr(event, f.name))
+        value = getattr(event, f.name)
+        if isinstance(event, Completed) and value in ("", None):
+            continue  # a transcriber's end carries no text or duration: no empty keys
+        out[f.name] = _jsonable(value)
     if event.status != SUCCESS or isinstance(event, TaskFailed):
         out["status"] = event.status
         out["status_text"] = event.status_text
