@@ -376,3 +376,20 @@ def test_realtime_jsonl_completed_has_no_empty_totals(nls_gateway: Gateway) -> N
     completed = json.loads(proc.stdout.splitlines()[-1])
     assert completed["type"] == "Completed"
     assert "text" not in completed and "duration" not in completed
+
+
+# --------------------------------------------------------------------------- 9. ignored options
+
+
+@pytest.mark.nls_gateway(recognizer="span")
+def test_options_that_do_nothing_here_are_named(nls_gateway: Gateway) -> None:
+    proc = run_cli(
+        "transcribe", HELLO, "--service", "realtime", "--pace", "0", "--force", "-j", "3",
+        "--words", "--srt", *_gateway_args(nls_gateway),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[:3] == [
+        "nlsstream: warning: --force applies to a batch (--output-dir), not to one input",
+        "nlsstream: warning: -j applies to a batch (--output-dir), not to one input",
+        "nlsstream: warning: --words shows word times in --jsonl output only",
+    ]

@@ -283,9 +283,8 @@ def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "-j",
         "--jobs",
         type=_positive_int,
-        default=2,
         metavar="N",
-        help="inputs recognised at once (default %(default)s: the cloud trial's concurrency)",
+        help="inputs recognised at once (default 2: the cloud trial's concurrency)",
     )
     batch.add_argument(
         "--force",
@@ -356,6 +355,8 @@ def _check_transcribe(args: argparse.Namespace) -> str | None:
     ``args.inputs`` (every input) and ``args.source`` (the one input, if one)."""
     inputs: list[str] = list(args.source)
     args.inputs = inputs
+    args.ignored = _ignored_options(args)
+    args.jobs = args.jobs or 2
     args.source = inputs[0] if len(inputs) == 1 else None
     live = args.mic or "-" in inputs
     if args.mic and inputs:
@@ -398,7 +399,22 @@ def _check_transcribe(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _ignored_options(args: argparse.Namespace) -> list[str]:
+    """Options given that this run would silently ignore (each said once on stderr)."""
+    ignored = []
+    batch = args.output_dir is not None or len(args.source) > 1
+    if not batch and args.force:
+        ignored.append("--force applies to a batch (--output-dir), not to one input")
+    if not batch and args.jobs is not None:
+        ignored.append("-j applies to a batch (--output-dir), not to one input")
+    if args.words and args.format != "jsonl":
+        ignored.append("--words shows word times in --jsonl output only")
+    return ignored
+
+
 def _transcribe_cmd(args: argparse.Namespace) -> int:
+    for warning in getattr(args, "ignored", ()):
+        print_notice(f"warning: {warning}")
     if args.verbose:
         logging.basicConfig(
             level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
