@@ -99,10 +99,10 @@ def cpu_plan(pin: bool) -> tuple[int | None, int | None]:
 
 
 #: The gateway polls its sockets with this nap instead of sleeping in epoll_wait (see
-#: ``nlsstream.gateway.light._nap``): on loopback, waking a sleeping receiver is work
-#: done in the *sender's* ``send`` system call, which a real network would not charge
-#: to the client. Measured at 500 sessions: client kernel time 0.69 -> 0.51-0.60 ms per
-#: audio second.
+#: ``serve --light --nap-us``, ``nlsstream.cli.serve._nap``): on loopback, waking a
+#: sleeping receiver is work done in the *sender's* ``send`` system call, which a real
+#: network would not charge to the client. Measured at 500 sessions: client kernel
+#: time 0.69 -> 0.51-0.60 ms per audio second.
 DEFAULT_NAP_US = 200
 
 
@@ -134,8 +134,10 @@ def start_gateway(
         "--nap-us",
         str(nap_us),
         "--control",
+        "--log-level",
+        "WARNING",
     ]
-    env = {**os.environ, "NLS_LIGHT_TOKEN": BENCH_TOKEN}
+    env = {**os.environ, "NLS_GATEWAY_TOKEN": BENCH_TOKEN}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     _pin(proc.pid, cpu)
     assert proc.stdout is not None

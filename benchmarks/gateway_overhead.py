@@ -5,7 +5,7 @@ frames/s on one core without becoming the bottleneck of the scale benchmark. Thi
 measures the server-side CPU per 640-byte frame, one row per candidate server, all under
 the same load in one run:
 
-* ``light``: ``python -m nlsstream.gateway.light`` (picows, the one the benchmarks use;
+* ``light``: ``nlsstream serve --light`` (picows, the one the benchmarks use;
   it also sends the SentenceBegin/SentenceEnd events the others do not),
 * ``aiohttp``: the smallest useful ``aiohttp.web`` WebSocket server doing the same job
   (answer Start with Started, timestamp every audio message in ``async for msg in ws``),
@@ -212,11 +212,15 @@ def _start_server(kind: str) -> tuple[subprocess.Popen[str], str]:
         cmd = [
             sys.executable,
             "-m",
-            "nlsstream.gateway.light",
+            "nlsstream",
+            "serve",
+            "--light",
             "--port",
             "0",
             "--idle-timeout",
             "60",
+            "--log-level",
+            "WARNING",
         ]
     elif kind in ("aiohttp", "websockets"):
         cmd = [sys.executable, "-m", "benchmarks.gateway_overhead", f"--serve-{kind}"]

@@ -19,7 +19,7 @@ over 20 ms, and the worst late start.
 Benchmark-only: it serves ``nlsstream.gateway.light`` unchanged except for these
 subclasses (one more ``array.append`` per audio message)::
 
-    python -m benchmarks.lateness_gateway [the light gateway's options]
+    python -m benchmarks.lateness_gateway [the options of nlsstream serve --light]
 """
 
 from __future__ import annotations
@@ -89,12 +89,16 @@ class BestFitGateway(light.LightGateway):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve like ``python -m nlsstream.gateway.light``, with the best-fit figures."""
-    # light.main() builds its gateway, and each connection its task's statistics, from
-    # these module names.
+    """Serve like ``nlsstream serve --light`` (which takes ``argv``), with the best-fit
+    figures."""
+    from nlsstream.cli.main import build_parser
+    from nlsstream.cli.serve import serve_command
+
+    # Each connection builds its task's statistics from this module name.
     light.SessionStats = BestFitSessionStats  # type: ignore[misc]
-    light.LightGateway = BestFitGateway  # type: ignore[misc]
-    return light.main(argv)
+    options = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(["serve", "--light", *options])
+    return serve_command(args, light_factory=BestFitGateway)
 
 
 if __name__ == "__main__":

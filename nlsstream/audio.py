@@ -48,6 +48,7 @@ from .redaction import get_logger
 __all__ = [
     "FRAME_BYTES",
     "SAMPLE_RATES",
+    "SNIFF_BYTES",
     "AudioChunk",
     "AudioSource",
     "Framer",

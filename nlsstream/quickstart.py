@@ -21,6 +21,8 @@ The rules, in order:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
 import sys
@@ -29,7 +31,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import NamedTuple
 
-from .auth import TokenSource
+from .auth import AccessKeyTokenProvider, TokenSource
 from .config import ConfigurationError, Settings
 
 __all__ = [
@@ -47,6 +49,10 @@ PLACEHOLDER_TOKEN = "local-token"
 PLACEHOLDER_APPKEY = "local-appkey"
 PLACEHOLDER_ACCESS_KEY_ID = "local-access-key"
 PLACEHOLDER_ACCESS_KEY_SECRET = "local-access-key-secret"
+
+#: How long the embedded gateway's close may take when its block is left by an
+#: exception (a cancelled or failed run), rather than the handlers' whole grace period.
+ABANDON_TIMEOUT = 0.5
 
 _RECOGNIZER_NAMES = {"sphinx": "PocketSphinx", "span": "no speech recognizer: speech spans only"}
 
@@ -129,6 +135,12 @@ def http_base(url: str) -> str:
     return f"{scheme}://{parts.netloc}"
 
 
+def _is_cloud(url: str) -> bool:
+    """Whether a gateway URL is Alibaba Cloud's (whose CreateToken is elsewhere)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".").lower()
+    return host == "aliyuncs.com" or host.endswith((".aliyuncs.com", ".aliyun.com"))
+
+
 def ws_url(url: str) -> str:
     """The real-time URL of a gateway URL given as ``ws(s)://...`` (as it is) or
     ``http(s)://host[:port]`` (``/ws/v1`` on the same host)."""
@@ -150,6 +162,7 @@ async def service_settings(
     access_key_needed: bool = False,
     file_workers: int = 2,
     service_name: str | None = None,
+    token_endpoint: str | None = None,
 ) -> AsyncIterator[Services]:
     """:func:`session_settings` for every service: yields :class:`Services`.
 
@@ -159,12 +172,23 @@ async def service_settings(
     :class:`~nlsstream.config.ConfigurationError`). The embedded gateway gets an
     AccessKey pair of its own (checked like the cloud's) and ``file_workers``; the notice
     names ``service_name``'s URL (default: the real-time one).
+
+    Tokens made from an AccessKey come from ``token_endpoint`` when given, else from the
+    explicit URL's host when it is not the cloud's (``http(s)://host[:port]/``: a local
+    gateway serves CreateToken on the same port as the services), else from the cloud's
+    CreateToken of the region.
     """
     env = os.environ if environ is None else environ
     # NLS_URL may be an http(s) URL here: read it before Settings, which wants ws(s).
     explicit_url = url or env.get("NLS_URL", "").strip() or None
     settings = Settings.from_env({k: v for k, v in env.items() if k != "NLS_URL"})
     token_source: TokenSource | None = token if token else settings.token_provider
+    endpoint = token_endpoint
+    if endpoint is None and explicit_url is not None and not _is_cloud(explicit_url):
+        endpoint = http_base(explicit_url) + "/"
+    if not token and endpoint is not None and settings.access_key is not None:
+        ak_id, ak_secret = settings.access_key
+        token_source = AccessKeyTokenProvider(ak_id, ak_secret, settings.region, endpoint)
     key = appkey or settings.appkey
     if explicit_url is not None:
         yield Services(
@@ -197,7 +221,8 @@ async def service_settings(
     gateway = Gateway(
         recognizer=recognizer, access_keys=dict([pair]), file_workers=max(file_workers, 1)
     )
-    async with gateway as gw:
+    gw = await gateway.__aenter__()
+    try:
         if notice is not None:
             name = _RECOGNIZER_NAMES.get(gw.recognizer.name, gw.recognizer.name)
             where = gw.url if service_name is None else gw.http_url
@@ -206,3 +231,11 @@ async def service_settings(
                 f"({name}) at {where}"
             )
         yield Services(gw.url, gw.http_url, key or gw.appkey, gw.token, pair, settings.region, True)
+    except BaseException:
+        # Cancelled (Ctrl-C) or failed: the work still in the gateway is for this
+        # process's own clients, which are gone. Closing waits for its handlers (seconds,
+        # for a long recording being decoded): bound it, so that an interrupt is quick.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(gateway.close(), ABANDON_TIMEOUT)
+        raise
+    await gateway.close()

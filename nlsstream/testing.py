@@ -17,6 +17,14 @@ What it offers:
 
 * ``url`` (``ws://127.0.0.1:<port>/ws/v1``), ``token`` and ``appkey``: the gateway
   accepts exactly this token (HTTP 403 otherwise) and this appkey (TaskFailed 40020105).
+* ``http_url`` (``http://127.0.0.1:<port>``): the same gateway's recording services and
+  POP RPC, for ``FlashRecognizer(appkey, token, url=nls_gateway.http_url)``,
+  ``RestRecognizer(..., url=nls_gateway.http_url)`` and
+  ``FileTranscriber(..., endpoint=nls_gateway.http_url)``.
+
+An ``async def`` test needs pytest-asyncio (``@pytest.mark.asyncio``, or
+``asyncio_mode = "auto"``): without it pytest fails the test ("async def functions are
+not natively supported"); a sync test can run the client with ``asyncio.run``.
 * ``sessions``: one :class:`~nlsstream.gateway.SessionRecord` per task with
   ``task_id``, ``namespace``, ``params``, ``audio_bytes``, ``sentences`` (final texts),
   ``status`` (final status code) and ``outcome``.

@@ -176,6 +176,39 @@ def test_serve_light_refuses_a_recognizer(capsys: Any) -> None:
     assert "--recognizer" in capsys.readouterr().err
 
 
+def test_serve_light_control_needs_a_token(capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.delenv("NLS_GATEWAY_TOKEN", raising=False)
+    assert main(["serve", "--light", "--control", "--port", "0"]) == 2
+    assert "--control requires a token" in capsys.readouterr().err
+
+
+def test_light_options_need_light(capsys: Any) -> None:
+    assert main(["serve", "--sentence-ms", "500", "--port", "0"]) == 2
+    assert "--sentence-ms applies to --light" in capsys.readouterr().err
+
+
+def test_serve_light_writes_its_stats_and_serves_control(tmp_path: Any) -> None:
+    """The light gateway's own options live on ``serve --light``: --sentence-ms,
+    --control (with the token), --stats-file on exit."""
+    import json
+    import urllib.request
+
+    stats_file = tmp_path / "stats.json"
+    proc, url = start_server(
+        "--light", "--sentence-ms", "500", "--control", "--stats-file", str(stats_file)
+    )
+    try:
+        base = url.replace("ws://", "http://").removesuffix("/ws/v1")
+        request = urllib.request.Request(base + "/stats", headers={"X-NLS-Token": SECRET})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert json.load(answer)["overall"]["sessions"] == 0
+    finally:
+        finish(proc, signal.SIGINT)
+    stats = json.loads(stats_file.read_text())
+    assert stats["overall"]["sessions"] == 0
+    assert "loop" in stats
+
+
 @pytest.mark.parametrize("from_env", [False, True])
 async def test_serve_lists_every_endpoint_and_checks_access_keys(from_env: bool) -> None:
     pair = f"{AK_ID}:{AK_SECRET}"

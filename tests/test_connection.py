@@ -221,12 +221,23 @@ async def test_sessions_go_through_a_proxy_given_or_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``proxy=URL`` tunnels through that proxy; ``proxy=True`` (the default) finds it in
-    ``ws_proxy``; ``no_proxy`` and ``proxy=None`` connect directly."""
+    ``ws_proxy``; ``no_proxy`` and ``proxy=None`` connect directly; a loopback gateway is
+    never proxied by the environment (it is by ``proxy=URL``)."""
+    import socket
+
     from nlsstream import Transcriber
     from nlsstream.gateway import Gateway
     from nlsstream.realtime.connection import proxy_for
 
-    async with Gateway(recognizer="span") as gw:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))  # a route lookup: nothing is sent
+        except OSError:
+            pytest.skip("no address besides loopback")
+        address = probe.getsockname()[0]
+    async with Gateway("0.0.0.0", 0, recognizer="span") as gw:
+        url = gw.url.replace("0.0.0.0", address)
+        loopback = gw.url.replace("0.0.0.0", "127.0.0.1")
         proxy = ConnectProxy()
         async with proxy as proxy_url:
             for setting in (proxy_url, True, None):
@@ -234,12 +245,15 @@ async def test_sessions_go_through_a_proxy_given_or_from_the_environment(
                 monkeypatch.delenv("no_proxy", raising=False)
                 monkeypatch.delenv("NO_PROXY", raising=False)
                 proxy_for.cache_clear()
-                async with Transcriber(gw.appkey, gw.token, url=gw.url, proxy=setting) as t:
+                async with Transcriber(gw.appkey, gw.token, url=url, proxy=setting) as t:
                     await t.send_audio(b"\x00" * 640)
-            assert proxy.tunnels == [f"127.0.0.1:{gw.port}"] * 2
-            monkeypatch.setenv("no_proxy", "127.0.0.1")
+            assert proxy.tunnels == [f"{address}:{gw.port}"] * 2
+            async with Transcriber(gw.appkey, gw.token, url=loopback) as t:
+                await t.send_audio(b"\x00" * 640)
+            assert len(proxy.tunnels) == 2
+            monkeypatch.setenv("no_proxy", address)
             proxy_for.cache_clear()
-            async with Transcriber(gw.appkey, gw.token, url=gw.url) as t:
+            async with Transcriber(gw.appkey, gw.token, url=url) as t:
                 await t.send_audio(b"\x00" * 640)
             assert len(proxy.tunnels) == 2
     proxy_for.cache_clear()

@@ -3,10 +3,12 @@
 Subcommands:
 
 * ``nlsstream transcribe FILE|URL...|-|--mic``: recordings with ``--service``
-  (flash by default, filetrans, rest or realtime; :mod:`nlsstream.cli.batch`, also for
-  several inputs), standard input and the microphone in real time;
+  (flash by default, filetrans, rest or realtime; :mod:`nlsstream.cli.recordings`, and
+  :mod:`nlsstream.cli.batch` for several inputs), standard input and the microphone in
+  real time (:mod:`nlsstream.cli.realtime`);
 * ``nlsstream recognize FILE|-``: sentence recognition (one utterance, at most 60 s);
-* ``nlsstream serve``: run the local NLS gateway until SIGINT/SIGTERM;
+* ``nlsstream serve``: run the local NLS gateway until SIGINT/SIGTERM
+  (:mod:`nlsstream.cli.serve`, also ``--light``);
 * ``nlsstream token``: fetch a token with the AccessKey from the environment.
 
 ``transcribe`` and ``recognize`` connect to the cloud when credentials are configured
@@ -25,58 +27,34 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import stat
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+import urllib.parse
+from collections.abc import Sequence
+from typing import TextIO
 
-from .._version import __version__
-from ..auth import AccessKeyTokenProvider
-from ..config import Settings
-from ..errors import NlsError, redact
-from ..redaction import get_logger
+from nlsstream import AccessKeyTokenProvider, NlsError, Settings, __version__
+from nlsstream.quickstart import print_notice
 
-if TYPE_CHECKING:
-    from ..gateway.light import LightGateway
-    from ..realtime.protocol import Event
-    from ..realtime.session import Session
-    from .output import ProgressBar, Renderer
+from .batch import collisions, run_batch
+from .common import (
+    BATCH_EXIT_CODES,
+    EXIT_CODES,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    Interrupt,
+    command_secrets,
+    fail,
+    notice_for,
+    open_output,
+    run,
+)
+from .realtime import transcribe_session
+from .recordings import is_url, run_recording
+from .serve import add_serve
 
 __all__ = ["build_parser", "main"]
-
-log = get_logger("nlsstream.cli.main")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-EXIT_TERMINATED = 143  # 128 + SIGTERM
-
-#: What ``transcribe`` and ``recognize`` exit with (their ``--help`` and the README).
-EXIT_CODES = (
-    "exit status: 0 done (if nothing was recognised, stderr says so), 1 failure (one line "
-    "on stderr), 2 usage error, 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; "
-    "either signal stops cleanly and keeps the sentences already spoken, a second one "
-    "cancels at once"
-)
-#: The same for a batch (``transcribe`` with several inputs or --output-dir).
-BATCH_EXIT_CODES = (
-    "with several inputs (or --output-dir): 0 every input done or skipped, 1 at least one "
-    "failed (one line each on stderr; every other output is written), 2 usage error, "
-    "130/143 interrupted: the first signal starts no more inputs and lets the running ones "
-    "finish, a second one cancels them; outputs already written stay"
-)
-
-#: Real time: the default limit for connecting, starting and the silence after Stop.
-REALTIME_TIMEOUT = 10.0
-# How often the progress bar is redrawn (it only writes when the percentage or second changes).
-_PROGRESS_INTERVAL = 0.1
-# A WAV header is usually 44 bytes; one not complete within this much is not streamed.
-_WAV_HEADER_MAX = 64 * 1024
-# Bytes per read from a stdin pipe; read1 returns what is there, so this bounds latency only.
-_STDIN_CHUNK = 32 * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_transcribe(sub)
     _add_recognize(sub)
-    _add_serve(sub)
+    add_serve(sub)
     _add_token(sub)
     return parser
 
@@ -119,34 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-# --------------------------------------------------------------------------- errors
-
-
-def _fail(message: str) -> int:
-    print(f"nlsstream: error: {message}", file=sys.stderr, flush=True)
-    return EXIT_FAILURE
-
-
-def _run(coro: Any, *, verbose: bool, secrets: Sequence[str | None] = ()) -> int:
-    """Run ``coro`` and turn every expected failure into one line on stderr."""
-    try:
-        status: int = asyncio.run(coro)
-        return status
-    except KeyboardInterrupt:  # platforms without loop signal handlers
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (e.g. '| head'): nothing left to say, and nobody to say it to.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAILURE
-    except (NlsError, OSError, ValueError, ImportError) as exc:  # ImportError: an extra
-        if verbose:
-            log.debug("failed", exc_info=True)
-        # The SDK never puts a token in a message; redacting here is a second line of defence.
-        message = redact(str(exc) or type(exc).__name__, *secrets)
-        return _fail(" ".join(message.split()))
-
-
 # --------------------------------------------------------------------------- transcribe, recognize
 
 
@@ -155,6 +105,17 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+def _proxy(text: str) -> str:
+    if text.lower() == "none":
+        return "none"
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https", "socks4", "socks5") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            "must be none or a proxy URL such as http://HOST:PORT or socks5://HOST:PORT"
+        )
+    return text
 
 
 def _pace(text: str) -> float:
@@ -171,8 +132,18 @@ def _silence_ms(text: str) -> int:
     return value
 
 
-def _session_options() -> argparse.ArgumentParser:
-    """Options shared by transcribe and recognize."""
+_TIMEOUT_HELP_REALTIME = (
+    "limit for connecting and starting, each, and for the gateway's silence after Stop (default 10)"
+)
+_TIMEOUT_HELP = (
+    "real time: " + _TIMEOUT_HELP_REALTIME + "; flash and rest: limit for the request "
+    "(default 120 + the audio's duration); filetrans: how long the task is waited for "
+    "(default 24 h)"
+)
+
+
+def _session_options(recordings: bool) -> argparse.ArgumentParser:
+    """Options shared by transcribe and recognize (``recordings``: transcribe's services)."""
     p = argparse.ArgumentParser(add_help=False)
     conn = p.add_argument_group("connection")
     conn.add_argument(
@@ -187,15 +158,26 @@ def _session_options() -> argparse.ArgumentParser:
         "prefer the NLS_TOKEN or ALIYUN_AK_ID/ALIYUN_AK_SECRET environment variables)",
     )
     conn.add_argument(
+        "--token-endpoint",
+        metavar="URL",
+        help="where tokens are made from ALIYUN_AK_ID/ALIYUN_AK_SECRET (CreateToken; "
+        "default: the --url/NLS_URL host, which a local gateway serves it on, else "
+        "https://nls-meta.REGION.aliyuncs.com/)",
+    )
+    conn.add_argument(
+        "--proxy",
+        type=_proxy,
+        metavar="URL|none",
+        help="real time: connect through this proxy (http://, https://, socks4://, "
+        "socks5://; needs the 'proxy' extra), or 'none' to connect directly (default: the "
+        "https_proxy/http_proxy/all_proxy/no_proxy variables; a loopback address and the "
+        "embedded gateway are never proxied)",
+    )
+    conn.add_argument(
         "--timeout",
         type=_positive_float,
         metavar="SECONDS",
-        help=(
-            "real time: limit for connecting and starting, each, and for the gateway's "
-            "silence after Stop (default 10); flash and rest: limit for the request "
-            "(default 120 + the audio's duration); filetrans: how long the task is waited "
-            "for (default 24 h)"
-        ),
+        help=_TIMEOUT_HELP if recordings else _TIMEOUT_HELP_REALTIME,
     )
     audio = p.add_argument_group("audio")
     audio.add_argument(
@@ -259,7 +241,7 @@ def _session_options() -> argparse.ArgumentParser:
 def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "transcribe",
-        parents=[_session_options()],
+        parents=[_session_options(recordings=True)],
         help="transcribe recordings, standard input or the microphone",
         description=(
             "Transcribe recordings with the service of --service, or standard input and "
@@ -301,9 +283,8 @@ def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "-j",
         "--jobs",
         type=_positive_int,
-        default=2,
         metavar="N",
-        help="inputs recognised at once (default %(default)s: the cloud trial's concurrency)",
+        help="inputs recognised at once (default 2: the cloud trial's concurrency)",
     )
     batch.add_argument(
         "--force",
@@ -325,7 +306,7 @@ def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _add_recognize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "recognize",
-        parents=[_session_options()],
+        parents=[_session_options(recordings=False)],
         help="recognise one utterance (at most 60 s) from a file or standard input",
         description=(
             "Sentence recognition (SpeechRecognizer): one result for the whole audio, "
@@ -372,10 +353,10 @@ def _positive_int(text: str) -> int:
 def _check_transcribe(args: argparse.Namespace) -> str | None:
     """Check ``transcribe``'s inputs and options and settle ``args.service``,
     ``args.inputs`` (every input) and ``args.source`` (the one input, if one)."""
-    from .batch import collisions, is_url
-
     inputs: list[str] = list(args.source)
     args.inputs = inputs
+    args.ignored = _ignored_options(args)
+    args.jobs = args.jobs or 2
     args.source = inputs[0] if len(inputs) == 1 else None
     live = args.mic or "-" in inputs
     if args.mic and inputs:
@@ -407,6 +388,8 @@ def _check_transcribe(args: argparse.Namespace) -> str | None:
         return f"--service {args.service} takes files, not URLs ({urls[0]}): use flash or filetrans"
     if args.output_dir is not None and args.output is not None:
         return "give either -o FILE (one input) or --output-dir DIR, not both"
+    if args.output not in (None, "-") and (same := _same_file(args.output, inputs)):
+        return f"-o {args.output} is the input {same}: it would replace the recording"
     if len(inputs) > 1 and args.output_dir is None:
         return "several inputs need --output-dir DIR (one output per input)"
     if args.output_dir is not None:
@@ -416,23 +399,22 @@ def _check_transcribe(args: argparse.Namespace) -> str | None:
     return None
 
 
-def realtime_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The real-time transcriber's extra Start parameters of ``--words`` and
-    ``--max-sentence-silence``."""
-    params: dict[str, Any] = {}
-    if args.words:
-        params["enable_words"] = True
-    if args.max_sentence_silence is not None:
-        params["max_sentence_silence"] = args.max_sentence_silence
-    return params
-
-
-def command_secrets(args: argparse.Namespace) -> tuple[str | None, ...]:
-    """What no message may show: the token given and those of the environment."""
-    return (args.token, os.environ.get("NLS_TOKEN"), os.environ.get("ALIYUN_AK_SECRET"))
+def _ignored_options(args: argparse.Namespace) -> list[str]:
+    """Options given that this run would silently ignore (each said once on stderr)."""
+    ignored = []
+    batch = args.output_dir is not None or len(args.source) > 1
+    if not batch and args.force:
+        ignored.append("--force applies to a batch (--output-dir), not to one input")
+    if not batch and args.jobs is not None:
+        ignored.append("-j applies to a batch (--output-dir), not to one input")
+    if args.words and args.format != "jsonl":
+        ignored.append("--words shows word times in --jsonl output only")
+    return ignored
 
 
 def _transcribe_cmd(args: argparse.Namespace) -> int:
+    for warning in getattr(args, "ignored", ()):
+        print_notice(f"warning: {warning}")
     if args.verbose:
         logging.basicConfig(
             level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -441,351 +423,70 @@ def _transcribe_cmd(args: argparse.Namespace) -> int:
         logging.getLogger("websockets").setLevel(logging.INFO)
     secrets = command_secrets(args)
     if args.output_dir is not None:
-        return _run(_interruptible(args, None), verbose=args.verbose, secrets=secrets)
+        return run(_interruptible(args, None), verbose=args.verbose, secrets=secrets)
     try:
-        with _open_output(args.output) as output:
-            run = _interruptible(args, output.file)
-            status = _run(run, verbose=args.verbose, secrets=secrets)
+        with open_output(args.output) as output:
+            coro = _interruptible(args, output.file)
+            status = run(coro, verbose=args.verbose, secrets=secrets)
             # Real time keeps the sentences spoken before a signal; a recording
             # interrupted has nothing to keep, and leaves an existing FILE as it was.
             output.keep = status == EXIT_OK or (
                 args.service == "realtime" and status != EXIT_FAILURE
             )
+            regular = args.output not in (None, "-") and not _special(args.output)
+            if not output.keep and regular and _written(output.file):
+                # A live run that failed part-way: FILE stays as it was, and nothing
+                # recognised is lost.
+                output.salvage = f"{args.output}.partial"
+                print_notice(f"what was recognised before the failure is in {output.salvage}")
             return status
-    except OSError as exc:  # _run handles everything else: this is opening/closing FILE
-        return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
+    except OSError as exc:  # run() handles everything else: this is opening/closing FILE
+        return fail(f"cannot write {args.output}: {exc.strerror or exc}")
 
 
-class _Output:
-    """Where the transcript goes; ``keep`` says whether a file written is to be kept."""
-
-    def __init__(self, file: TextIO) -> None:
-        self.file = file
-        self.keep = False
+def _special(path: str) -> bool:
+    """Whether ``path`` exists and is not a regular file (``/dev/null``, a FIFO)."""
+    return os.path.exists(path) and not os.path.isfile(path)
 
 
-@contextlib.contextmanager
-def _open_output(path: str | None) -> Iterator[_Output]:
-    """Standard output, or ``path`` written atomically: into a temporary file in the same
-    directory that replaces ``path`` only if the run keeps it (a failed run destroys
-    nothing). A path that is not a regular file (``/dev/null``, a FIFO) is written as is."""
-    if path is None or path == "-":
-        yield _Output(sys.stdout)
-        return
-    target = os.path.realpath(path)  # replace a symlink's file, not the symlink
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISREG(os.stat(target).st_mode):
-            with open(path, "w", encoding="utf-8") as f:
-                yield _Output(f)
-            return
-    folder, name = os.path.split(target)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    # O_EXCL: never follow or reuse anything already there; 0o666 & ~umask, as open() does.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+def _written(file: TextIO) -> bool:
+    """Whether anything was written to ``file`` (a regular file being written)."""
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))  # keep the old file's mode
-        with open(fd, "w", encoding="utf-8") as f:
-            output = _Output(f)
-            yield output
-        if output.keep:
-            os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        return file.tell() > 0
+    except (OSError, ValueError):
+        return False
 
 
-class _Interrupt:
-    """SIGINT (Ctrl-C) and SIGTERM handling: the first signal runs the current graceful
-    action (stop sending, then drain the finals), the second cancels everything."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.status = EXIT_INTERRUPTED  # 128 + the first signal's number
-        self.graceful: Callable[[], object] | None = None
-        self._task: asyncio.Task[Any] | None = None
-
-    def install(self) -> None:
-        self._task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in self.SIGNALS:
-            with contextlib.suppress(NotImplementedError, RuntimeError):  # e.g. Windows
-                loop.add_signal_handler(sig, self._on_signal, sig)
-
-    def uninstall(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in self.SIGNALS:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
-
-    def _on_signal(self, sig: signal.Signals) -> None:
-        self.count += 1
-        if self.count == 1:
-            self.status = 128 + sig
-            if self.graceful is not None:
-                self.graceful()
-                return
-        if self._task is not None:
-            self._task.cancel()
-
-
-def _notice(args: argparse.Namespace) -> Callable[[str], None]:
-    """The embedded gateway's notice, and what it ignores of the options given."""
-    from ..quickstart import print_notice
-
-    unsupported = [
-        flag for flag, on in (("--punctuation", args.punctuation), ("--itn", args.itn)) if on
-    ]
-
-    def notice(message: str) -> None:
-        print_notice(message)
-        if unsupported:
-            print_notice(f"the local gateway ignores {' and '.join(unsupported)} (cloud only)")
-
-    return notice
+def _same_file(output: str, inputs: list[str]) -> str | None:
+    """The input that ``output`` is (or links to), if any."""
+    for source in inputs:
+        if source == "-" or is_url(source):
+            continue
+        with contextlib.suppress(OSError):
+            if os.path.samefile(output, source):
+                return source
+    return None
 
 
 async def _interruptible(args: argparse.Namespace, out: TextIO | None) -> int:
     """The run (real time, one recording, or a batch when ``out`` is ``None``) with
-    SIGINT/SIGTERM handled by :class:`_Interrupt`."""
-    interrupt = _Interrupt()
+    SIGINT/SIGTERM handled by :class:`~nlsstream.cli.common.Interrupt`."""
+    interrupt = Interrupt()
     interrupt.install()
     try:
         if out is None:
-            from .batch import run_batch
-
-            return await run_batch(args, interrupt, _notice(args))
+            return await run_batch(args, interrupt, notice_for(args))
         if args.service != "realtime":
-            from .batch import run_recording
-
-            return await run_recording(args, out, interrupt, _notice(args))
-        return await _transcribe_session(args, out, interrupt)
+            return await run_recording(args, out, interrupt, notice_for(args))
+        return await transcribe_session(args, out, interrupt)
     except asyncio.CancelledError:
         if interrupt.count:
+            if out is not None and args.service != "realtime":
+                print_notice("interrupted before the recording was recognised")
             return interrupt.status
         raise
     finally:
         interrupt.uninstall()
-
-
-async def _transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: _Interrupt) -> int:
-    from ..quickstart import print_notice, service_settings
-    from ..realtime.session import Recognizer, Transcriber
-    from .output import ProgressBar, renderer_for
-
-    # Read and check the audio before connecting: a bad file costs no session.
-    pcm: bytes | None = None
-    stdin: AsyncGenerator[bytes, None] | None = None
-    if args.source == "-":
-        audio = await _stdin_audio(args.sample_rate)
-        if isinstance(audio, bytes):
-            pcm = audio
-        else:
-            stdin = audio
-    elif args.source:
-        from ..audio import load_file
-
-        pcm = await asyncio.to_thread(load_file, args.source, args.sample_rate)
-
-    renderer = renderer_for(args.format, out)
-    live = args.format == "text" and _isatty(out)
-    intermediate = live if args.intermediate is None else args.intermediate
-    params = realtime_params(args)
-    # Live text and a progress bar on the same terminal would overwrite each other.
-    show_progress = pcm is not None and args.progress and _isatty(sys.stderr) and not live
-    timeout = args.timeout if args.timeout is not None else REALTIME_TIMEOUT
-
-    async with contextlib.AsyncExitStack() as stack:
-        source: Any
-        if stdin is not None:
-            source = await stack.enter_async_context(contextlib.aclosing(stdin))
-        elif args.mic:
-            from ..mic import Microphone
-
-            device: int | str | None = args.device
-            if isinstance(device, str) and device.isdigit():
-                device = int(device)
-            source = await stack.enter_async_context(
-                Microphone(sample_rate=args.sample_rate, device=device)
-            )
-        else:
-            source = pcm
-
-        # --url may also be the gateway's http(s)://host:port (as for the recordings).
-        services = await stack.enter_async_context(
-            service_settings(
-                url=args.url, appkey=args.appkey, token=args.token, notice=_notice(args)
-            )
-        )
-        url, appkey, token = services.url, services.appkey, services.token
-        cls = Transcriber if args.kind == "transcriber" else Recognizer
-        session = cls(
-            appkey,
-            token,
-            url=url,
-            sample_rate=args.sample_rate,
-            enable_intermediate_result=intermediate,
-            enable_punctuation_prediction=args.punctuation,
-            enable_inverse_text_normalization=args.itn,
-            connect_timeout=timeout,
-            start_timeout=timeout,
-            stop_timeout=timeout,
-            **params,
-        )
-        events = session.events()  # subscribed before start: sees every event
-        render_task = asyncio.create_task(_render(events, renderer))
-        try:
-            async with session:
-                progress = None
-                if show_progress and pcm is not None:
-                    progress = ProgressBar(len(pcm) * 1000 / (2 * args.sample_rate), sys.stderr)
-                # Live sources are already real time; pacing them again only adds delay.
-                pace = None if args.mic else args.pace if args.pace is not None else 1.0
-                sender = asyncio.ensure_future(session.stream(source, pace=pace))
-                interrupt.graceful = sender.cancel
-                try:
-                    await _wait_sending(sender, progress, session)
-                except asyncio.CancelledError:
-                    if not interrupt.count or not sender.cancelled():
-                        raise
-                finally:
-                    interrupt.graceful = None
-                    if progress is not None:
-                        progress.close()
-                result = await session.stop()
-        finally:
-            renderer_error = await _finish_render(render_task)
-            renderer.close()
-        if renderer_error is not None and renderer_error is not session.error:
-            raise renderer_error
-    if not result.text:
-        print_notice("no speech recognised")
-    return interrupt.status if interrupt.count else EXIT_OK
-
-
-async def _wait_sending(
-    sender: asyncio.Future[None], progress: ProgressBar | None, session: Session
-) -> None:
-    if progress is None:
-        await sender
-        return
-    while not sender.done():
-        progress.update(session.metrics.audio_ms_sent)
-        await asyncio.wait([sender], timeout=_PROGRESS_INTERVAL)
-    progress.update(session.metrics.audio_ms_sent)
-    await sender
-
-
-async def _render(events: AsyncIterator[Event], renderer: Renderer) -> NlsError | None:
-    """Feed every event to the renderer; returns the error the stream ended with."""
-    from ..realtime.protocol import Resumed
-
-    try:
-        async for event in events:
-            if isinstance(event, Resumed):
-                # Said on stderr, whatever the format: the transcript itself goes on.
-                print(
-                    f"nlsstream: {event.cause}; resumed on a new connection after "
-                    f"{event.gap_ms / 1000:.1f} s (replayed {event.replayed_ms / 1000:.1f} s "
-                    "of audio)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            renderer.handle(event)
-    except NlsError as exc:
-        return exc
-    return None
-
-
-async def _finish_render(task: asyncio.Task[NlsError | None]) -> NlsError | None:
-    # The event stream ends once the session does (both normal end and abort).
-    try:
-        return await asyncio.wait_for(asyncio.shield(task), 5.0)
-    except asyncio.TimeoutError:
-        task.cancel()
-        return None
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-async def _stdin_audio(sample_rate: int) -> bytes | AsyncGenerator[bytes, None]:
-    """Standard input as the session's audio, from its first bytes: a WAV of PCM16 mono
-    at ``sample_rate`` is streamed as it arrives (a live recorder's too); other WAV, MP3,
-    OGG and FLAC are read to the end and decoded to PCM; anything else is taken as raw
-    PCM16LE mono at ``sample_rate`` and streamed."""
-    from ..audio import SNIFF_BYTES, decode_bytes, sniff_container, wav_stream_layout
-    from ..errors import AudioFormatError
-
-    chunks = _stdin_chunks()
-    head = b""
-    async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(chunks.aclose)  # unless handed on below
-        while len(head) < SNIFF_BYTES and (chunk := await anext(chunks, b"")):
-            head += chunk
-        if not head:
-            raise AudioFormatError("standard input is empty: there is no audio to transcribe")
-        kind = sniff_container(head)
-        if kind is None:
-            stack.pop_all()
-            return _chain(head, chunks)
-        if kind == "WAV":
-            layout = wav_stream_layout(head, sample_rate)
-            while layout is None and len(head) < _WAV_HEADER_MAX:
-                if not (chunk := await anext(chunks, b"")):
-                    break
-                head += chunk
-                layout = wav_stream_layout(head, sample_rate)
-            if layout is not None:
-                stack.pop_all()
-                offset, size = layout
-                return _chain(head[offset:], chunks, size)
-        rest = [chunk async for chunk in chunks]
-    name = f"standard input ({kind})"
-    return await asyncio.to_thread(decode_bytes, head + b"".join(rest), sample_rate, name)
-
-
-async def _chain(
-    first: bytes, rest: AsyncGenerator[bytes, None], limit: int | None = None
-) -> AsyncGenerator[bytes, None]:
-    """``first`` then ``rest``, ``limit`` bytes in all (``None``: to the end)."""
-    async with contextlib.aclosing(rest):
-        chunk = first
-        while limit != 0:
-            if limit is not None:
-                chunk = chunk[:limit]
-                limit -= len(chunk)
-            if chunk:
-                yield chunk
-            if not (chunk := await anext(rest, b"")):
-                return
-
-
-async def _stdin_chunks() -> AsyncGenerator[bytes, None]:
-    """Standard input as chunks of bytes, without blocking the event loop.
-
-    Pipes and terminals are read through the event loop; regular files (``< file.pcm``)
-    cannot be, and never block for long, so they are read in a worker thread.
-    """
-    stdin = sys.stdin.buffer
-    if stat.S_ISREG(os.fstat(stdin.fileno()).st_mode):
-        while chunk := await asyncio.to_thread(stdin.read, _STDIN_CHUNK):
-            yield chunk
-        return
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=_STDIN_CHUNK)
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
-    try:
-        while chunk := await reader.read(_STDIN_CHUNK):
-            yield chunk
-    finally:
-        transport.close()
 
 
 # --------------------------------------------------------------------------- token
@@ -818,13 +519,13 @@ def _token_cmd(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env(env)
     except NlsError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     provider = settings.token_provider
     if not isinstance(provider, AccessKeyTokenProvider):
-        return _fail("set ALIYUN_AK_ID and ALIYUN_AK_SECRET to fetch a token")
+        return fail("set ALIYUN_AK_ID and ALIYUN_AK_SECRET to fetch a token")
     if args.endpoint:
         provider.endpoint = args.endpoint
-    return _run(_fetch_token(provider), verbose=False)
+    return run(_fetch_token(provider), verbose=False)
 
 
 async def _fetch_token(provider: AccessKeyTokenProvider) -> int:
@@ -834,247 +535,3 @@ async def _fetch_token(provider: AccessKeyTokenProvider) -> int:
     expiry = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(token.expire_time))
     print(f"nlsstream: token expires {expiry} (in {remaining / 3600:.1f} h)", file=sys.stderr)
     return EXIT_OK
-
-
-# --------------------------------------------------------------------------- serve
-# (the gateway engineer's code follows unchanged)
-
-
-#: What the gateways enforce and what a client sees then (``serve --help``, README).
-GATEWAY_LIMITS = """\
-limits (what a client sees when it hits one):
-  message size        1 MiB per WebSocket message: close 1009
-  idle connection     --idle-timeout s (10) without a message: TaskFailed 40000004
-  sentence length     recognizer: 60 s of audio, TaskFailed 41010104;
-                      transcriber: a sentence is cut at 60 s and the next one begins
-  decoders            8 sentences decoded at once (full gateway); a sentence that finds
-                      none free within 5 s: TaskFailed 52010001 (retryable)
-  a client that reads nothing for 10 s while events wait for it: dropped (no close)
-  handshake           request line and each header at most 8190 bytes: HTTP 400
-                      (--light: the whole request about 64 KiB, else a reset);
-                      wrong path: 404; missing or wrong token: 403
-  connections         no limit of its own: the process's open-file limit
-  session records     the newest 1000 (Gateway.sessions)
-  recordings          FlashRecognizer 100 MB and 2 h (status 40000000), REST 60 s
-                      (41010104); FileTrans: 2 tasks recognised at once, the rest
-                      QUEUEING; the newest 1000 tasks kept (older: 41050010);
-                      audio checked from its header before decoding: 8000-96000 Hz
-                      (41010101), at most 2 channels (40270004); FileTrans 512 MB, 12 h
-  HTTP requests       headers within --header-timeout s (30), else closed; a body
-                      within --body-timeout s (300), no read waiting over 30 s:
-                      HTTP 408 (40000004); --max-uploads (16) bodies at once, more:
-                      HTTP 429 (40000005); bodies over 1 MiB spooled to a temp file
-  POP RPC             Timestamp within 15 min, SignatureNonce single-use: HTTP 400
-                      (InvalidTimeStamp.*, SignatureNonceUsed); tokens and no
-                      AccessKeys: CreateToken refused (InvalidAccessKeyId.NotFound)
-  file:// links       regular files only, under --file-root DIR when given
-"""
-
-
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run the local NLS gateway",
-        description=(
-            "Run a local NLS gateway on ws://HOST:PORT/ws/v1 that any NLS client (nlsstream "
-            "or the official SDKs) can use; the same port serves FlashRecognizer "
-            "(/stream/v1/FlashRecognizer), one-sentence REST (/stream/v1/asr) and POP RPC "
-            "on / (FileTrans SubmitTask/GetTaskResult, CreateToken). Prints every endpoint "
-            "once listening; stops cleanly on Ctrl-C or SIGTERM."
-        ),
-        epilog=GATEWAY_LIMITS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    p.add_argument(
-        "--port", type=int, default=8765, help="port, 0 for a free one (default %(default)s)"
-    )
-    p.add_argument(
-        "--token",
-        action="append",
-        metavar="TOKEN",
-        help="accepted token (repeatable; or NLS_GATEWAY_TOKEN, comma-separated, which "
-        "keeps it out of `ps`); without either any token is accepted",
-    )
-    p.add_argument(
-        "--appkey",
-        action="append",
-        metavar="APPKEY",
-        help="accepted appkey (repeatable); without it any appkey is accepted",
-    )
-    p.add_argument(
-        "--access-key",
-        action="append",
-        metavar="ID:SECRET",
-        help="AccessKey pair accepted by the POP RPC on / (FileTrans, CreateToken; "
-        "repeatable; or NLS_GATEWAY_ACCESS_KEYS, comma-separated, which keeps the secrets "
-        "out of `ps`); without either any AccessKey is accepted and signatures are not "
-        "checked",
-    )
-    p.add_argument(
-        "--recognizer",
-        choices=("auto", "sphinx", "span"),
-        help="auto: PocketSphinx if installed, else span (default auto; full gateway only)",
-    )
-    p.add_argument(
-        "--light",
-        action="store_true",
-        help="run the light load-gateway instead: no recognition, one numbered sentence "
-        "per second of audio, per-frame lateness measured (needs the 'light' extra)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="TaskFailed 40000004 after this long without a message (default %(default)s)",
-    )
-    p.add_argument(
-        "--file-root",
-        metavar="DIR",
-        help="file:// links (FileTrans file_link, Flash audio_address) may name only "
-        "regular files under DIR (default: any regular file this process can read; set "
-        "it whenever the gateway is reachable by others)",
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="close an HTTP connection whose request headers take longer (default %(default)s)",
-    )
-    p.add_argument(
-        "--body-timeout",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="HTTP 408 for a request body that takes longer (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-uploads",
-        type=int,
-        default=16,
-        metavar="N",
-        help="recording uploads received at once; more get HTTP 429 (default %(default)s)",
-    )
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="default %(default)s",
-    )
-    p.set_defaults(func=_serve)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # websockets' and picows' INFO lines (every handshake) are noise next to our session lines.
-    for noisy in ("websockets", "picows"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
-    from ..gateway import Gateway, HttpLimits
-
-    if not args.token and os.environ.get("NLS_GATEWAY_TOKEN"):
-        args.token = [t for t in os.environ["NLS_GATEWAY_TOKEN"].split(",") if t.strip()]
-    if not args.access_key and os.environ.get("NLS_GATEWAY_ACCESS_KEYS"):
-        pairs = os.environ["NLS_GATEWAY_ACCESS_KEYS"].split(",")
-        args.access_key = [k for k in pairs if k.strip()]
-    try:
-        if args.light:
-            if args.recognizer is not None:
-                raise ValueError("--recognizer applies to the full gateway, not --light")
-            try:
-                from ..gateway.light import LightGateway
-            except ImportError as exc:
-                missing = f"--light needs the 'light' extra ({exc.name} is missing)"
-                raise ValueError(missing) from None
-            if args.access_key:
-                raise ValueError("--access-key applies to the full gateway, not --light")
-            light = LightGateway(
-                args.host,
-                args.port,
-                token=args.token,
-                appkeys=args.appkey,
-                idle_timeout=args.idle_timeout,
-            )
-            run = _run_light(light)
-        else:
-            gateway = Gateway(
-                args.host,
-                args.port,
-                tokens=args.token,
-                appkeys=args.appkey,
-                recognizer=args.recognizer or "auto",
-                idle_timeout=args.idle_timeout,
-                access_keys=_access_keys(args.access_key),
-                file_root=args.file_root,
-                http_limits=HttpLimits(
-                    header_timeout=args.header_timeout,
-                    body_timeout=args.body_timeout,
-                    max_uploads=args.max_uploads,
-                ),
-            )
-            run = _run_gateway(gateway)
-    except ValueError as exc:
-        print(f"nlsstream serve: {exc}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(run)
-    except KeyboardInterrupt:  # platforms without loop signal handlers
-        pass
-    except OSError as exc:
-        print(f"nlsstream serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _access_keys(pairs: list[str] | None) -> dict[str, str] | None:
-    """``--access-key ID:SECRET`` values as a dict (the secret is never echoed)."""
-    if not pairs:
-        return None
-    keys = {}
-    for pair in pairs:
-        key_id, sep, secret = pair.partition(":")
-        if not sep or not key_id or not secret:
-            raise ValueError("--access-key takes ID:SECRET")
-        keys[key_id] = secret
-    return keys
-
-
-async def _run_gateway(gateway: object) -> None:
-    from ..gateway import Gateway
-
-    assert isinstance(gateway, Gateway)
-    async with gateway:
-        print(f"NLS gateway listening on {gateway.url}", flush=True)
-        for url, what in gateway.endpoints.items():
-            print(f"  {url:<48} {what}", flush=True)
-        await _signalled()
-        log.info("shutting down")
-    done = sum(1 for s in gateway.sessions if s.outcome == "completed")
-    log.info("gateway stopped after %d sessions (%d completed)", len(gateway.sessions), done)
-
-
-async def _run_light(gateway: LightGateway) -> None:
-    async with gateway:
-        print(f"NLS light gateway listening on {gateway.url}", flush=True)
-        await _signalled()
-        log.info("shutting down")
-        overall = gateway.stats()["overall"]
-    log.info(
-        "light gateway stopped after %d sessions (%d completed)",
-        overall["sessions"],
-        overall["completed"],
-    )
-
-
-async def _signalled() -> None:
-    """Return on SIGINT or SIGTERM (where the loop supports signal handlers)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()

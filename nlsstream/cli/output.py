@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from ..errors import SUCCESS
-from ..realtime.protocol import Completed, Event, ResultChanged, SentenceEnd, TaskFailed, Word
+from nlsstream import Completed, Event, ResultChanged, SentenceEnd, TaskFailed, Word
+from nlsstream.errors import SUCCESS
 
 if TYPE_CHECKING:
-    from ..recordings.services import FileResult
+    from nlsstream import FileResult
 
 __all__ = [
     "Cue",
@@ -34,6 +34,7 @@ __all__ = [
     "SubtitleRenderer",
     "TextRenderer",
     "TimedText",
+    "Transcript",
     "cue_from_event",
     "event_to_json",
     "format_duration",
@@ -41,6 +42,7 @@ __all__ = [
     "format_timestamp",
     "format_vtt",
     "recording_events",
+    "render",
     "renderer_for",
 ]
 
@@ -183,7 +185,8 @@ def event_to_json(event: Event) -> dict[str, Any]:
     """A JSON-ready dict of an event: ``type`` (class name, e.g. ``"SentenceEnd"``),
     ``name`` (wire name), ``task_id``, then the event's own fields (``index``, ``time``,
     ``begin_time``, ``text``, ``confidence``, ``words``, ``duration``...; ``None`` when the
-    gateway did not send one). ``status`` and ``status_text`` are included for failures,
+    gateway did not send one; a ``Completed`` leaves out what it lacks, as a transcriber's
+    has no text or duration). ``status`` and ``status_text`` are included for failures,
     ``payload`` for unknown events. The raw message is not included.
     """
     out: dict[str, Any] = {
@@ -194,7 +197,10 @@ def event_to_json(event: Event) -> dict[str, Any]:
     for f in dataclasses.fields(event):
         if f.name in _BASE_FIELDS or f.name == "raw_text":
             continue
-        out[f.name] = _jsonable(getattr(event, f.name))
+        value = getattr(event, f.name)
+        if isinstance(event, Completed) and value in ("", None):
+            continue  # a transcriber's end carries no text or duration: no empty keys
+        out[f.name] = _jsonable(value)
     if event.status != SUCCESS or isinstance(event, TaskFailed):
         out["status"] = event.status
         out["status_text"] = event.status_text
@@ -340,6 +346,43 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # closed or not a real file
         return False
+
+
+# --------------------------------------------------------------------------- transcripts
+
+
+@dataclass
+class Transcript:
+    """One input's events, each with its channel (0 for real time, which is mono)."""
+
+    events: list[tuple[int, Event]]
+    channels: int
+
+    @property
+    def text(self) -> bool:
+        """Whether anything was recognised."""
+        return any(getattr(event, "text", "") for _, event in self.events)
+
+    def channel(self, channel: int) -> list[tuple[int, Event]]:
+        """The events of one channel."""
+        return [(c, e) for c, e in self.events if c == channel]
+
+
+def render(
+    events: Iterable[tuple[int, Event]], fmt: str, out: TextIO, *, channel_ids: bool
+) -> None:
+    """Write ``events`` in ``fmt`` with the renderers above (JSON Lines of a recording
+    also carry each sentence's ``channel_id``)."""
+    if fmt == "jsonl" and channel_ids:
+        for channel, event in events:
+            record = {**event_to_json(event), "channel_id": channel}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+        return
+    renderer = renderer_for(fmt, out, live=False)
+    for _, event in events:
+        renderer.handle(event)
+    renderer.close()
 
 
 # --------------------------------------------------------------------------- progress

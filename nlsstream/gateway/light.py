@@ -15,11 +15,12 @@ arrive at ``t_first + b_k / byte_rate`` (for 640-byte frames at 16 kHz: ``t_firs
 k * 20 ms``), lateness ``= max(0, arrival - ideal)``. ``t_first`` is the arrival of
 the session's first audio message. Statistics (per session and pooled p50/p99/max,
 the gateway's own CPU time and event-loop lag) come from :meth:`LightGateway.stats`
-in-process, or in a JSON file on SIGINT/SIGTERM (``--stats-file``). Nothing
-unauthenticated listens: only ``/ws/v1`` is served (404 elsewhere), and the HTTP
-control endpoints ``GET /stats`` (``?reset=1``) and ``GET /reset`` exist only when the
-gateway is started with ``control=True`` (``--control``), which requires a token; they
-answer only requests carrying it in ``X-NLS-Token``.
+in-process, or in a JSON file on SIGINT/SIGTERM (``nlsstream serve --light
+--stats-file FILE``, the one way to start it from a shell). Nothing unauthenticated
+listens: only ``/ws/v1`` is served (404 elsewhere), and the HTTP control endpoints
+``GET /stats`` (``?reset=1``) and ``GET /reset`` exist only when the gateway is started
+with ``control=True`` (``serve --light --control``), which requires a token; they answer
+only requests carrying it in ``X-NLS-Token``.
 
 The WebSocket layer is picows: its Cython parser reads frames, so the per-frame cost
 in Python is one callback. The fast path of an audio frame is one clock reading, a
@@ -43,18 +44,13 @@ checks the accept value against.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import logging
-import os
 import resource
-import signal
-import sys
 import time
 from array import array
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -82,7 +78,7 @@ from ..realtime.protocol import (
 )
 from ..redaction import get_logger
 
-__all__ = ["PATH", "LightGateway", "SessionStats", "main"]
+__all__ = ["PATH", "LightGateway", "SessionStats"]
 
 logger = get_logger("nlsstream.gateway.light")
 
@@ -705,117 +701,3 @@ def _loop_name() -> str:
     except RuntimeError:
         return "none"
     return type(loop).__module__.split(".")[0]
-
-
-def _raise_nofile_limit() -> None:
-    # Thousands of sockets need more than the usual 1024 descriptors.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
-def _nap(seconds: float) -> None:
-    """Poll instead of sleeping in the kernel: nap ``seconds`` between loop iterations.
-
-    On loopback a client's ``send`` runs the receiver's TCP input in the client's own
-    system call, including waking the receiver if it sleeps in ``epoll_wait`` (an
-    inter-processor interrupt, costly in a VM). Over a real network that work is the
-    receiving machine's. While this task keeps a callback ready the loop polls with a
-    zero timeout and never sleeps in ``epoll_wait``, so clients are charged for their
-    sends only; arrival times are then read up to ``seconds`` late (same for every
-    frame of a session, so lateness is barely affected).
-    """
-    # A deliberate block of the loop, bounded by ``seconds`` per iteration: the sockets
-    # are polled between naps, so nothing waits longer than that.
-    time.sleep(seconds)
-    asyncio.get_running_loop().call_soon(_nap, seconds)
-
-
-async def _serve(args: argparse.Namespace) -> dict[str, Any]:
-    gw = LightGateway(
-        args.host,
-        args.port,
-        sentence_ms=args.sentence_ms,
-        token=os.environ.get("NLS_LIGHT_TOKEN") or None,
-        appkeys=args.appkey,
-        idle_timeout=args.idle_timeout,
-        reuse_port=args.reuse_port,
-        control=args.control,
-    )
-    await gw.start()
-    if args.nap_us > 0:
-        asyncio.get_running_loop().call_soon(_nap, args.nap_us / 1e6)
-    print(f"nlsstream-light listening on {gw.url} (loop: {_loop_name()})", flush=True)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
-    try:
-        await done.wait()
-        return gw.stats()
-    finally:
-        await gw.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nlsstream.gateway.light``: serve until SIGINT/SIGTERM, then write stats."""
-    parser = argparse.ArgumentParser(
-        prog="python -m nlsstream.gateway.light",
-        description="Light NLS load-gateway: no recognition, measures per-frame lateness; "
-        "the stats go to --stats-file on SIGINT/SIGTERM. A required token can be set with "
-        "the NLS_LIGHT_TOKEN environment variable (default: any token is accepted).",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--stats-file", help="write the stats JSON here on exit")
-    parser.add_argument("--sentence-ms", type=int, default=1000, help="audio per SentenceEnd")
-    parser.add_argument("--idle-timeout", type=float, default=10.0)
-    parser.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT")
-    parser.add_argument(
-        "--appkey", action="append", help="accepted appkey (repeatable; default: any)"
-    )
-    parser.add_argument(
-        "--control",
-        action="store_true",
-        help="also serve GET /stats (?reset=1) and GET /reset on the same port, to requests "
-        "with the token in X-NLS-Token (requires NLS_LIGHT_TOKEN)",
-    )
-    parser.add_argument(
-        "--nap-us",
-        type=int,
-        default=0,
-        help="poll the sockets, napping this long between loop iterations, instead of "
-        "sleeping in epoll (0: off); see _nap()",
-    )
-    parser.add_argument(
-        "--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop"
-    )
-    args = parser.parse_args(argv)
-    if args.control and not os.environ.get("NLS_LIGHT_TOKEN"):
-        parser.error("--control requires a token in NLS_LIGHT_TOKEN")
-    logging.basicConfig(level=logging.WARNING)
-    _raise_nofile_limit()
-    use_uvloop = args.loop == "uvloop"
-    if args.loop == "auto":
-        try:
-            import uvloop
-
-            use_uvloop = True
-        except ImportError:
-            use_uvloop = False
-    if use_uvloop:
-        import uvloop
-
-        stats = uvloop.run(_serve(args))
-    else:
-        stats = asyncio.run(_serve(args))
-    if args.stats_file:
-        with open(args.stats_file, "w", encoding="utf-8") as fh:
-            json.dump(stats, fh)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,6 @@ import os
 import socket
 import ssl
 import struct
-import urllib.request
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -42,6 +41,7 @@ from websockets.protocol import State as WsState
 from websockets.uri import WebSocketURI, parse_uri
 
 from ..errors import AuthenticationError, GatewayConnectionError, ProtocolError, redact
+from ..proxies import redact_proxy, system_proxy
 from ..redaction import get_logger
 
 if TYPE_CHECKING:
@@ -585,15 +585,12 @@ def _status_error(exc: InvalidStatus, shown: str, token: str) -> Exception:
 @functools.lru_cache(maxsize=64)
 def proxy_for(secure: bool, host: str) -> str | None:
     """The proxy the system's settings name for a gateway (``wss_proxy``/``https_proxy``,
-    ``ws_proxy``/``http_proxy``, ``all_proxy``, minus ``no_proxy``), or ``None``.
+    ``ws_proxy``/``http_proxy``, ``all_proxy``, minus ``no_proxy``; never for a loopback
+    host), or ``None``: :func:`nlsstream.proxies.system_proxy`, the rule every client follows.
 
     Read once per address per process: the lookup scans the whole environment, which
     thousands of connects need not repeat."""
-    if urllib.request.proxy_bypass(host):
-        return None
-    proxies = urllib.request.getproxies()
-    scheme, fallback = ("wss", "https") if secure else ("ws", "http")
-    return proxies.get(scheme) or proxies.get(fallback) or proxies.get("all")
+    return system_proxy("wss" if secure else "ws", host)
 
 
 async def _proxy_socket(
@@ -619,13 +616,3 @@ async def _proxy_socket(
         raise GatewayConnectionError(
             f"cannot connect to {uri.host}:{uri.port} through the proxy {redact_proxy(url)}: {exc}"
         ) from None
-
-
-def redact_proxy(url: str) -> str:
-    """A proxy URL without its password."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    user_info, _, host = rest.rpartition("@")
-    user = user_info.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"

@@ -51,7 +51,8 @@ from ..errors import (
     redact,
     task_error,
 )
-from ..realtime.connection import ProxySetting, proxy_for, redact_proxy
+from ..proxies import redact_proxy
+from ..realtime.connection import ProxySetting, proxy_for
 from ..redaction import get_logger
 from . import wire
 from .wire import (

@@ -1,0 +1,248 @@
+"""One recording on the command line: ``transcribe FILE|URL --service flash|filetrans|rest``
+(:class:`~nlsstream.FlashRecognizer`, :class:`~nlsstream.FileTranscriber`,
+:class:`~nlsstream.RestRecognizer`), or ``realtime`` through
+:func:`nlsstream.cli.realtime.file_transcript`. Files are read in worker threads."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from nlsstream import (
+    AudioFormatError,
+    AuthenticationError,
+    Event,
+    FileResult,
+    FileTranscriber,
+    FlashRecognizer,
+    RestRecognizer,
+    TaskFailedError,
+)
+from nlsstream.auth import DEFAULT_REGION
+from nlsstream.quickstart import Services, print_notice, service_settings
+
+from .common import EXIT_OK, Interrupt
+from .output import Transcript, recording_events, render
+from .realtime import file_transcript
+
+__all__ = ["FILE_TRANS_WAIT", "is_url", "recognise", "run_recording", "services_for"]
+
+#: What each service's sentences are called in JSON Lines (``namespace``).
+_NAMESPACES = {"flash": "FlashRecognizer", "filetrans": "FileTrans", "rest": "RestRecognizer"}
+#: How long FileTrans is waited for when ``--timeout`` is not given: the trial's
+#: turnaround (paid tasks finish within 3 h).
+FILE_TRANS_WAIT = 24 * 3600.0
+#: Flash and REST request timeout without ``--timeout``: this much, plus the audio's
+#: duration (the local emulator recognises at several times real time, not in seconds).
+_REQUEST_TIMEOUT = 120.0
+_URL_SCHEMES = ("http", "https", "file")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def is_url(source: str) -> bool:
+    """Whether an input names a URL (``http(s)://`` or ``file://``) rather than a path."""
+    return urllib.parse.urlsplit(source).scheme in _URL_SCHEMES
+
+
+def _timeout(args: argparse.Namespace, extra: float) -> float:
+    if args.timeout is not None:
+        return float(args.timeout)
+    return _REQUEST_TIMEOUT + extra
+
+
+def _audio_info(path: str) -> tuple[float, int]:
+    """An audio file's duration and channels ((0, 1) when libsndfile cannot tell: raw
+    PCM, AAC...)."""
+    import soundfile
+
+    try:
+        info = soundfile.info(path)
+    except (soundfile.SoundFileError, RuntimeError, OSError, ValueError, TypeError):
+        return 0.0, 1
+    return float(info.duration), int(info.channels)
+
+
+def file_link(source: str, services: Services) -> str:
+    """What FileTrans is to download for ``source``: a URL as it is; a local path as a
+    ``file://`` URL when the gateway runs on this machine (the embedded one, or an
+    explicit one on a loopback address), else a clear error."""
+    if is_url(source):
+        return source
+    host = urllib.parse.urlsplit(services.http_url or "").hostname or ""
+    if services.local or host in _LOOPBACK:
+        path = Path(source)
+        if not path.is_file():
+            raise AudioFormatError(f"audio file not found: {source}")
+        return path.resolve().as_uri()
+    raise ValueError(
+        f"FileTrans downloads its audio from a URL: give an http(s):// URL the service can "
+        f"fetch instead of {source}, or use --service flash for a local file"
+    )
+
+
+_hinted: list[bool] = []
+
+
+def _flash_edition_hint() -> None:
+    """Once per run: the cloud refused Flash, which the trial edition does not have."""
+    if not _hinted:
+        _hinted.append(True)
+        print_notice(
+            "FlashRecognizer needs a commercial-edition appkey in the cloud; "
+            "--service realtime works on every edition"
+        )
+
+
+def _cloud_url(services: Services) -> str | None:
+    """The base URL of Flash and REST: the gateway's, or the cloud's in the region."""
+    if services.http_url is not None:
+        return services.http_url
+    if services.region == DEFAULT_REGION:
+        return None  # the clients' documented default
+    return f"https://nls-gateway-{services.region}.aliyuncs.com"
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    """The recording services' parameters of the options (each service's names)."""
+    params: dict[str, Any] = {}
+    if args.punctuation:
+        params["enable_punctuation_prediction"] = True
+    if args.itn:
+        params["enable_inverse_text_normalization"] = True
+    if args.words and args.service != "rest":  # one sentence: no word times
+        name = "enable_words" if args.service == "filetrans" else "enable_word_level_result"
+        params[name] = True
+    return params
+
+
+async def _file_trans(
+    args: argparse.Namespace, services: Services, source: str, params: dict[str, Any]
+) -> FileResult:
+    assert services.access_key is not None
+    ak_id, ak_secret = services.access_key
+    local = services.http_url is not None
+    async with FileTranscriber(
+        ak_id,
+        ak_secret,
+        appkey=services.appkey,
+        region=services.region,
+        endpoint=services.http_url,
+        # The local emulator finishes in seconds: poll it every second (its limit).
+        max_poll_interval=1.0 if local else 10.0,
+        proxy=_proxy(args, services),
+    ) as ft:
+        task = await ft.submit(file_link(source, services), **params)
+        wait = args.timeout if args.timeout is not None else FILE_TRANS_WAIT
+        return await task.wait(timeout=wait)
+
+
+async def _flash(
+    args: argparse.Namespace,
+    services: Services,
+    source: str,
+    params: dict[str, Any],
+    seconds: float,
+) -> FileResult:
+    url, timeout = _cloud_url(services), _timeout(args, seconds)
+    async with FlashRecognizer(
+        services.appkey, services.token, url, timeout=timeout, proxy=_proxy(args, services)
+    ) as f:
+        try:
+            if is_url(source):
+                return await f.recognize(audio_address=source, **params)
+            return await f.recognize(source, sample_rate=args.sample_rate, **params)
+        except (TaskFailedError, AuthenticationError):
+            if services.http_url is None:
+                _flash_edition_hint()
+            raise
+
+
+async def _rest(
+    args: argparse.Namespace,
+    services: Services,
+    source: str,
+    params: dict[str, Any],
+    seconds: float,
+) -> FileResult:
+    url, timeout = _cloud_url(services), _timeout(args, seconds)
+    async with RestRecognizer(
+        services.appkey, services.token, url, timeout=timeout, proxy=_proxy(args, services)
+    ) as r:
+        return await r.recognize(source, sample_rate=args.sample_rate, **params)
+
+
+def _proxy(args: argparse.Namespace, services: Services) -> str | Literal[True] | None:
+    """The recording clients' ``proxy=`` of ``--proxy``: as the real-time session's (the
+    system's settings by default; the embedded gateway always directly)."""
+    if services.local or args.proxy == "none":
+        return None
+    return args.proxy if args.proxy is not None else True
+
+
+async def recognise(args: argparse.Namespace, services: Services, source: str) -> Transcript:
+    """Recognise one input with ``args.service``."""
+    service = args.service
+    if service == "realtime":
+        return await file_transcript(args, services, source)
+    params = _params(args)
+    # What the file holds: outputs are per channel of the file, even a silent channel.
+    seconds, channels = (0.0, 1) if is_url(source) else await asyncio.to_thread(_audio_info, source)
+    if service == "filetrans":
+        result = await _file_trans(args, services, source, params)
+    elif service == "flash":
+        result = await _flash(args, services, source, params, seconds)
+    else:
+        result = await _rest(args, services, source, params, seconds)
+    events: list[tuple[int, Event]] = list(recording_events(result, _NAMESPACES[service]))
+    if service == "rest":
+        channels = 1  # mixed to mono before upload
+    channels = max(channels, 1 + max((s.channel_id for s in result.sentences), default=0))
+    return Transcript(events, channels)
+
+
+def _check_files_extra() -> None:
+    """Before anything starts: the recording clients need the ``files`` extra."""
+    if importlib.util.find_spec("aiohttp") is None:
+        raise ImportError(
+            "nlsstream's recording clients need aiohttp: pip install 'nlsstream[files]'"
+        )
+
+
+def services_for(
+    args: argparse.Namespace, notice: Callable[[str], None]
+) -> contextlib.AbstractAsyncContextManager[Services]:
+    """Where the services of ``args`` are (:func:`nlsstream.quickstart.service_settings`)."""
+    if args.service != "realtime":
+        _check_files_extra()
+    return service_settings(
+        url=args.url,
+        appkey=args.appkey,
+        token=args.token,
+        notice=notice,
+        access_key_needed=args.service == "filetrans",
+        file_workers=args.jobs,
+        service_name=None if args.service == "realtime" else args.service,
+        token_endpoint=args.token_endpoint,
+    )
+
+
+async def run_recording(
+    args: argparse.Namespace, out: TextIO, interrupt: Interrupt, notice: Callable[[str], None]
+) -> int:
+    """One input, one output (standard output or ``-o``): every channel in time order."""
+    if not is_url(args.source) and not await asyncio.to_thread(os.path.isfile, args.source):
+        # Before any gateway or connection: a missing file costs nothing.
+        raise AudioFormatError(f"audio file not found: {args.source}")
+    async with services_for(args, notice) as services:
+        transcript = await recognise(args, services, args.source)
+    render(transcript.events, args.format, out, channel_ids=args.service != "realtime")
+    if not transcript.text:
+        print_notice("no speech recognised")
+    return interrupt.status if interrupt.count else EXIT_OK
