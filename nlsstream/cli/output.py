@@ -186,7 +186,7 @@ def event_to_json(event: Event) -> dict[str, Any]:
     ``name`` (wire name), ``task_id``, then the event's own fields (``index``, ``time``,
     ``begin_time``, ``text``, ``confidence``, ``words``, ``duration``...; ``None`` when the
     gateway did not send one; a ``Completed`` leaves out what it lacks, as a transcriber's
-    has no text or duration). ``status`` and ``status_text`` are included for failures,
+    has no text or duration; ``latency_ms`` where the session measured one). ``status`` and ``status_text`` are included for failures,
     ``payload`` for unknown events. The raw message is not included.
     """
     out: dict[str, Any] = {
@@ -200,6 +200,8 @@ def event_to_json(event: Event) -> dict[str, Any]:
         value = getattr(event, f.name)
         if isinstance(event, Completed) and value in ("", None):
             continue  # a transcriber's end carries no text or duration: no empty keys
+        if f.name == "latency_ms" and value is None:
+            continue  # the session's measure, on sentences where it was taken
         out[f.name] = _jsonable(value)
     if event.status != SUCCESS or isinstance(event, TaskFailed):
         out["status"] = event.status
