@@ -208,6 +208,18 @@ async def raw_ws_server(handler: RawHandler) -> AsyncIterator[int]:
             raise outcome
 
 
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Return as soon as ``condition()`` holds; fail after ``timeout`` seconds. For state
+    that signals no event (a gateway's counters and connection set, a session's
+    metrics): polled every 10 ms, so the wait lasts as long as the thing takes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"still not true after {timeout:g} s: {condition}")
+        await asyncio.sleep(0.01)
+
+
 def read_pcm(name: str) -> tuple[bytes, int]:
     """PCM16 mono bytes and sample rate of a fixture WAV."""
     data, rate = sf.read(FIXTURES / name, dtype="int16")

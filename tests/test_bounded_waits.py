@@ -21,6 +21,7 @@ from helpers import (
     server_frame,
     start,
     upgrade_request,
+    wait_until,
 )
 
 from nlsstream import GatewayConnectionError, Reconnect, Transcriber
@@ -146,12 +147,5 @@ async def test_a_client_that_never_reads_is_dropped(kind: str) -> None:
         await asyncio.wait_for(_flood_without_reading(gw.url, text, gone), 60)
         # The client may see the reset before the gateway has finished with the
         # connection: wait for that (bounded), then check it really went.
-        await asyncio.wait_for(_until(gone), 30)
+        await wait_until(gone, 30)
         assert opened and gone()
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    # The gateways signal no event when a connection ends: poll its set (bounded by the
-    # caller's wait_for).
-    while not condition():  # noqa: ASYNC110
-        await asyncio.sleep(0.01)

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from helpers import (
     read_server_frame,
     silence,
     start,
+    wait_until,
     word_errors,
 )
 from websockets.exceptions import ConnectionClosed
@@ -216,10 +217,7 @@ async def test_client_leaving_early_is_recorded_as_disconnect(gw: Gateway) -> No
         task = RawTask(ws)
         await task.start()
         await task.audio(pcm)
-    for _ in range(100):
-        if gw.sessions[-1].outcome != "open":
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: gw.sessions[-1].outcome != "open")
     assert gw.sessions[-1].status == 40010004
     assert gw.sessions[-1].outcome == "disconnected"
 
@@ -552,11 +550,5 @@ async def test_a_client_gone_while_waiting_for_a_decoder_gets_none() -> None:
         writer.transport.abort()  # ... and C goes
         await a.stop()
         assert (await a.until_end())[-1]["header"]["name"] == "RecognitionCompleted"
-        await asyncio.wait_for(_until(lambda: len(gw._connections) == 1), 30)
+        await wait_until(lambda: len(gw._connections) == 1, 30)
     assert engine.opened == 1
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    # The gateway signals no event when a connection ends: poll (bounded by the caller).
-    while not condition():  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
