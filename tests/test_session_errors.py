@@ -197,10 +197,7 @@ async def test_failure_not_yet_seen_is_raised_when_leaving_the_block(gw: Gateway
     with pytest.raises(TaskFailedError) as info:
         async with Recognizer("app", TOKEN, reconnect=False, **kw(gw)) as r:
             await r.send_audio(b"\x00\x00" * 3200)
-            for _ in range(200):
-                if r.state is State.FAILED:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: r.state is State.FAILED)
     assert info.value.retryable
 
 
@@ -404,11 +401,7 @@ async def test_backed_up_connection_holds_its_stream_without_stalling_others(
             await slow.start()
             # 10 minutes of audio at 500x: more than the loopback socket buffers hold.
             sending = asyncio.create_task(slow.stream(b"\x00\x01" * 16000 * 600, pace=500))
-            for _ in range(500):
-                if slow.metrics.stalled_ticks:
-                    break
-                await asyncio.sleep(0.01)
-            assert slow.metrics.stalled_ticks > 0
+            await wait_until(lambda: slow.metrics.stalled_ticks > 0)
             async with Transcriber("app", TOKEN, **kw(gw)) as fast:
                 await fast.stream(HELLO, pace=20)
                 result = await fast.stop()
