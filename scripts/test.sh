@@ -4,14 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# A venv is (re)installed only when what decides its contents changed since its last
+# install: pyproject.toml, the pinned lowest versions or this script. The installs are
+# editable, so code changes need none, and pip takes 5-15 s per venv to rebuild an
+# editable install even when nothing changed. (Delete a venv to force a fresh one.)
+STAMP=$(cat pyproject.toml scripts/lowest-versions.txt scripts/test.sh | sha256sum | cut -d' ' -f1)
+current() { [ "$(cat "$1/nlsstream-installed" 2>/dev/null)" = "$STAMP" ]; }
+installed() { echo "$STAMP" >"$1/nlsstream-installed"; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
-pip install -e '.[dev,local,light]'
-# The official SDK is installed for the compatibility tests only. Its matplotlib/oss2
-# requirements are never imported, so it goes in without them; the one module it does
-# import (aliyunsdkcore) is installed explicitly.
-pip install --no-deps 'alibabacloud-nls-python-sdk==1.0.2'
-pip install 'aliyun-python-sdk-core>=2.13.3'
+if ! current .venv; then
+    pip install -e '.[dev,local,light]'
+    # The official SDK is installed for the compatibility tests only. Its matplotlib/oss2
+    # requirements are never imported, so it goes in without them; the one module it does
+    # import (aliyunsdkcore) is installed explicitly.
+    pip install --no-deps 'alibabacloud-nls-python-sdk==1.0.2'
+    pip install 'aliyun-python-sdk-core>=2.13.3'
+    installed .venv
+fi
 # Fail loudly (not skip) if an optional test dependency did not install.
 .venv/bin/python -c "import nls, pocketsphinx, picows, python_socks.async_.asyncio"
 .venv/bin/ruff check .
@@ -21,9 +31,12 @@ pip install 'aliyun-python-sdk-core>=2.13.3'
 # The lowest versions the project declares: the client, the audio path and the full
 # gateway against them (scripts/lowest-versions.txt).
 [ -x .venv-lowest/bin/python ] || "$PY" -m venv .venv-lowest
-.venv-lowest/bin/python -m pip --disable-pip-version-check -q install \
-    -c scripts/lowest-versions.txt -e '.[files,local,otel,proxy,uvloop]' 'pytest>=8' 'pytest-asyncio>=0.24' \
-    opentelemetry-sdk
+if ! current .venv-lowest; then
+    .venv-lowest/bin/python -m pip --disable-pip-version-check -q install -c \
+        scripts/lowest-versions.txt -e '.[files,local,otel,proxy,uvloop]' 'pytest>=8' \
+        'pytest-asyncio>=0.24' opentelemetry-sdk
+    installed .venv-lowest
+fi
 .venv-lowest/bin/python -m pip list 2>/dev/null |
     grep -E '^(websockets|numpy|soundfile|soxr|python-socks|aiohttp|pocketsphinx|uvloop|opentelemetry-api|opentelemetry-sdk) '
 .venv-lowest/bin/python -m pytest -q -p no:cacheprovider tests/test_connection.py \
@@ -33,7 +46,10 @@ pip install 'aliyun-python-sdk-core>=2.13.3'
     tests/test_resume.py tests/test_latency.py tests/test_telemetry.py
 # The light gateway on the lowest picows (its own venv: see scripts/lowest-versions.txt).
 [ -x .venv-lowest-light/bin/python ] || "$PY" -m venv .venv-lowest-light
-.venv-lowest-light/bin/python -m pip --disable-pip-version-check -q install \
-    'picows==2.3.0' -e '.[local,light]' 'pytest>=8' 'pytest-asyncio>=0.24'
+if ! current .venv-lowest-light; then
+    .venv-lowest-light/bin/python -m pip --disable-pip-version-check -q install \
+        'picows==2.3.0' -e '.[local,light]' 'pytest>=8' 'pytest-asyncio>=0.24'
+    installed .venv-lowest-light
+fi
 .venv-lowest-light/bin/python -m pytest -q -p no:cacheprovider tests/test_light_gateway.py \
     tests/test_gateway_rules.py

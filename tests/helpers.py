@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -141,6 +141,83 @@ async def close_code_after(reader: asyncio.StreamReader) -> int:
         opcode, body = await read_server_frame(reader)
         if opcode == 0x8:
             return int.from_bytes(body[:2], "big")
+
+
+async def read_client_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(opcode, unmasked payload) of the next client frame."""
+    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    key = await reader.readexactly(4) if b1 & 0x80 else b"\x00" * 4
+    body = await reader.readexactly(n)
+    return b0 & 0x0F, bytes(b ^ key[i % 4] for i, b in enumerate(body))
+
+
+def server_frame(opcode: int, payload: bytes) -> bytes:
+    """One unmasked (server) frame."""
+    return client_frame(opcode, payload, masked=False)
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_ws_server(handler: RawHandler) -> AsyncIterator[int]:
+    """A WebSocket server of the test's own on a free loopback port (yielded): it answers
+    the upgrade, then hands the stream to ``handler``. It reads only what the handler
+    reads, so a handler that stops reading never answers a ping: the misbehaving gateway
+    a well-behaved library will not play (asyncio's documented streams, no websockets
+    internals). On exit every handler is cancelled and its connection aborted; a
+    handler's own failure (an assertion on what the client sent) fails the test."""
+    writers: list[asyncio.StreamWriter] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        found = re.search(rb"(?im)^sec-websocket-key:\s*(\S+)", head)
+        assert found, head
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+            + accept_value(found.group(1).decode())
+            + b"\r\n\r\n"
+        )
+        await handler(reader, writer)
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, so that the tasks are ours to cancel and to collect.
+        writers.append(writer)
+        tasks.append(asyncio.ensure_future(serve(reader, writer)))
+
+    server = await asyncio.start_server(connected, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        for writer in writers:
+            writer.transport.abort()
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        await server.wait_closed()
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Return as soon as ``condition()`` holds; fail after ``timeout`` seconds. For state
+    that signals no event (a gateway's counters and connection set, a session's
+    metrics): polled every 10 ms, so the wait lasts as long as the thing takes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"still not true after {timeout:g} s: {condition}")
+        await asyncio.sleep(0.01)
 
 
 def read_pcm(name: str) -> tuple[bytes, int]:

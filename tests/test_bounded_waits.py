@@ -8,13 +8,21 @@ import base64
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import TOKEN, client_frame, start, upgrade_request
-from websockets.asyncio.server import ServerConnection, serve
+from helpers import (
+    TOKEN,
+    client_frame,
+    raw_ws_server,
+    read_client_frame,
+    server_frame,
+    start,
+    upgrade_request,
+    wait_until,
+)
 
 from nlsstream import GatewayConnectionError, Reconnect, Transcriber
 from nlsstream.gateway import Gateway, Transcript
@@ -24,25 +32,22 @@ from nlsstream.realtime import protocol as p
 TEN_MINUTES = b"\x00\x01" * 16000 * 600  # far more than loopback's socket buffers hold
 
 
-def started_then_deaf(release: asyncio.Event) -> Callable[[ServerConnection], Awaitable[None]]:
-    """A handler that answers Start with Started, then reads nothing (the socket stays
-    open) until ``release`` is set."""
-
-    async def handler(ws: ServerConnection) -> None:
-        start = json.loads(await ws.recv())
-        task_id = start["header"]["task_id"]
-        started = p.build_event("SpeechTranscriber", "TranscriptionStarted", task_id)
-        await ws.send(p.encode(started))
-        ws.transport.pause_reading()
-        await release.wait()
-        ws.transport.abort()
-
-    return handler
+async def started_then_deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A gateway that answers Start with Started, then reads nothing more (the socket
+    stays open, so the client's writes back up and its pings go unanswered)."""
+    opcode, text = await read_client_frame(reader)
+    assert opcode == 0x1
+    task_id = json.loads(text)["header"]["task_id"]
+    started = p.build_event("SpeechTranscriber", "TranscriptionStarted", task_id)
+    writer.write(server_frame(0x1, p.encode(started).encode()))
+    await asyncio.Event().wait()  # deaf until the server closes
 
 
 @pytest.mark.parametrize(
     ("ping_interval", "ping_timeout", "why"),
-    [(1.0, 2.0, "keepalive ping|accepted no data"), (None, 2.0, "accepted no data")],
+    # Bounds well under a second: the server is deaf for good, so a busy machine can only
+    # make the failure later, never wrong.
+    [(0.25, 0.5, "keepalive ping|accepted no data"), (None, 0.5, "accepted no data")],
     ids=["keepalive", "no-keepalive"],
 )
 @pytest.mark.parametrize(
@@ -59,11 +64,7 @@ async def test_a_gateway_that_stops_reading_fails_stream_and_stop(
 ) -> None:
     """Also when the session resumes: each new task goes deaf again, and the attempts
     (counted since the last final sentence) run out."""
-    release = asyncio.Event()
-    async with serve(
-        started_then_deaf(release), "127.0.0.1", 0, ping_interval=None, close_timeout=0.1
-    ) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
+    async with raw_ws_server(started_then_deaf) as port:
         t = Transcriber(
             "app",
             "tok",
@@ -76,11 +77,10 @@ async def test_a_gateway_that_stops_reading_fails_stream_and_stop(
         )
         with pytest.raises(GatewayConnectionError, match=why):
             async with t:
-                # The bound under test is a few seconds; 60 s only catches a hang.
+                # The bound under test is about a second; 60 s only catches a hang.
                 await asyncio.wait_for(t.stream(TEN_MINUTES, pace=pace), 60)
         with pytest.raises(GatewayConnectionError, match=why):
             await asyncio.wait_for(t.stop(), 60)
-        release.set()
 
 
 class _BigHypotheses:
@@ -147,12 +147,5 @@ async def test_a_client_that_never_reads_is_dropped(kind: str) -> None:
         await asyncio.wait_for(_flood_without_reading(gw.url, text, gone), 60)
         # The client may see the reset before the gateway has finished with the
         # connection: wait for that (bounded), then check it really went.
-        await asyncio.wait_for(_until(gone), 30)
+        await wait_until(gone, 30)
         assert opened and gone()
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    # The gateways signal no event when a connection ends: poll its set (bounded by the
-    # caller's wait_for).
-    while not condition():  # noqa: ASYNC110
-        await asyncio.sleep(0.01)

@@ -7,6 +7,7 @@ import asyncio
 import random
 
 import pytest
+from helpers import raw_ws_server, server_frame
 from websockets.asyncio.server import ServerConnection, serve
 
 from nlsstream.errors import AuthenticationError, GatewayConnectionError
@@ -96,26 +97,15 @@ def test_client_frames_rejects_bad_frame_size() -> None:
 async def test_a_gateway_that_stops_answering_pings_is_cut_off() -> None:
     """A server that never reads (so never answers a ping) ends the connection within
     the keepalive bound, with the reason."""
-    release = asyncio.Event()
 
-    async def handler(ws: ServerConnection) -> None:
-        await release.wait()
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.Event().wait()  # reads nothing more: the pings go unanswered
 
-    # The server's own keepalive is off; it still answers pings while it reads, so
-    # stop it from reading by pausing its transport.
-    async def paused_handler(ws: ServerConnection) -> None:
-        ws.transport.pause_reading()
-        await handler(ws)
-
-    async with serve(
-        paused_handler, "127.0.0.1", 0, ping_interval=None, close_timeout=0.1
-    ) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
+    async with raw_ws_server(deaf) as port:
         conn, _, lost = await open_to(port, ping_interval=0.05, ping_timeout=0.2)
         await asyncio.wait_for(lost.wait(), 10)
         assert isinstance(conn.failure, GatewayConnectionError)
         assert "keepalive ping" in str(conn.failure)
-        release.set()
 
 
 async def test_a_gateway_that_keeps_talking_is_alive_while_its_pong_waits() -> None:
@@ -125,16 +115,14 @@ async def test_a_gateway_that_keeps_talking_is_alive_while_its_pong_waits() -> N
     recording at pace 0 through the local gateway was cut off after 20 s)."""
     done_talking = asyncio.Event()
 
-    async def talking(ws: ServerConnection) -> None:
-        ws.transport.pause_reading()
+    async def talking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in range(12):  # 0.6 s of results, three times the ping timeout
-            await ws.send("{}")
-            await asyncio.sleep(0.05)
+            writer.write(server_frame(0x1, b"{}"))
+            await asyncio.sleep(0.05)  # the pace of the results: the scenario itself
         done_talking.set()
-        await asyncio.sleep(30)  # then silence (bounded: the client leaves long before)
+        await asyncio.Event().wait()  # then silence, until the server closes
 
-    async with serve(talking, "127.0.0.1", 0, ping_interval=None, close_timeout=0.1) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
+    async with raw_ws_server(talking) as port:
         conn, messages, lost = await open_to(port, ping_interval=0.05, ping_timeout=0.2)
         await asyncio.wait_for(done_talking.wait(), 10)
         assert not lost.is_set() and len(messages) == 12

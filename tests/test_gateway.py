@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,16 @@ from helpers import (
     TOKEN,
     TRANSCRIPTS,
     RawTask,
+    client_frame,
     names,
     open_ws,
     payloads,
+    raw_upgrade,
     read_pcm,
+    read_server_frame,
     silence,
+    start,
+    wait_until,
     word_errors,
 )
 from websockets.exceptions import ConnectionClosed
@@ -211,10 +217,7 @@ async def test_client_leaving_early_is_recorded_as_disconnect(gw: Gateway) -> No
         task = RawTask(ws)
         await task.start()
         await task.audio(pcm)
-    for _ in range(100):
-        if gw.sessions[-1].outcome != "open":
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: gw.sessions[-1].outcome != "open")
     assert gw.sessions[-1].status == 40010004
     assert gw.sessions[-1].outcome == "disconnected"
 
@@ -536,18 +539,16 @@ async def test_a_client_gone_while_waiting_for_a_decoder_gets_none() -> None:
         await a.start(enable_intermediate_result=True)
         await a.audio(loud)
         await a.recv()  # A holds the only decoder
-        async with open_ws(gw) as ws_c:
-            c = RawTask(ws_c, "SpeechRecognizer")
-            await c.start()
-            await c.audio(loud)  # C's segment now waits for the slot ...
-            ws_c.transport.abort()  # ... and C goes
+        # C on a raw socket: a client library has no documented way to vanish abruptly.
+        reader, writer = await raw_upgrade(gw.host, gw.port, f"X-NLS-Token: {TOKEN}\r\n")
+        writer.write(client_frame(0x1, start(p.new_id(), ns="SpeechRecognizer").encode()))
+        _, started = await read_server_frame(reader)
+        assert json.loads(started)["header"]["name"] == "RecognitionStarted"
+        for i in range(0, len(loud), 3200):
+            writer.write(client_frame(0x2, loud[i : i + 3200]))
+        await writer.drain()  # C's segment now waits for the slot ...
+        writer.transport.abort()  # ... and C goes
         await a.stop()
         assert (await a.until_end())[-1]["header"]["name"] == "RecognitionCompleted"
-        await asyncio.wait_for(_until(lambda: len(gw._connections) == 1), 30)
+        await wait_until(lambda: len(gw._connections) == 1, 30)
     assert engine.opened == 1
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    # The gateway signals no event when a connection ends: poll (bounded by the caller).
-    while not condition():  # noqa: ASYNC110
-        await asyncio.sleep(0.01)

@@ -26,6 +26,7 @@ from helpers import (
     recv_json,
     start,
     upgrade_request,
+    wait_until,
 )
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -90,7 +91,7 @@ async def test_transcriber_flow_with_websockets_client(gateway: LightGateway) ->
     ends = [e["payload"] for e in events if e["header"]["name"] == "SentenceEnd"]
     assert [e["index"] for e in ends] == [1, 2, 3]
     assert [(e["begin_time"], e["time"]) for e in ends] == [(0, 200), (200, 400), (400, 500)]
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: gateway.stats()["connections_open"] == 0)  # the server side closed
     stats = gateway.stats()
     (session,) = stats["sessions"]
     assert session["task_id"] == task
@@ -176,7 +177,7 @@ async def test_official_sdk_works(gateway: LightGateway) -> None:
         assert got["errors"] == []
         assert got["names"] == ["TranscriptionStarted", "TranscriptionCompleted"]
         assert got["indices"] == [1, 2, 3]  # 600 ms: three whole 200 ms sentences, no tail
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: gateway.stats()["connections_open"] == 0)  # the server side closed
     stats = gateway.stats()
     assert stats["overall"]["sessions"] == 2
     assert stats["overall"]["frames"] == 60
@@ -336,10 +337,8 @@ async def test_protocol_violations_fail_the_connection(
 async def test_protocol_errors_are_counted(gateway: LightGateway) -> None:
     assert await _probe_close_code(gateway, client_frame(0x9, b"x" * 126)) == 1002
     assert await _probe_close_code(gateway, client_frame(0x1, b"\xff")) == 1007
-    for _ in range(100):  # on_ws_disconnected runs when the server side has closed
-        if gateway.stats()["protocol_errors"] == 2:
-            break
-        await asyncio.sleep(0.02)
+    # on_ws_disconnected runs when the server side has closed
+    await wait_until(lambda: gateway.stats()["protocol_errors"] >= 2)
     assert gateway.stats()["protocol_errors"] == 2
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
+from helpers import wait_until
 
 import nlsstream
 from nlsstream import (
@@ -396,19 +397,28 @@ async def test_bad_audio_is_refused_before_sending(gw: Gateway) -> None:
 
 
 async def test_stream_concurrently_on_one_session_is_refused(gw: Gateway) -> None:
+    more = asyncio.Event()
+
+    async def live() -> AsyncIterator[bytes]:
+        yield b"\x01\x00" * 1600
+        await more.wait()  # the first stream is running until the test says so
+        yield b"\x01\x00" * 1600
+
     async with Transcriber("app", "tok", **session_kwargs(gw)) as t:
-        first = asyncio.create_task(t.stream(THREE, pace=20))
-        await asyncio.sleep(0.05)
+        first = asyncio.create_task(t.stream(live(), pace=None))
+        await wait_until(lambda: t.metrics.bytes_sent > 0)
         with pytest.raises(InvalidStateError, match="already running"):
             await t.stream(HELLO)
+        more.set()
         await first
         await t.stop()
+    assert t.metrics.bytes_sent == 2 * 3200  # the refused stream sent nothing
 
 
 async def test_stop_during_stream_interrupts_it_loudly(gw: Gateway) -> None:
     async with Transcriber("app", "tok", **session_kwargs(gw)) as t:
         streaming = asyncio.create_task(t.stream(THREE, pace=5))
-        await asyncio.sleep(0.1)
+        await wait_until(lambda: t.metrics.bytes_sent > 0)  # under way (it lasts ~2 s)
         result = await t.stop()
         with pytest.raises(InvalidStateError, match="stop\\(\\) was called while stream"):
             await streaming

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
+from helpers import wait_until
 from websockets.asyncio.server import ServerConnection, serve
 
 from nlsstream import (
@@ -196,10 +197,7 @@ async def test_failure_not_yet_seen_is_raised_when_leaving_the_block(gw: Gateway
     with pytest.raises(TaskFailedError) as info:
         async with Recognizer("app", TOKEN, reconnect=False, **kw(gw)) as r:
             await r.send_audio(b"\x00\x00" * 3200)
-            for _ in range(200):
-                if r.state is State.FAILED:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: r.state is State.FAILED)
     assert info.value.retryable
 
 
@@ -403,11 +401,7 @@ async def test_backed_up_connection_holds_its_stream_without_stalling_others(
             await slow.start()
             # 10 minutes of audio at 500x: more than the loopback socket buffers hold.
             sending = asyncio.create_task(slow.stream(b"\x00\x01" * 16000 * 600, pace=500))
-            for _ in range(500):
-                if slow.metrics.stalled_ticks:
-                    break
-                await asyncio.sleep(0.01)
-            assert slow.metrics.stalled_ticks > 0
+            await wait_until(lambda: slow.metrics.stalled_ticks > 0)
             async with Transcriber("app", TOKEN, **kw(gw)) as fast:
                 await fast.stream(HELLO, pace=20)
                 result = await fast.stop()
@@ -490,21 +484,29 @@ async def test_keepalive_carries_a_live_source_through_a_pause(pace: float | Non
     task with 40000004."""
     gateway = Gateway(tokens=[TOKEN], appkeys=["app"], recognizer="span", idle_timeout=1.0)
     async with gateway as g, Transcriber("app", TOKEN, url=g.url, keepalive=0.3) as t:
-        await t.stream(on_hold(2.5), pace=pace)
+        await t.stream(on_hold(1.6), pace=pace)  # 60 % longer than the idle timeout
         await t.stop()
     assert t.metrics.keepalive_bytes > 0
     # Silence went out at about real time while the source was quiet (a bound, not a
-    # timing target: 2.5 s of pause can hold at most ~2.2 s of silence plus a tick).
-    assert t.metrics.keepalive_bytes <= 2 * 16000 * 2.5
+    # timing target: 1.6 s of pause can hold at most ~1.3 s of silence plus a tick).
+    assert t.metrics.keepalive_bytes <= 2 * 16000 * 1.6
     assert t.metrics.bytes_sent == 2 * 32000 + t.metrics.keepalive_bytes
 
 
 async def test_without_keepalive_a_pause_ends_the_task_with_the_idle_timeout() -> None:
     async with Gateway(tokens=[TOKEN], appkeys=["app"], recognizer="span", idle_timeout=1.0) as g:
         t = Transcriber("app", TOKEN, url=g.url, keepalive=False, reconnect=False)
+
+        async def until_given_up() -> AsyncIterator[bytes]:
+            # A second of audio, then a pause as long as the gateway takes to end the
+            # task (bounded: with keepalive wrongly on, it never does).
+            yield b"\x01\x00" * 16000
+            await wait_until(lambda: t.state is State.FAILED)
+            yield b"\x01\x00" * 16000
+
         with pytest.raises(TaskFailedError) as info:
             async with t:
-                await t.stream(on_hold(2.5), pace=None)
+                await t.stream(until_given_up(), pace=None)
     assert info.value.status == 40000004
     assert t.metrics.keepalive_bytes == 0
 
