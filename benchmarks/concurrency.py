@@ -118,7 +118,7 @@ def start_gateway(
     gateway plus best-fit lateness) on a free port and wait until it listens.
 
     Its stats come over its control endpoints, which need its token (``BENCH_TOKEN``, the
-    token the benchmark clients send)."""
+    token the benchmark clients send). ``sentence_ms`` 0: no sentence events at all."""
     cmd = [
         sys.executable,
         "-m",
@@ -128,13 +128,15 @@ def start_gateway(
         "--loop",
         loop,
         "--sentence-ms",
-        str(sentence_ms),
+        str(sentence_ms or 1000),
         "--idle-timeout",
         "30",
         "--nap-us",
         str(nap_us),
         "--control",
     ]
+    if not sentence_ms:  # a neutral sink: Started and Completed only
+        cmd.append("--no-sentences")
     env = {**os.environ, "NLS_LIGHT_TOKEN": BENCH_TOKEN}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     _pin(proc.pid, cpu)
