@@ -42,6 +42,7 @@ class Trace:
     def __init__(self) -> None:
         self.ticks: list[dict[str, Any]] = []
         self.put_s = 0.0
+        self.put_cpu_s = 0.0  # the same in thread CPU time (not counting preemption)
         self.puts = 0
         self.put_streams: set[int] = set()
         self.recv_s = 0.0
@@ -80,6 +81,7 @@ class Trace:
                     "streams": len(self._streams),
                     "puts_before": trace.puts,
                     "put_ms_before": trace.put_s * 1e3,
+                    "put_cpu_ms_before": trace.put_cpu_s * 1e3,
                     "put_streams_before": len(trace.put_streams),
                     "max_put_us": trace.max_put_s * 1e6,
                     "recvs_before": trace.recvs,
@@ -88,14 +90,16 @@ class Trace:
                     "gc_gens_before": max(trace.gc_gens, default=-1),
                 }
             )
-            trace.put_s = trace.recv_s = trace.max_put_s = trace.gc_s = 0.0
+            trace.put_s = trace.recv_s = trace.max_put_s = trace.gc_s = trace.put_cpu_s = 0.0
             trace.gc_gens.clear()
             trace.puts = trace.recvs = 0
             trace.put_streams.clear()
 
         def traced_put_nowait(self: pacing.PacedStream, pcm: Any) -> None:
             start = time.perf_counter()
+            cpu = time.thread_time()
             put_nowait(self, pcm)
+            trace.put_cpu_s += time.thread_time() - cpu
             spent = time.perf_counter() - start
             trace.put_s += spent
             trace.max_put_s = max(trace.max_put_s, spent)
@@ -123,6 +127,7 @@ class Trace:
                 if isinstance(v, float):
                     t[k] = round(v, 2)
         wakes = Counter(t["put_streams_before"] for t in ticks)
+        put_cpu = sorted(t["put_cpu_ms_before"] for t in ticks[1:])  # not the start
         return {
             "ticks": len(ticks),
             "tick_late_ms": {
@@ -133,6 +138,15 @@ class Trace:
             },
             # How many streams' producers ran between two ticks, and how often.
             "producers_per_tick_gap": dict(sorted(wakes.items())[-12:]),
+            "max_producers_per_tick_gap": max(
+                (t["put_streams_before"] for t in ticks[1:]), default=0
+            ),
+            # CPU the producers took between two ticks (after the start): the work that
+            # holds the next tick back.
+            "put_cpu_ms_per_tick_gap": {
+                "p99": round(put_cpu[int(len(put_cpu) * 0.99)], 2) if put_cpu else None,
+                "max": round(put_cpu[-1], 2) if put_cpu else None,
+            },
             "worst_ticks": worst,
         }
 
