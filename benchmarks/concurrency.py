@@ -269,6 +269,7 @@ def run_step(
 
     ``root``: the checkout whose client runs, ``label``: the row's client name then."""
     reset_stats(gw)
+    load = os.getloadavg()[0]  # other work on the machine: shared machines are noisy
     result = run_client(
         client, gw.url, sessions, seconds, ramp=ramp, cpu=client_cpu, spread=spread, root=root
     )
@@ -282,6 +283,8 @@ def run_step(
     return {
         "client": label or client,
         "sessions": sessions,
+        "load_before": round(load, 2),
+        "load_after": round(os.getloadavg()[0], 2),
         "seconds": seconds,
         "ramp_s": result["ramp_s"],
         "starts": starts_label(spread),
@@ -498,7 +501,8 @@ def _step_line(row: dict[str, Any]) -> str:
         f"(best fit {row['best_fit_worst_session_p99_ms']} ms, late start "
         f"{row['worst_first_frame_late_ms']} ms), "
         f"cpu {row['client_cpu_ms_per_audio_s']} ms/audio-s, "
-        f"errors {row['errors']}, events lost {row['events_lost']}"
+        f"errors {row['errors']}, events lost {row['events_lost']}, "
+        f"load {row['load_before']}-{row['load_after']}"
     )
 
 
@@ -624,6 +628,10 @@ def _starts_verdict(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _load(row: dict[str, Any]) -> str:
+    return f"{_fmt(row.get('load_before'))}-{_fmt(row.get('load_after'))}"
+
+
 def _runs_line(runs: list[dict[str, Any]]) -> str:
     """One series' runs: each run's worst-session p99 (first frame, best fit), CPU."""
 
@@ -639,7 +647,8 @@ def _runs_line(runs: list[dict[str, Any]]) -> str:
         f"{r['starts']}, {len(runs)} runs: worst-session p99 {each('worst_session_p99_ms')} "
         f"ms against the first frame, {each('best_fit_worst_session_p99_ms')} ms against "
         f"the best fit; latest start {each('worst_first_frame_late_ms')} ms; client CPU "
-        f"{each('client_cpu_ms_per_audio_s', 3)} ms per audio second; errors "
+        f"{each('client_cpu_ms_per_audio_s', 3)} ms per audio second; machine load (1-min "
+        f"average, before / after each) {' / '.join(_load(x) for x in runs)}; errors "
         f"{sum(x['errors'] for x in runs)}, events lost {sum(x['events_lost'] for x in runs)}; "
         + (
             "every run within the 20 ms target."
