@@ -35,9 +35,10 @@ Design (sized for thousands of concurrent sessions in one process):
   producers would cut and frame their next batch (a 64 KiB slice of a whole source:
   2 s of audio) between the same two ticks, every two seconds, delaying the next tick
   by tens of milliseconds for every stream. So each tick wakes at most
-  ``ceil(open streams / 16)`` producers (at least 8); the others wait, in order, for
-  the next ticks, unless their buffer is down to a quarter of its low-water mark, which
-  wakes them at once. A herd's wake-ups are thus spread over about 16 ticks, and as
+  ``ceil(open streams / 12)`` producers (at least 8); the others wait, in order, for
+  the next ticks, unless their buffer is down to half its low-water mark, or the tick
+  runs a tick or more late (the loop is overloaded: waiting would risk an underrun),
+  which wake them at once. A herd's wake-ups are thus spread over about 12 ticks, and as
   every stream refills the same amount of audio each time, they stay spread.
 * Scheduling is drift-free: frame *k* is due at ``t0 + k * frame_bytes /
   bytes_per_second``, so rounding and timer jitter never accumulate. A frame the pacer
@@ -100,7 +101,7 @@ _GRID_EPS = 1e-6
 #: Producer wake-ups are spread over ticks: at most ``ceil(open streams / this)`` per
 #: tick (and at least :data:`_MIN_WAKES_PER_TICK`), so a herd of streams whose buffers
 #: drain in step is woken over about this many ticks, not between two of them.
-_WAKE_SPREAD_TICKS = 16
+_WAKE_SPREAD_TICKS = 12
 _MIN_WAKES_PER_TICK = 8
 
 
@@ -286,7 +287,7 @@ class PacedStream:
         # about twice per second of buffer rather than once per frame.
         self._low_water = self._max_frames // 2
         # Below this the producer is woken even past the pacer's wake-ups for the tick.
-        self._urgent = self._low_water // 4
+        self._urgent = self._low_water // 2
         self._wake_queued = False  # waiting in the pacer's queue of deferred wake-ups
         self._buf: deque[bytes] = deque()  # encoded frames
         self._index = 0  # frames written: frame _index is the next one due
@@ -675,10 +676,15 @@ class Pacer:
         if now is None:
             now = self.clock()
         horizon = now + early
-        self._ran_until = horizon
         streams = self._streams
         wakes = max(_MIN_WAKES_PER_TICK, -(-len(streams) // _WAKE_SPREAD_TICKS))
         deferred = self._deferred
+        if now + early - self._ran_until >= 2 * self.tick - _GRID_EPS:
+            # A tick or more was missed since the last run: the loop is overloaded and
+            # frames go out in catch-up batches, so a producer left waiting could
+            # underrun. Wake every one whose buffer is low, as if there were no bound.
+            wakes = len(streams) + len(deferred)
+        self._ran_until = horizon
         while deferred and wakes > 0:  # those that waited first
             deferred.popleft()._wake()
             wakes -= 1
