@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "client_worst_p99_ms": result["send_lag"]["p99_ms"],
         "cpu_ms_per_audio_s": result["cpu_ms_per_audio_s"],
         "errors": result["error_count"],
+        "underruns": result.get("underruns"),
         **trace.summary(args.top),
     }
     print(json.dumps(out, indent=1))
