@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -1018,7 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
         drift_thread.join()
     elif args.drift_seconds > 0:
         drift_job()  # alone on the machine: nothing else of ours is running now
-    command = "python -m benchmarks.concurrency " + " ".join(argv or sys.argv[1:])
+    command = "python -m benchmarks.concurrency " + shlex.join(argv or sys.argv[1:])
     paths = write_results(
         rows, notes, machine_info(), Path(args.out), command, drift=drift, floor=floor
     )
