@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -118,7 +119,7 @@ def start_gateway(
     gateway plus best-fit lateness) on a free port and wait until it listens.
 
     Its stats come over its control endpoints, which need its token (``BENCH_TOKEN``, the
-    token the benchmark clients send)."""
+    token the benchmark clients send). ``sentence_ms`` 0: no sentence events at all."""
     cmd = [
         sys.executable,
         "-m",
@@ -128,7 +129,7 @@ def start_gateway(
         "--loop",
         loop,
         "--sentence-ms",
-        str(sentence_ms),
+        str(sentence_ms or 1000),
         "--idle-timeout",
         "30",
         "--nap-us",
@@ -137,6 +138,8 @@ def start_gateway(
         "--log-level",
         "WARNING",
     ]
+    if not sentence_ms:  # a neutral sink: Started and Completed only
+        cmd.append("--no-sentences")
     env = {**os.environ, "NLS_GATEWAY_TOKEN": BENCH_TOKEN}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     _pin(proc.pid, cpu)
@@ -178,12 +181,13 @@ def run_client(
     cpu: int | None = None,
     timeout: float | None = None,
     spread: float | None = None,
+    root: Path = ROOT,
 ) -> dict[str, Any]:
     """Run one benchmark client in its own process and return its JSON result.
 
     ``spread`` (nlsstream clients only): connect every session first, then start their
     ``stream()`` calls over that many seconds (0: at once); ``None``: each streams as
-    soon as it started."""
+    soon as it started. ``root``: the checkout whose client (and nlsstream) runs."""
     if client not in CLIENTS:
         raise ValueError(f"unknown client {client!r}; expected one of {CLIENTS}")
     if spread is not None and not client.startswith("nlsstream"):
@@ -213,7 +217,7 @@ def run_client(
         if client == "compat":
             cmd += ["--sdk", "compat"]
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         _pin(proc.pid, cpu)
         limit = seconds + (ramp or sessions / 100) + 120
@@ -261,10 +265,17 @@ def run_step(
     ramp: float | None = None,
     client_cpu: int | None = None,
     spread: float | None = None,
+    root: Path = ROOT,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """One measurement: reset the gateway, run the client, match both sides' records."""
+    """One measurement: reset the gateway, run the client, match both sides' records.
+
+    ``root``: the checkout whose client runs, ``label``: the row's client name then."""
     reset_stats(gw)
-    result = run_client(client, gw.url, sessions, seconds, ramp=ramp, cpu=client_cpu, spread=spread)
+    load = os.getloadavg()[0]  # other work on the machine: shared machines are noisy
+    result = run_client(
+        client, gw.url, sessions, seconds, ramp=ramp, cpu=client_cpu, spread=spread, root=root
+    )
     # The gateway has seen everything once the client process exited (it waited for
     # Completed); a short pause lets the last close handshakes finish.
     time.sleep(0.3)
@@ -273,8 +284,10 @@ def run_step(
     server_errors = overall["failed"] + overall["closed_early"] + server["protocol_errors"]
     best_fit = overall.get("best_fit", {})  # None below: a gateway without best fit
     return {
-        "client": client,
+        "client": label or client,
         "sessions": sessions,
+        "load_before": round(load, 2),
+        "load_after": round(os.getloadavg()[0], 2),
         "seconds": seconds,
         "ramp_s": result["ramp_s"],
         "starts": starts_label(spread),
@@ -412,54 +425,88 @@ def sweep(
     pin: bool = True,
     nap_us: int = DEFAULT_NAP_US,
     starts: list[float | None] | None = None,
+    sentence_ms: int = 1000,
+    repeat: int = 1,
+    baseline: tuple[str, Path] | None = None,
     log: Any = print,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Run every (client, starts, N) step against one gateway; returns (rows, notes).
 
     ``starts``: the ``spread`` of each series (``None``: the ramp; see :func:`run_client`).
+    ``sentence_ms`` 0: the gateway sends no sentence events (a neutral sink).
+    ``repeat``: run the whole plan that many times, in turn (rows carry ``run``).
+    ``baseline`` (label, checkout): every step also runs that checkout's client, just
+    before this one's (rows labelled ``client label``): before/after side by side.
     """
     gw_cpu, client_cpu = cpu_plan(pin)
-    gw = start_gateway(loop=loop, cpu=gw_cpu, nap_us=nap_us)
+    gw = start_gateway(loop=loop, cpu=gw_cpu, nap_us=nap_us, sentence_ms=sentence_ms)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
+    collapsed: set[tuple[str, str]] = set()  # (row client, starts) not run at larger N
     try:
-        for client in clients:
-            for spread in starts or [None]:
-                label = starts_label(spread)
-                if spread is not None and not client.startswith("nlsstream"):
-                    notes.append(f"{client}: not run with starts {label} (nlsstream only).")
-                    log(notes[-1])
-                    continue
-                for n in sessions:
-                    log(f"{client}: {n} sessions x {seconds} s, starts {label} ...")
-                    try:
-                        row = run_step(
-                            gw, client, n, seconds, ramp=ramp, client_cpu=client_cpu, spread=spread
-                        )
-                    except RuntimeError as exc:
-                        notes.append(f"{client} at {n} sessions ({label}): run failed: {exc}")
-                        log(notes[-1])
-                        break
-                    rows.append(row)
-                    log(
-                        f"  worst session p99 {row['worst_session_p99_ms']} ms "
-                        f"(best fit {row['best_fit_worst_session_p99_ms']} ms, late start "
-                        f"{row['worst_first_frame_late_ms']} ms), "
-                        f"cpu {row['client_cpu_ms_per_audio_s']} ms/audio-s, "
-                        f"errors {row['errors']}, events lost {row['events_lost']}"
-                    )
-                    if row["worst_session_p99_ms"] > collapse_ms and n != sessions[-1]:
-                        skipped = [m for m in sessions if m > n]
-                        notes.append(
-                            f"{client} ({label}): collapsed at {n} sessions (worst session "
-                            f"p99 {row['worst_session_p99_ms']:.0f} ms > {collapse_ms:.0f} "
-                            f"ms); not run at {', '.join(map(str, skipped))}."
-                        )
-                        log(notes[-1])
-                        break
+        for run in range(1, repeat + 1):
+            for client in clients:
+                variants = [(client, ROOT)]
+                if baseline is not None:
+                    variants.insert(0, (f"{client} {baseline[0]}", baseline[1]))
+                for spread in starts or [None]:
+                    label = starts_label(spread)
+                    if spread is not None and not client.startswith("nlsstream"):
+                        if run == 1:
+                            notes.append(f"{client}: not run with starts {label} (nlsstream only).")
+                            log(notes[-1])
+                        continue
+                    for n in sessions:
+                        for name, root in variants:
+                            if (name, label) in collapsed:
+                                continue
+                            log(
+                                f"run {run}: {name}: {n} sessions x {seconds} s, starts {label} ..."
+                            )
+                            try:
+                                row = run_step(
+                                    gw,
+                                    client,
+                                    n,
+                                    seconds,
+                                    ramp=ramp,
+                                    client_cpu=client_cpu,
+                                    spread=spread,
+                                    root=root,
+                                    label=name,
+                                )
+                            except RuntimeError as exc:
+                                notes.append(f"{name} at {n} sessions ({label}): run failed: {exc}")
+                                log(notes[-1])
+                                collapsed.add((name, label))
+                                continue
+                            row["run"] = run
+                            rows.append(row)
+                            log(_step_line(row))
+                            if row["worst_session_p99_ms"] > collapse_ms and n != sessions[-1]:
+                                collapsed.add((name, label))
+                                skipped = [m for m in sessions if m > n]
+                                notes.append(
+                                    f"{name} ({label}): collapsed at {n} sessions (worst "
+                                    f"session p99 {row['worst_session_p99_ms']:.0f} ms > "
+                                    f"{collapse_ms:.0f} ms); not run at "
+                                    f"{', '.join(map(str, skipped))}."
+                                )
+                                log(notes[-1])
     finally:
         stop_gateway(gw)
     return rows, notes
+
+
+def _step_line(row: dict[str, Any]) -> str:
+    return (
+        f"  worst session p99 {row['worst_session_p99_ms']} ms "
+        f"(best fit {row['best_fit_worst_session_p99_ms']} ms, late start "
+        f"{row['worst_first_frame_late_ms']} ms), "
+        f"cpu {row['client_cpu_ms_per_audio_s']} ms/audio-s, "
+        f"errors {row['errors']}, events lost {row['events_lost']}, "
+        f"load {row['load_before']}-{row['load_after']}"
+    )
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -552,9 +599,17 @@ def verdict(rows: list[dict[str, Any]], floor: dict[str, Any] | None) -> list[st
 
 
 def _starts_verdict(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines for the rows whose ``stream()`` calls started together."""
+    """Markdown lines for the rows whose ``stream()`` calls started together (one line
+    per series and N; with several runs, every run's figures and the worst run's)."""
     out = []
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in rows:
+        groups.setdefault((r["client"], r["starts"], r["sessions"]), []).append(r)
+    for runs in groups.values():
+        if len(runs) > 1:
+            out.append(_runs_line(runs))
+            continue
+        r = runs[0]
         best_fit = r.get("best_fit_worst_session_p99_ms")
         text = (
             f"- **{r['client']}**, {r['sessions']:,} session"
@@ -574,6 +629,36 @@ def _starts_verdict(rows: list[dict[str, Any]]) -> list[str]:
         text += f"; errors {r['errors']}, events lost {r['events_lost']}."
         out.append(text)
     return out
+
+
+def _load(row: dict[str, Any]) -> str:
+    return f"{_fmt(row.get('load_before'))}-{_fmt(row.get('load_after'))}"
+
+
+def _runs_line(runs: list[dict[str, Any]]) -> str:
+    """One series' runs: each run's worst-session p99 (first frame, best fit), CPU."""
+
+    def each(key: str, digits: int = 1) -> str:
+        return " / ".join(_fmt(r.get(key), digits) for r in runs)
+
+    r = runs[0]
+    worst = max(
+        max(x["worst_session_p99_ms"], x.get("best_fit_worst_session_p99_ms") or 0.0) for x in runs
+    )
+    return (
+        f"- **{r['client']}**, {r['sessions']:,} sessions, `stream()` calls starting "
+        f"{r['starts']}, {len(runs)} runs: worst-session p99 {each('worst_session_p99_ms')} "
+        f"ms against the first frame, {each('best_fit_worst_session_p99_ms')} ms against "
+        f"the best fit; latest start {each('worst_first_frame_late_ms')} ms; client CPU "
+        f"{each('client_cpu_ms_per_audio_s', 3)} ms per audio second; machine load (1-min "
+        f"average, before / after each) {' / '.join(_load(x) for x in runs)}; errors "
+        f"{sum(x['errors'] for x in runs)}, events lost {sum(x['events_lost'] for x in runs)}; "
+        + (
+            "every run within the 20 ms target."
+            if worst <= LATENESS_LIMIT_MS
+            else f"worst run {worst / LATENESS_LIMIT_MS:.1f}x the 20 ms target."
+        )
+    )
 
 
 def render_markdown(
@@ -839,8 +924,35 @@ def main(argv: list[str] | None = None) -> int:
         help="gateway (and floor sink) polling nap, 0 to let it sleep in epoll "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--sentence-ms",
+        type=int,
+        default=1000,
+        help="audio per SentenceEnd the gateway sends; 0: none at all, only Started and "
+        "Completed (a neutral sink) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run every step this many times, in turn"
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="a checkout of another version (e.g. `git archive COMMIT | tar -x -C DIR`): "
+        "each step runs its client too, just before this one's (before/after in one run)",
+    )
+    parser.add_argument(
+        "--baseline-label", default="before", help="its rows' label (default: %(default)s)"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args(argv)
+    if args.sentence_ms < 0 or args.repeat < 1:
+        parser.error("--sentence-ms must be >= 0 and --repeat >= 1")
+    baseline = None
+    if args.baseline:
+        base = Path(args.baseline).resolve()
+        if not (base / "benchmarks" / "nlsstream_client.py").is_file():
+            parser.error(f"--baseline: {base} holds no benchmarks/nlsstream_client.py")
+        baseline = (f"({args.baseline_label})", base)
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     unknown = [c for c in clients if c not in CLIENTS]
     if unknown:
@@ -891,6 +1003,14 @@ def main(argv: list[str] | None = None) -> int:
             pin=not args.no_pin,
             nap_us=args.nap_us,
             starts=starts,
+            sentence_ms=args.sentence_ms,
+            repeat=args.repeat,
+            baseline=baseline,
+        )
+    if args.sentence_ms == 0:
+        notes.append(
+            "The gateway sent no sentence events (`--sentence-ms 0`, a neutral sink: "
+            "Started and Completed only), so events lost and event delivery do not apply."
         )
     floor = None
     if not args.drift_only:
@@ -901,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
         drift_thread.join()
     elif args.drift_seconds > 0:
         drift_job()  # alone on the machine: nothing else of ours is running now
-    command = "python -m benchmarks.concurrency " + " ".join(argv or sys.argv[1:])
+    command = "python -m benchmarks.concurrency " + shlex.join(argv or sys.argv[1:])
     paths = write_results(
         rows, notes, machine_info(), Path(args.out), command, drift=drift, floor=floor
     )

@@ -19,7 +19,10 @@ over 20 ms, and the worst late start.
 Benchmark-only: it serves ``nlsstream.gateway.light`` unchanged except for these
 subclasses (one more ``array.append`` per audio message)::
 
-    python -m benchmarks.lateness_gateway [the options of nlsstream serve --light]
+    python -m benchmarks.lateness_gateway [--no-sentences] [the options of nlsstream serve --light]
+
+``--no-sentences`` turns it into a neutral sink: it answers Started and Completed and
+sends no other event.
 """
 
 from __future__ import annotations
@@ -47,8 +50,15 @@ class BestFitSessionStats(light.SessionStats):
 
     __slots__ = ("starts",)
 
+    #: ``--no-sentences``: no SentenceBegin/SentenceEnd at all, only Started/Completed
+    #: (a neutral sink: nothing but the audio for the client to handle).
+    neutral = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.neutral:
+            self.sentence_bytes = 0
+            self.next_sentence = -1
         #: Per audio message, in seconds: its arrival minus the audio received before it.
         self.starts = array("d")
 
@@ -97,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Each connection builds its task's statistics from this module name.
     light.SessionStats = BestFitSessionStats  # type: ignore[misc]
     options = list(sys.argv[1:] if argv is None else argv)
+    if "--no-sentences" in options:
+        options.remove("--no-sentences")
+        BestFitSessionStats.neutral = True
     args = build_parser().parse_args(["serve", "--light", *options])
     return serve_command(args, light_factory=BestFitGateway)
 

@@ -528,3 +528,95 @@ async def test_an_underrun_restarts_the_schedule_instead_of_bursting(
     done = asyncio.ensure_future(stream.finish())
     await asyncio.wait_for(done, 1)
     assert stream.finished and pacer.pending == 0
+
+
+class CountingSink(Sink):
+    """A Sink that counts its producer's batches (``encode_frames`` calls)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock)
+        self.encodes = 0
+
+    def encode_frames(self, pcm: bytes, frame_bytes: int) -> list[bytes]:
+        self.encodes += 1
+        return super().encode_frames(pcm, frame_bytes)
+
+
+async def test_producers_of_a_herd_refill_over_many_ticks(pacer: Pacer, clock: FakeClock) -> None:
+    # 400 streams start in the same tick, each from a whole source handed over in
+    # slices of 2 s (pcm_chunks' 64 KiB) with the default second of buffer: their
+    # buffers drain in step. Every producer would otherwise cut and frame its next 2 s
+    # between the same two ticks (400 batches at once, every 2 s, delaying the tick
+    # after them for every stream); the pacer wakes at most ceil(400 / 12) = 34 of them
+    # per tick, none of them late enough to underrun, and the refills stay spread.
+    n, chunk = 400, 100 * FRAME  # 2 s of audio per put
+    sinks = [CountingSink(clock) for _ in range(n)]
+    metrics = [Metrics() for _ in sinks]
+    streams = [
+        pacer.open(sink, BPS_16K, m, max_ahead_bytes=50 * FRAME)
+        for sink, m in zip(sinks, metrics, strict=True)
+    ]
+
+    async def produce(stream: object) -> None:
+        for _ in range(4):  # 8 s of audio
+            await stream.put(bytes(chunk))  # type: ignore[attr-defined]
+
+    producers = [asyncio.ensure_future(produce(s)) for s in streams]
+    await asyncio.sleep(0)
+    assert [s.encodes for s in sinks] == [1] * n  # the herd's first batch, together
+    t0 = clock.now
+    refills_per_tick = []
+    for k in range(400):  # 8 s of ticks
+        clock.now = t0 + k * 0.02
+        pacer.run_due(early=EARLY)
+        before = sum(s.encodes for s in sinks)
+        for _ in range(3):  # let the producers woken by this tick run
+            await asyncio.sleep(0)
+        refills_per_tick.append(sum(s.encodes for s in sinks) - before)
+    await asyncio.wait_for(asyncio.gather(*producers), 1)
+    assert sum(refills_per_tick) == 3 * n
+    assert max(refills_per_tick) <= 34, max(refills_per_tick)
+    assert sum(1 for r in refills_per_tick if r) >= 3 * 12  # each wave over 12 ticks
+    assert all(m.underruns == 0 and m.max_lateness_ms == 0 for m in metrics)
+    assert all(m.paced_frames == 400 for m in metrics)
+    assert pacer.deferred_wakes > 0
+
+
+async def test_a_late_tick_wakes_every_deferred_producer(pacer: Pacer, clock: FakeClock) -> None:
+    # The herd's refills are being spread when the loop stalls: the tick after the
+    # stall sends a catch-up batch per stream, so no producer may be kept waiting then
+    # (its buffer could run dry before its turn): all are woken, and none underruns.
+    n, chunk = 400, 100 * FRAME
+    sinks = [CountingSink(clock) for _ in range(n)]
+    metrics = [Metrics() for _ in sinks]
+    streams = [
+        pacer.open(sink, BPS_16K, m, max_ahead_bytes=50 * FRAME)
+        for sink, m in zip(sinks, metrics, strict=True)
+    ]
+
+    async def produce(stream: object) -> None:
+        for _ in range(3):
+            await stream.put(bytes(chunk))  # type: ignore[attr-defined]
+
+    producers = [asyncio.ensure_future(produce(s)) for s in streams]
+    await asyncio.sleep(0)
+    t0 = clock.now
+
+    async def tick(when: float) -> int:
+        clock.now = when
+        before = sum(s.encodes for s in sinks)
+        pacer.run_due(early=EARLY)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return sum(s.encodes for s in sinks) - before
+
+    refilled = sum([await tick(t0 + k * 0.02) for k in range(77)])
+    # Buffers reached their low-water mark (25 of 100 frames) at tick 74: three ticks
+    # of refills so far, 34 each, the rest waiting.
+    assert refilled == 3 * 34 and pacer.deferred_wakes > 0
+    # The next tick runs 100 ms late (5 ticks missed): everyone left is woken now.
+    assert await tick(t0 + 82 * 0.02) == n - refilled
+    for k in range(83, 300):
+        await tick(t0 + k * 0.02)
+    await asyncio.wait_for(asyncio.gather(*producers), 1)
+    assert all(m.underruns == 0 and m.paced_frames == 300 for m in metrics)

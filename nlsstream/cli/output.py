@@ -186,8 +186,9 @@ def event_to_json(event: Event) -> dict[str, Any]:
     ``name`` (wire name), ``task_id``, then the event's own fields (``index``, ``time``,
     ``begin_time``, ``text``, ``confidence``, ``words``, ``duration``...; ``None`` when the
     gateway did not send one; a ``Completed`` leaves out what it lacks, as a transcriber's
-    has no text or duration; ``latency_ms`` where the session measured one). ``status`` and ``status_text`` are included for failures,
-    ``payload`` for unknown events. The raw message is not included.
+    has no text or duration; ``latency_ms`` where the session measured one). ``status``
+    and ``status_text`` are included for failures, ``payload`` for unknown events. The raw
+    message is not included.
     """
     out: dict[str, Any] = {
         "type": type(event).__name__,

@@ -29,6 +29,17 @@ Design (sized for thousands of concurrent sessions in one process):
   and frames its audio in batches ahead of time (the sink's ``encode_frames``: for a
   connection, masking in one vectorised pass per batch) and is woken only once the
   buffer is half empty, so it runs about twice per second, not per frame.
+* **Producers are woken a bounded number per tick.** Streams that start together (a
+  thousand ``stream()`` calls in one loop iteration, a reconnect storm) drain their
+  buffers in step: each would reach its low-water mark at the same tick, and all their
+  producers would cut and frame their next batch (a 64 KiB slice of a whole source:
+  2 s of audio) between the same two ticks, every two seconds, delaying the next tick
+  by tens of milliseconds for every stream. So each tick wakes at most
+  ``ceil(open streams / 12)`` producers (at least 8); the others wait, in order, for
+  the next ticks, unless their buffer is down to half its low-water mark, or the tick
+  runs a tick or more late (the loop is overloaded: waiting would risk an underrun),
+  which wake them at once. A herd's wake-ups are thus spread over about 12 ticks, and as
+  every stream refills the same amount of audio each time, they stay spread.
 * Scheduling is drift-free: frame *k* is due at ``t0 + k * frame_bytes /
   bytes_per_second``, so rounding and timer jitter never accumulate. A frame the pacer
   itself could not send on time (its socket was backed up, the loop was too busy to
@@ -88,6 +99,11 @@ DEFAULT_TICK_S = 0.02
 #: Slack, in ticks, when a time is placed on the grid of ticks: float rounding must not
 #: push a time computed to fall on a tick to the next one.
 _GRID_EPS = 1e-6
+#: Producer wake-ups are spread over ticks: at most ``ceil(open streams / this)`` per
+#: tick (and at least :data:`_MIN_WAKES_PER_TICK`), so a herd of streams whose buffers
+#: drain in step is woken over about this many ticks, not between two of them.
+_WAKE_SPREAD_TICKS = 12
+_MIN_WAKES_PER_TICK = 8
 
 
 # --------------------------------------------------------------------------- metrics
@@ -253,6 +269,8 @@ class PacedStream:
         "_start",
         "_t0",
         "_tail",
+        "_urgent",
+        "_wake_queued",
         "_write",
         "held",
         "metrics",
@@ -286,6 +304,9 @@ class PacedStream:
         # Hysteresis: the producer is woken once half the buffer is free, so it runs
         # about twice per second of buffer rather than once per frame.
         self._low_water = self._max_frames // 2
+        # Below this the producer is woken even past the pacer's wake-ups for the tick.
+        self._urgent = self._low_water // 2
+        self._wake_queued = False  # waiting in the pacer's queue of deferred wake-ups
         self._buf: deque[bytes] = deque()  # encoded frames
         self._index = 0  # frames written: frame _index is the next one due
         self._tail = 0  # PCM bytes of the short last frame, once finish() queued it
@@ -511,8 +532,10 @@ class PacedStream:
             self._drained()
 
     def _drained(self) -> None:
-        """The buffer is at or below its low-water mark after a write: wake the producer;
-        if it is empty, wait for more (or end the stream after its last frame)."""
+        """The buffer is at or below its low-water mark after a write: wake the producer
+        (if the pacer's wake-ups for this tick are used up, at a later tick, unless the
+        buffer is nearly empty); if it is empty, wait for more (or end the stream after
+        its last frame)."""
         buf = self._buf
         if not buf:
             self._next_due = float("inf")
@@ -522,6 +545,19 @@ class PacedStream:
                 self._pacer._detach(self)
                 if self._done is not None and not self._done.done():
                     self._done.set_result(None)
+        space = self._space
+        if space is not None and not space.done():
+            pacer = self._pacer
+            if pacer._wakes_left > 0 or len(buf) <= self._urgent:
+                pacer._wakes_left -= 1
+                space.set_result(None)
+            elif not self._wake_queued:
+                self._wake_queued = True
+                pacer._deferred.append(self)
+
+    def _wake(self) -> None:
+        """The pacer's deferred wake-up: wake the producer if it still waits."""
+        self._wake_queued = False
         space = self._space
         if space is not None and not space.done():
             space.set_result(None)
@@ -570,6 +606,12 @@ class Pacer:
         self._ran_until = float("-inf")
         #: Timer wake-ups so far (one per tick, however many sessions it serves).
         self.ticks = 0
+        # Producer wake-ups: how many this tick may still do, and the streams whose
+        # producers wait for a later tick (see PacedStream._drained), in order.
+        self._wakes_left = 0
+        self._deferred: deque[PacedStream] = deque()
+        #: Producer wake-ups deferred to a later tick so far (a herd spread over ticks).
+        self.deferred_wakes = 0
 
     @classmethod
     def for_loop(cls, loop: asyncio.AbstractEventLoop | None = None) -> Pacer:
@@ -654,8 +696,22 @@ class Pacer:
         if now is None:
             now = self.clock()
         horizon = now + early
+        streams = self._streams
+        wakes = max(_MIN_WAKES_PER_TICK, -(-len(streams) // _WAKE_SPREAD_TICKS))
+        deferred = self._deferred
+        if now + early - self._ran_until >= 2 * self.tick - _GRID_EPS:
+            # A tick or more was missed since the last run: the loop is overloaded and
+            # frames go out in catch-up batches, so a producer left waiting could
+            # underrun. Wake every one whose buffer is low, as if there were no bound.
+            wakes = len(streams) + len(deferred)
         self._ran_until = horizon
+        while deferred and wakes > 0:  # those that waited first
+            deferred.popleft()._wake()
+            wakes -= 1
+        self._wakes_left = wakes
+        queued = len(deferred)
         # A copy of the streams: ending ones leave the dict meanwhile.
-        for stream in list(self._streams):
+        for stream in list(streams):
             stream.run_due(now, horizon)
-        return len(self._streams)
+        self.deferred_wakes += len(deferred) - queued
+        return len(streams)
