@@ -54,6 +54,7 @@ from ..errors import (
 from ..proxies import redact_proxy
 from ..realtime.connection import ProxySetting, proxy_for
 from ..redaction import get_logger
+from ..retry import backoff, is_retryable
 from . import wire
 from .wire import (
     FLASH_MAX_BYTES,
@@ -615,7 +616,8 @@ class FileTransTask:
 
     async def wait(self, timeout: float = 3600.0) -> FileResult:
         """Poll until the task is done; the first poll comes ``poll_interval`` after the
-        call, then the interval grows by half each time up to ``max_poll_interval``. A
+        call, then the interval grows by half each time up to ``max_poll_interval``
+        (jittered, never under the service's one query a second; see :mod:`nlsstream.retry`). A
         poll that fails for a transient reason (network, HTTP 5xx, throttling) is logged
         and retried at the next interval; a failed task raises :class:`TaskFailedError`.
         Raises :class:`TimeoutError` after ``timeout`` seconds (the task goes on; wait
@@ -623,6 +625,7 @@ class FileTransTask:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         interval = self.client.poll_interval
+        polls = 0
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -635,14 +638,19 @@ class FileTransTask:
             except asyncio.TimeoutError:
                 break
             except (GatewayConnectionError, PopError) as exc:
-                if not exc.retryable:
+                if not is_retryable(exc):
                     raise
                 # A network blip or throttling must not end a wait of hours: poll again.
                 log.warning("polling FileTrans task %s failed, will retry: %s", self.task_id, exc)
                 result = None
             if result is not None:
                 return result
-            interval = min(interval * 1.5, self.client.max_poll_interval)
+            polls += 1
+            client = self.client
+            interval = max(
+                MIN_POLL_INTERVAL,
+                backoff(polls + 1, client.poll_interval, client.max_poll_interval, factor=1.5),
+            )
         raise TimeoutError(
             f"FileTrans task {self.task_id} did not finish within {timeout} s "
             f"(last status {self.status}); it goes on: wait again or fetch it later"
