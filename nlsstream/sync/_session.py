@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ logger = logging.getLogger("nlsstream.sync")
 
 S = TypeVar("S", bound=_session.Session)
 E = TypeVar("E", bound=Event)
+T = TypeVar("T")
 
 #: The callbacks that receive an event (each queued; see ``event_queue_size``).
 EVENT_CALLBACKS = (
@@ -207,7 +208,7 @@ class BlockingSession(BlockingFacade[S]):
             await self._feed.finish()
             await self.wrapped.stream(source, pace, sample_rate=sample_rate)
 
-        self._run(run, bounded=False)
+        self._run_task(run, bounded=False)
 
     def stop(self, timeout: float | None = None) -> _session.Result:
         """Send the queued audio, then Stop; wait for Completed and return the
@@ -220,13 +221,19 @@ class BlockingSession(BlockingFacade[S]):
             return await self.wrapped.stop(timeout)
 
         try:
-            return self._run(run, bounded=False)
+            return self._run_task(run, bounded=False)
+        finally:
+            self._join_callbacks()
+
+    def _run_task(self, make: Callable[[], Awaitable[T]], bounded: bool) -> T:
+        """Run ``make()`` on the loop; a session aborted because its callbacks fell
+        behind raises that overflow rather than "aborted"."""
+        try:
+            return self._run(make, bounded)
         except InvalidStateError:
             if self._overflow is not None:
                 raise self._overflow from None
             raise
-        finally:
-            self._join_callbacks()
 
     def abort(self) -> None:
         """Close the connection now, without Stop; queued audio is dropped."""
