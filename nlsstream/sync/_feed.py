@@ -34,14 +34,27 @@ from ..audio import FRAME_BYTES
 from ..errors import InvalidStateError, NlsError
 from ..realtime.session import Session
 
-__all__ = ["COLLECT_S", "CUSHION_S", "MAX_QUEUED_BYTES", "QUEUE_TIMEOUT", "AudioFeed", "Collector"]
+__all__ = [
+    "BATCH_S",
+    "COLLECT_S",
+    "CUSHION_S",
+    "LOW_S",
+    "MAX_QUEUED_BYTES",
+    "QUEUE_TIMEOUT",
+    "AudioFeed",
+    "Collector",
+]
 
 logger = logging.getLogger("nlsstream.sync")
 
-#: How often the loop takes the audio the sending threads have queued (s).
+#: How often the loop looks at the audio the sending threads have queued (s).
 COLLECT_S = 0.01
-#: How long audio waits before a stream with nothing buffered starts on it (s).
-CUSHION_S = 0.02
+#: The stream is handed the queued audio once this much has gathered (s of audio)...
+BATCH_S = 0.08
+#: ...or once it has no more than this buffered ahead (it would soon starve)...
+LOW_S = 0.04
+#: ...or once the oldest queued audio has waited this long (a slow trickle; s).
+CUSHION_S = 0.1
 _CUSHION_TICKS = round(CUSHION_S / COLLECT_S)
 #: Audio queued and not yet handed to the stream, beyond which ``send_audio()`` waits.
 MAX_QUEUED_BYTES = 1 << 20
@@ -115,7 +128,11 @@ class AudioFeed:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._first_seen: int | None = None
+        self._go = False  # the collector said: hand the queued audio over
         self._pcm = session.format == "pcm"
+        rate = 2 * session.sample_rate  # PCM16 bytes per second
+        self._batch_bytes = int(BATCH_S * rate)
+        self._low_bytes = max(FRAME_BYTES, int(LOW_S * rate))
         self._sent_base = 0
         self._taken_base = 0
 
@@ -175,8 +192,8 @@ class AudioFeed:
     async def _source(self) -> AsyncIterator[bytes]:
         chunks = self.chunks
         while True:
-            if chunks and (self._buffered() or self._closing or self._first_seen == -1):
-                self._first_seen = None
+            if chunks and (self._go or self._closing):
+                self._go = False
                 parts = []
                 while chunks:
                     parts.append(chunks.popleft())
@@ -188,30 +205,30 @@ class AudioFeed:
             else:
                 await self.collector.wait(self)
 
-    def _buffered(self) -> bool:
-        """Whether the stream has a frame buffered (it runs on its cushion)."""
-        if not self._pcm:
-            return True
-        taken = self.taken_bytes - self._taken_base
-        sent = self.session.metrics.bytes_sent - self._sent_base
-        return taken - sent >= FRAME_BYTES
-
     def ready(self, tick: int) -> bool:
-        """At the collector's ``tick``: whether to wake this feed now."""
+        """At the collector's ``tick``: whether to hand the queued audio over now (see
+        :data:`BATCH_S`, :data:`LOW_S`, :data:`CUSHION_S`). Handing it over in batches
+        rather than per call costs the stream's pipeline (conversion, framing, masking)
+        once per batch, and leaves the stream a cushion of audio against the sending
+        thread's jitter."""
         if self._closing:
             return True
         if not self.chunks:
             self._first_seen = None
             return False
-        if self._buffered():
-            return True
-        if self._first_seen is None:
-            self._first_seen = tick
-            return False
-        if tick - self._first_seen >= _CUSHION_TICKS:
-            self._first_seen = -1  # the cushion is there: take it
-            return True
-        return False
+        go = not self._pcm or self.put_bytes - self.taken_bytes >= self._batch_bytes
+        if not go:
+            taken = self.taken_bytes - self._taken_base
+            buffered = taken - (self.session.metrics.bytes_sent - self._sent_base)
+            go = 0 < buffered <= self._low_bytes
+        if not go:
+            if self._first_seen is None:
+                self._first_seen = tick
+            go = tick - self._first_seen >= _CUSHION_TICKS
+        if go:
+            self._first_seen = None
+            self._go = True
+        return go
 
     async def finish(self) -> None:
         """Send everything queued (at real time), then end the feed; the next
