@@ -5,19 +5,23 @@ the calling thread.
 append is atomic under the GIL, so there is no lock) and returns; there is no
 cross-thread wake-up per call. On the loop thread, the feed is a live source for the
 session's own ``stream(pace=1.0)``: one :class:`Collector` timer per loop looks at every
-waiting feed each :data:`COLLECT_S` and hands what has arrived to its stream, whose
-frames the loop's shared pacer writes at real time (pre-framed, one write per session
-per tick).
+waiting feed each :data:`COLLECT_S` and hands the queued audio to its stream in batches
+(:meth:`AudioFeed.ready`), whose frames the loop's shared pacer writes at real time
+(pre-framed, one write per session per tick).
 
-**A cushion against the sending thread's jitter.** A thread that sends at real time is
-woken a little late now and then; if its chunk reaches the pacer after the tick it was
-due on, the stream's schedule restarts a tick later (an underrun) and every later frame
-arrives that much later. So when the stream has nothing buffered (at the start, after a
-pause), the feed holds new audio for :data:`CUSHION_S` before handing it over: the
-stream then runs that far behind the sender, and a sender late by less than that never
-makes a frame late at the gateway. Audio sent faster than real time is streamed at real
-time; what waits meanwhile is bounded by :data:`MAX_QUEUED_BYTES` (``send_audio()`` then
-waits, at most :data:`QUEUE_TIMEOUT` s).
+**Batches, and a cushion against the sending thread's jitter.** The stream's pipeline
+(conversion, framing, masking, a task step) costs about the same for one frame as for
+four, so the feed hands audio over once :data:`BATCH_S` of it has gathered, or sooner
+when the stream has :data:`LOW_S` or less left to send (or the oldest audio has waited
+:data:`CUSHION_S`: a slow trickle). The first batch is also a cushion: the stream runs
+that far behind the sender. A sending thread is woken a little late now and then; if a
+frame reached the pacer after the tick it was due on, the stream's schedule would restart
+a tick later (an underrun) and every later frame would arrive that much later. With the
+cushion, a sender (or the loop) late by less than about 60 ms never makes a frame late
+at the gateway; the price is about 80-100 ms between ``send_audio()`` and the gateway.
+Audio sent faster than real time is streamed at real time; what waits meanwhile is
+bounded by :data:`MAX_QUEUED_BYTES` (``send_audio()`` then waits, at most
+:data:`QUEUE_TIMEOUT` s).
 """
 
 from __future__ import annotations
