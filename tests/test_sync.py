@@ -401,3 +401,30 @@ def test_ctrl_c_during_stream_cancels_it_and_aborts_the_session(nls_gateway: Gat
     assert closed.wait(10)
     assert t.state is State.FAILED
     assert t.metrics.bytes_sent < len(pcm)
+
+
+def test_send_audio_does_not_wake_the_loop_per_call(
+    nls_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """send_audio() is a deque append: 100 calls cost the loop thread no wake-up each
+    (the loop collects the queue on its own timer); the audio arrives whole and in order."""
+    pcm, _ = read_pcm("hello.wav")
+    loop = loop_thread().loop
+    wakeups: list[object] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kw: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            wakeups.append(callback)
+        return original(callback, *args, **kw)
+
+    with nlsstream.sync.Transcriber(**kwargs(nls_gateway)) as t:
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+        chunks = [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+        for chunk in chunks:
+            t.send_audio(chunk)
+        monkeypatch.undo()
+        result = t.stop()
+    assert len(chunks) > 50 and len(wakeups) <= 2, wakeups
+    assert result.duration == len(pcm) // 32
+    assert nls_gateway.sessions[-1].audio_bytes == len(pcm)
