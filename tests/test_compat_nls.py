@@ -7,8 +7,10 @@ The programs below are written as official-SDK user code: they only receive the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -260,7 +262,7 @@ def test_403_reaches_on_error_where_the_official_sdk_swallows_it(nls_gateway: Ga
     assert header["status"] == 40000001 and "wrong" not in json.dumps(header)
 
 
-def test_compat_returns_true_runs_on_the_shared_loop_and_accepts_old_spellings(
+def test_compat_returns_true_runs_callbacks_off_the_loop_and_accepts_old_spellings(
     nls_gateway: Gateway,
 ) -> None:
     pcm, _ = read_pcm("three_sentences.wav")
@@ -278,7 +280,8 @@ def test_compat_returns_true_runs_on_the_shared_loop_and_accepts_old_spellings(
     assert tr.ctrl(ex={"max_sentence_silence": 700}) is True  # the older ctrl(ex=...) API
     assert tr.stop() is True
     assert done.is_set()  # stop() returns after on_close
-    assert threads == {loop_thread().thread}
+    # The session's callbacks ran in order on a callback worker, never on the loop thread.
+    assert threads and loop_thread().thread not in threads
     record = nls_gateway.sessions[-1]
     assert record.params["enable_punctuation_prediction"] is True
     assert tr.send_audio(pcm[:640]) is False  # after the end: refused, not sent
@@ -298,7 +301,7 @@ def test_compat_ctrl_and_shutdown_from_a_callback(
     def on_sentence_end(message: str, *args: Any) -> None:
         ends.append(message)
         if len(ends) == 1:
-            assert holder[0].ctrl(max_sentence_silence=700) is True  # queued, not waited for
+            assert holder[0].ctrl(max_sentence_silence=700) is True  # a blocking call: allowed
             raise RuntimeError("a failing user callback")  # logged; the session goes on
         holder[0].shutdown()
 
@@ -349,3 +352,84 @@ def test_get_token_from_an_access_key(service: FakeTokenService) -> None:
     assert "wrong-secret" not in str(failed.value)
     with pytest.raises(compat_nls.exception.GetTokenFailed):
         compat_nls.token.getToken(None, None)
+
+
+def test_one_blocking_callback_delays_only_its_own_session(nls_gateway: Gateway) -> None:
+    """Official-SDK-style code: one session's on_sentence_end blocks (a slow database
+    write); ten other sessions, each in its own thread, start, stream and complete
+    meanwhile, as with the official SDK (each session has its own callback thread)."""
+    long_pcm, _ = read_pcm("three_sentences.wav")
+    pcm, _ = read_pcm("hello.wav")
+    entered, release = threading.Event(), threading.Event()
+    blocked = Calls()
+
+    def slow_sentence_end(message: str, *args: Any) -> None:
+        blocked.cb("on_sentence_end")(message)
+        entered.set()
+        release.wait(120)  # blocks until every other session is done
+
+    def blocker() -> None:
+        tr = compat_nls.NlsSpeechTranscriber(
+            url=nls_gateway.url,
+            token=nls_gateway.token,
+            appkey=nls_gateway.appkey,
+            on_sentence_end=slow_sentence_end,
+            on_error=blocked.cb("on_error"),
+            on_close=blocked.on_close,
+        )
+        tr.start()
+        for i in range(0, len(long_pcm), 640):
+            tr.send_audio(long_pcm[i : i + 640])
+        # Its own callbacks may outlast stop(): only this session waits.
+        with contextlib.suppress(compat_nls.StopTimeoutException):
+            tr.stop()
+
+    first = threading.Thread(target=blocker, daemon=True)
+    first.start()
+    try:
+        assert entered.wait(60), "the blocking session never reached on_sentence_end"
+        with ThreadPoolExecutor(10) as pool:
+            others = list(pool.map(lambda _: transcribe(compat_nls, nls_gateway, pcm), range(10)))
+        assert not release.is_set()  # all of that happened while the callback blocked
+    finally:
+        release.set()
+    for calls in others:
+        assert calls.names()[-2:] == ["on_completed", "on_close"], calls.names()
+        assert calls.payloads("on_sentence_end")[0]["result"].startswith("speech ")
+    first.join(60)
+    assert blocked.closed.wait(WAIT)
+    # The blocked session lost nothing: its later events waited for its callback.
+    assert len(blocked.payloads("on_sentence_end")) == 3
+    assert blocked.payloads("on_error") == []
+
+
+def test_stop_and_send_audio_from_a_callback(nls_gateway: Gateway) -> None:
+    """As with the official SDK's callback thread, a callback may call the blocking
+    methods: here on_start sends the audio and the first on_sentence_end stops."""
+    pcm, _ = read_pcm("three_sentences.wav")
+    calls = Calls()
+    holder: list[Any] = []
+    stopped: list[bool] = []
+
+    def on_start(message: str, *args: Any) -> None:
+        assert holder[0].send_audio(pcm) is True
+
+    def on_sentence_end(message: str, *args: Any) -> None:
+        calls.cb("on_sentence_end")(message)
+        if not stopped:
+            stopped.append(holder[0].stop())  # does not wait for the callbacks behind it
+
+    tr = compat_nls.NlsSpeechTranscriber(
+        url=nls_gateway.url,
+        token=nls_gateway.token,
+        appkey=nls_gateway.appkey,
+        on_start=on_start,
+        on_sentence_end=on_sentence_end,
+        on_completed=calls.cb("on_completed"),
+        on_close=calls.on_close,
+    )
+    holder.append(tr)
+    assert tr.start() is True
+    assert calls.closed.wait(WAIT)
+    assert stopped == [True]
+    assert calls.names()[-2:] == ["on_completed", "on_close"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import signal
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import nlsstream.sync
 from nlsstream import (
     AuthenticationError,
     CallbackError,
+    EventOverflowError,
     InvalidStateError,
     NlsError,
     SentenceEnd,
@@ -135,10 +137,13 @@ def test_many_sessions_share_one_loop_thread(nls_gateway: Gateway) -> None:
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(one, range(24)))
     assert all(text.startswith("speech ") for text in texts)
-    assert threads == {loop_thread().thread}
+    # Callbacks ran on the shared callback workers, never on the loop thread.
+    assert loop_thread().thread not in threads
+    assert all(t.name.startswith("nlsstream-callbacks-") for t in threads)
     assert loop_thread().thread.name == "nlsstream-loop"
-    # Besides the test's own threads: the one loop thread and, at most, the loop's
-    # bounded default executor (name resolution); nothing per session.
+    # Besides the test's own threads: the one loop thread, the loop's bounded default
+    # executor (name resolution) and callback workers while callbacks run; nothing per
+    # session.
     names = [t.name for t in threading.enumerate()]
     assert names.count("nlsstream-loop") == 1, names
     assert len(names) < 24, names
@@ -152,21 +157,113 @@ def test_blocking_call_inside_a_running_loop_raises() -> None:
         asyncio.run(inside())
 
 
-def test_blocking_call_from_a_callback_is_reported(nls_gateway: Gateway) -> None:
+def test_blocking_calls_from_a_callback_work(nls_gateway: Gateway) -> None:
+    """Callbacks run on a worker thread, not on the loop: they may call the blocking
+    API (here ctrl() after the first sentence), and a failing one reaches on_error."""
     errors: list[NlsError] = []
     pcm, _ = read_pcm("three_sentences.wav")
     holder: list[nlsstream.sync.Transcriber] = []
+    threads: set[threading.Thread] = set()
+    controlled = threading.Event()
+
+    def on_sentence_end(s: SentenceEnd) -> None:
+        threads.add(threading.current_thread())
+        if len(threads) == 1 and not errors:
+            holder[0].ctrl(max_sentence_silence=500)  # a blocking call: allowed here
+            controlled.set()
+            raise KeyError("a failing callback")
+
     with nlsstream.sync.Transcriber(
-        **kwargs(nls_gateway),
-        on_sentence_end=lambda s: holder[0].ctrl(max_sentence_silence=500),
-        on_error=errors.append,
+        **kwargs(nls_gateway), on_sentence_end=on_sentence_end, on_error=errors.append
     ) as t:
         holder.append(t)
         t.stream(pcm, pace=None)
+        assert controlled.wait(30)  # before Stop: ctrl() is refused once the task stops
         result = t.stop()
     assert len(result.sentences) == 3  # the session went on
-    assert errors and all(isinstance(e, CallbackError) for e in errors)
-    assert "must not block" in str(errors[0].__cause__)
+    assert threads and loop_thread().thread not in threads
+    assert [type(e) for e in errors] == [CallbackError]
+    assert isinstance(errors[0].__cause__, KeyError)
+
+
+def test_coroutine_callbacks_are_refused(nls_gateway: Gateway) -> None:
+    async def on_start(e: object) -> None: ...
+
+    with pytest.raises(TypeError, match="plain functions"):
+        nlsstream.sync.Transcriber(**kwargs(nls_gateway), on_start=on_start)
+
+
+def test_one_blocking_callback_delays_only_its_own_session(nls_gateway: Gateway) -> None:
+    """One session's on_sentence_end blocks; ten other sessions, each sending with
+    send_audio() from its own thread, complete meanwhile."""
+    long_pcm, _ = read_pcm("three_sentences.wav")
+    pcm, _ = read_pcm("hello.wav")
+    entered, release = threading.Event(), threading.Event()
+    blocked_ends: list[SentenceEnd] = []
+
+    def slow(s: SentenceEnd) -> None:
+        blocked_ends.append(s)
+        entered.set()
+        release.wait(120)
+
+    def blocker() -> nlsstream.Result:
+        with nlsstream.sync.Transcriber(
+            **kwargs(nls_gateway, stop_timeout=120), on_sentence_end=slow
+        ) as t:
+            for i in range(0, len(long_pcm), 640):
+                t.send_audio(long_pcm[i : i + 640])
+            return t.stop()
+
+    def other(_: int) -> nlsstream.Result:
+        with nlsstream.sync.Transcriber(**kwargs(nls_gateway)) as t:
+            for i in range(0, len(pcm), 640):
+                t.send_audio(pcm[i : i + 640])
+            return t.stop()
+
+    with ThreadPoolExecutor(1) as one:
+        blocking = one.submit(blocker)
+        try:
+            assert entered.wait(60), "the blocking session never reached on_sentence_end"
+            with ThreadPoolExecutor(10) as pool:
+                results = list(pool.map(other, range(10)))
+            assert not release.is_set()  # all of that while the callback blocked
+        finally:
+            release.set()
+        assert all(r.text.startswith("speech ") for r in results)
+        assert len(blocking.result(60).sentences) == 3
+    assert len(blocked_ends) == 3  # its events waited for its callback: none lost
+
+
+def test_callbacks_that_fall_too_far_behind_fail_the_session(nls_gateway: Gateway) -> None:
+    """The per-session callback queue is bounded (event_queue_size): beyond it the
+    session is aborted with EventOverflowError, which on_error hears after the queued
+    callbacks, and stop() raises."""
+    pcm, _ = read_pcm("three_sentences.wav")
+    errors: list[NlsError] = []
+    holder: list[nlsstream.sync.Transcriber] = []
+    overflowed = threading.Event()
+
+    def blocked(e: object) -> None:  # blocks until the session has overflowed
+        while holder[0].error is None and not overflowed.wait(0.01):
+            pass
+        overflowed.set()
+
+    with (
+        pytest.raises(EventOverflowError, match="callbacks fell behind"),
+        nlsstream.sync.Transcriber(
+            **kwargs(nls_gateway, reconnect=False),
+            event_queue_size=2,
+            enable_intermediate_result=True,
+            on_result_changed=blocked,
+            on_error=errors.append,
+        ) as t,
+    ):
+        holder.append(t)
+        t.stream(pcm, pace=None)
+        t.stop()
+    assert overflowed.is_set()
+    assert [type(e) for e in errors] == [EventOverflowError]
+    assert t.state is State.FAILED
 
 
 # --------------------------------------------------------------- the generic bridge
@@ -286,15 +383,48 @@ def test_a_returned_async_object_gets_its_blocking_face() -> None:
 def test_ctrl_c_during_stream_cancels_it_and_aborts_the_session(nls_gateway: Gateway) -> None:
     pcm, _ = read_pcm("three_sentences.wav")
     closed = threading.Event()
-    with (
-        pytest.raises(KeyboardInterrupt),
-        nlsstream.sync.Transcriber(
-            **kwargs(nls_gateway),
-            on_sentence_begin=lambda e: _thread.interrupt_main(),  # as if Ctrl-C
-            on_close=closed.set,
-        ) as t,
-    ):
-        t.stream(pcm, pace=1.0)  # ~11 s at real time: interrupted in the first sentence
+    # Python's own SIGINT handler, whatever an earlier test left installed (an event
+    # loop's signal handler would swallow the interrupt: the flake of issue 17).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with (
+            pytest.raises(KeyboardInterrupt),
+            nlsstream.sync.Transcriber(
+                **kwargs(nls_gateway),
+                on_sentence_begin=lambda e: _thread.interrupt_main(),  # as if Ctrl-C
+                on_close=closed.set,
+            ) as t,
+        ):
+            t.stream(pcm, pace=1.0)  # ~9 s at real time: interrupted in the first sentence
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert closed.wait(10)
     assert t.state is State.FAILED
     assert t.metrics.bytes_sent < len(pcm)
+
+
+def test_send_audio_does_not_wake_the_loop_per_call(
+    nls_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """send_audio() is a deque append: 100 calls cost the loop thread no wake-up each
+    (the loop collects the queue on its own timer); the audio arrives whole and in order."""
+    pcm, _ = read_pcm("hello.wav")
+    loop = loop_thread().loop
+    wakeups: list[object] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kw: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            wakeups.append(callback)
+        return original(callback, *args, **kw)
+
+    with nlsstream.sync.Transcriber(**kwargs(nls_gateway)) as t:
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+        chunks = [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+        for chunk in chunks:
+            t.send_audio(chunk)
+        monkeypatch.undo()
+        result = t.stop()
+    assert len(chunks) > 50 and len(wakeups) <= 2, wakeups
+    assert result.duration == len(pcm) // 32
+    assert nls_gateway.sessions[-1].audio_bytes == len(pcm)

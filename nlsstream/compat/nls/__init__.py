@@ -8,59 +8,49 @@ server's JSON text plus ``*callback_args`` in the same order (``on_completed`` /
 (:mod:`~nlsstream.compat.nls.exception`); :func:`enableTrace` and
 :func:`nls.token.getToken <nlsstream.compat.nls.token.getToken>` are there too.
 
-Underneath, every session is an nlsstream session on the process's one event-loop
-thread (:func:`nlsstream.sync.loop_thread`): no thread per session (the official SDK
-runs two or three). So **callbacks run on that shared thread** and must return
-quickly; a callback that blocks delays every session of the process. From a callback,
-``ctrl()`` and ``shutdown()`` may be called (they are queued); ``start()``, ``stop()``
-and ``send_audio()`` raise ``RuntimeError`` there.
+Underneath, each object is a thin adapter over one blocking
+:class:`nlsstream.sync.Transcriber` / :class:`~nlsstream.sync.Recognizer` per task (names,
+arguments, JSON strings and return values), on the process's one event-loop thread: no
+SDK thread per session (the official SDK runs two or three). As there, **each session's
+callbacks run on a thread of their own** (a worker of a shared, bounded pool, while they
+run), in order: a callback may block and delays only its own session's later callbacks;
+``start()``, ``stop()``, ``send_audio()``, ``ctrl()`` and ``shutdown()`` may be called
+from a callback.
 
 Deliberate differences (README, "The drop-in `nls` module"): failures the official SDK
 swallows (HTTP 403, a refused or lost connection, a gateway that stops answering pings)
 reach ``on_error`` as a TaskFailed-shaped JSON message; ``start()``, ``stop()``,
 ``send_audio()`` and ``ctrl()`` return ``True`` on success and ``False`` where the
 official SDK silently returns ``None``; ``send_audio()`` queues the audio and returns
-(it is written on the loop thread, in order, before a later ``ctrl()`` or ``stop()``,
-within about :data:`nlsstream.sync.POST_WINDOW`);
-sample rates other than 8000/16000 and odd-length PCM are refused at once.
+(the loop streams it at real time, about 80-100 ms behind the caller, in order, before a
+later ``ctrl()`` or ``stop()``); sample rates other than 8000/16000 and odd-length PCM
+are refused at once.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import inspect
 import logging
-import threading
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+from ... import sync
 from ..._version import __version__ as _nlsstream_version
 from ...auth import AccessKeyTokenProvider, TokenSource
 from ...config import DEFAULT_URL
 from ...errors import (
+    AudioFormatError,
     AuthenticationError,
     CallbackError,
-    InvalidStateError,
     NlsError,
     StartTimeoutError,
     StopTimeoutError,
     TaskFailedError,
 )
-from ...realtime.protocol import (
-    Completed,
-    Event,
-    ResultChanged,
-    SentenceBegin,
-    SentenceEnd,
-    Started,
-    State,
-    build_task_failed,
-    encode,
-)
-from ...realtime.session import Recognizer, Session, Transcriber
+from ...realtime.protocol import Event, State, build_task_failed, encode
+from ...realtime.session import Session, Transcriber
 from ...redaction import get_logger
-from ...sync import CALL_MARGIN, LoopThread, loop_thread
 from . import exception, token
 from .exception import (
     CompleteTimeoutException,
@@ -97,10 +87,6 @@ logger = get_logger("nlsstream.compat.nls")
 
 #: Formats the official SDK accepts in ``start(aformat=...)``.
 FORMATS = ("pcm", "opus", "opu", "wav", "amr", "speex", "mp3", "aac")
-#: Audio queued by ``send_audio()`` beyond which it waits for the connection.
-MAX_QUEUED_BYTES = 1 << 20
-#: How long ``send_audio()`` waits for room in the queue before giving up.
-QUEUE_TIMEOUT = 60.0
 #: The official SDK waits for the WebSocket pong without limit (``ping_timeout=None``);
 #: a gateway that stops answering is given this long instead.
 DEFAULT_PING_TIMEOUT = 20.0
@@ -145,188 +131,14 @@ def _error_message(error: NlsError, task_id: str) -> str:
     return encode(build_task_failed(task_id, status, text))
 
 
-class _Task:
-    """One start()..stop() of a compat object: the nlsstream session, its audio queue,
-    and what has been reported to the user's callbacks."""
-
-    def __init__(self, owner: _NlsSession, session: Session, runner: LoopThread) -> None:
-        self.owner = owner
-        self.session = session
-        self.runner = runner
-        self.closed = False  # on_close was called
-        self.reported: NlsError | None = None  # the last error given to on_error
-        # The audio queue: filled by send_audio() on any thread, sent by one sender
-        # task on the loop, woken (through LoopThread.post) when audio arrives.
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._chunks: deque[bytes] = deque()
-        self._queued = 0
-        self._busy = False  # the sender has audio to send or a wake-up is on its way
-        self._wakeup: asyncio.Future[None] | None = None
-        self._flushed: asyncio.Future[None] | None = None
-        self._sender: asyncio.Task[None] | None = None
-        self.failed: NlsError | None = None  # audio can no longer be sent
-
-    # ------------------------------------------------------------ callbacks (loop)
-
-    def on_error(self, error: NlsError) -> None:
-        if isinstance(error, CallbackError):
-            # The official SDK logs and swallows a failing callback; so do we.
-            logger.error("task %s: %s", self.session.task_id, error, exc_info=error.__cause__)
-            return
-        if isinstance(error, (StartTimeoutError, StopTimeoutError)):
-            return  # raised by start() / stop(), as the official SDK does
-        self.report(error)
-
-    def report(self, error: NlsError) -> None:
-        if self.reported is error:
-            return
-        self.reported = error
-        self.owner._call("on_error", _error_message(error, self.session.task_id))
-
-    def on_close(self) -> None:
-        """The session is over (called once the connection closed)."""
-        self.refuse_audio(InvalidStateError(f"task {self.session.task_id} is over"))
-        if self._sender is not None:
-            self._sender.cancel()
-        if not self.closed:
-            self.closed = True
-            self.owner._call("on_close")
-
-    # ------------------------------------------------------------ audio queue
-
-    def put(self, data: bytes) -> bool:
-        """Queue ``data`` for the session (from any thread but the loop's); False if the
-        task can no longer take audio. Waits (bounded) while too much is queued."""
-        with self._lock:
-            if self._queued >= MAX_QUEUED_BYTES and not self._room.wait_for(
-                lambda: self.failed is not None or self._queued < MAX_QUEUED_BYTES,
-                QUEUE_TIMEOUT,
-            ):
-                raise ConnectionTimeout(
-                    f"the connection took no audio for {QUEUE_TIMEOUT:g} s "
-                    f"({self._queued} bytes queued)"
-                )
-            if self.failed is not None:
-                return False
-            self._chunks.append(data)
-            self._queued += len(data)
-            if self._busy:
-                return True
-            self._busy = True
-        self.runner.post(self._wake)
-        return True
-
-    def _wake(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
-
-    async def _send(self) -> None:
-        """The sender: writes the queued audio in order, sleeps while there is none."""
-        session = self.session
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._lock:
-                chunk = self._chunks.popleft() if self._chunks else None
-                if chunk is None:
-                    self._busy = False
-                else:
-                    self._queued -= len(chunk)
-                    if self._queued < MAX_QUEUED_BYTES <= self._queued + len(chunk):
-                        self._room.notify_all()
-            if chunk is None:
-                self._flush_done()
-                self._wakeup = loop.create_future()
-                await self._wakeup
-                continue
-            try:
-                await session.send_audio(chunk)
-            except NlsError as exc:  # the task ended: on_error has heard why, if it failed
-                self.refuse_audio(exc)
-                return
-
-    def _flush_done(self) -> None:
-        flushed, self._flushed = self._flushed, None
-        if flushed is not None and not flushed.done():
-            flushed.set_result(None)
-
-    def refuse_audio(self, error: NlsError) -> None:
-        """No more audio: drop what is queued (saying so) and wake whoever waits."""
-        with self._lock:
-            if self.failed is None:
-                self.failed = error
-                if self._queued:
-                    logger.warning(
-                        "task %s: audio is no longer accepted (%s); %d queued bytes dropped",
-                        self.session.task_id,
-                        error,
-                        self._queued,
-                    )
-            self._chunks.clear()
-            self._queued = 0
-            self._busy = False
-            self._room.notify_all()
-        self._flush_done()
-
-    async def flush(self) -> None:
-        """Wait until the audio queued so far is written (or refused)."""
-        with self._lock:
-            if not self._busy:
-                return
-        if self._flushed is None:
-            self._flushed = asyncio.get_running_loop().create_future()
-        await self._flushed
-
-    # ------------------------------------------------------------ lifecycle (loop)
-
-    async def start(self) -> bool:
-        session = self.session
-        try:
-            await session.start()
-        except StartTimeoutError:
-            await session.abort()
-            raise
-        except NlsError as exc:
-            self.report(exc)  # unless the router already did (TaskFailed)
-            await session.abort()
-            self.on_close()  # the official SDK's on_close follows even a refused handshake
-            return False
-        self._sender = asyncio.get_running_loop().create_task(self._send())
-        return True
-
-    async def stop(self, timeout: float) -> bool:
-        session = self.session
-        await self.flush()
-        try:
-            await session.stop(timeout)
-        except StopTimeoutError:
-            await session.abort()
-            raise
-        except NlsError:
-            ok = False  # on_error has had it
-        else:
-            ok = True
-        await session.__aexit__(None, None, None)  # the closing handshake, then on_close
-        return ok
-
-    async def ctrl(self, params: dict[str, Any]) -> None:
-        await self.flush()
-        session = self.session
-        assert isinstance(session, Transcriber)
-        await session.ctrl(**params)
-
-
 class _NlsSession:
-    """What :class:`NlsSpeechTranscriber` and :class:`NlsSpeechRecognizer` share."""
+    """What :class:`NlsSpeechTranscriber` and :class:`NlsSpeechRecognizer` share: the
+    official names, arguments, JSON strings and return values over one blocking
+    :class:`nlsstream.sync.Transcriber` / :class:`~nlsstream.sync.Recognizer` per task."""
 
-    _session_class: ClassVar[type[Session]]
-    #: The nlsstream event each of the official SDK's callbacks receives.
-    _events: ClassVar[dict[str, type[Event]]] = {
-        "on_start": Started,
-        "on_result_changed": ResultChanged,
-        "on_completed": Completed,
-    }
+    _session_class: ClassVar[type[sync.BlockingSession[Any]]]
+    #: The official callbacks that receive an event, by nlsstream's keyword.
+    _events: ClassVar[tuple[str, ...]] = ("on_start", "on_result_changed", "on_completed")
 
     def __init__(
         self,
@@ -359,9 +171,12 @@ class _NlsSession:
             "on_close": on_close,
         }
         self._callback_args = tuple(callback_args)
-        self._task: _Task | None = None
+        self._session: sync.BlockingSession[Any] | None = None
+        self._reported: NlsError | None = None  # the last error given to on_error
+        self._closed = False  # on_close was called for the current task
 
     # ------------------------------------------------------------ the user's callbacks
+    # They run on the session's callback worker (nlsstream.sync), in order.
 
     def _call(self, name: str, *message: str) -> None:
         """Call the user's ``name`` callback with ``message`` (none for ``on_close``)
@@ -384,6 +199,23 @@ class _NlsSession:
 
         return forward
 
+    def _on_error(self, error: NlsError) -> None:
+        if isinstance(error, (StartTimeoutError, StopTimeoutError, CallbackError)):
+            return  # raised by start() / stop(), as the official SDK does; _call logs
+        self._report(error)
+
+    def _report(self, error: NlsError) -> None:
+        if self._reported is error:
+            return
+        self._reported = error
+        task_id = self._session.task_id if self._session is not None else ""
+        self._call("on_error", _error_message(error, task_id))
+
+    def _on_close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._call("on_close")
+
     # ------------------------------------------------------------ the official API
 
     def start(
@@ -401,7 +233,7 @@ class _NlsSession:
         *,
         enable_punctutation_prediction: bool | None = None,
     ) -> bool:
-        """Connect, send Start and wait for Started; True once started.
+        """Connect, send Start and wait for Started (and ``on_start``); True once started.
 
         A refused connection or a TaskFailed goes to ``on_error`` (then ``on_close``)
         and returns False; raises :class:`StartTimeoutException` after ``timeout`` s
@@ -415,8 +247,8 @@ class _NlsSession:
             self._bad_parameter(f"format {aformat} not support")
         if enable_punctutation_prediction is not None:
             enable_punctuation_prediction = enable_punctutation_prediction
-        current = self._task
-        if current is not None and current.session.state is State.STARTED:
+        current = self._session
+        if current is not None and current.state is State.STARTED:
             logger.debug("already started")
             return True
         payload: dict[str, Any] = {
@@ -430,10 +262,9 @@ class _NlsSession:
         clash = sorted(set(payload) - set(_START_PARAMS) & _SESSION_OPTIONS)
         if clash:
             raise InvalidParameter(f"ex may hold Start parameters only, not {clash}")
-        runner = loop_thread()
         handlers: dict[str, Any] = {name: self._forward(name) for name in self._events}
-        task_holder: list[_Task] = []
-        session = self._session_class(
+        self._reported, self._closed = None, False
+        session = self._session = self._session_class(
             self._appkey,
             self._token,
             url=self._url,
@@ -444,79 +275,75 @@ class _NlsSession:
             # The official SDK never resumes a task, and the callbacks get the raw JSON
             # of the gateway, which a resumed task would number and time afresh.
             reconnect=False,
-            on_error=lambda error: task_holder[0].on_error(error),
-            on_close=lambda: task_holder[0].on_close(),
+            # Nor does it send silence for a quiet sender: the gateway's idle timeout holds.
+            keepalive=False,
+            on_error=self._on_error,
+            on_close=self._on_close,
             **handlers,
             **payload,
         )
-        task = _Task(self, session, runner)
-        task_holder.append(task)
-        self._task = task
         try:
-            return runner.run(task.start, 2 * timeout + CALL_MARGIN)
+            session.start()
         except StartTimeoutError:
             raise StartTimeoutException(f"Waiting Start over {timeout}s") from None
+        except NlsError as exc:
+            # start() has waited for the callbacks: on_error (TaskFailed) has run, if
+            # it was going to. The official SDK's on_close follows even a refused handshake.
+            self._report(exc)
+            self._on_close()
+            return False
+        return True
 
     def send_audio(self, pcm_data: bytes | bytearray | memoryview) -> bool:
-        """Queue audio for the task (written on the loop thread, in order); False if
-        the task is not started or has ended (the official SDK drops it silently)."""
-        task = self._task
-        if task is None or task.session.state is not State.STARTED:
+        """Queue audio for the task and return (:meth:`nlsstream.sync.Transcriber.send_audio`:
+        no lock, no wake-up of the loop per call); False if the task is not started or
+        has ended (the official SDK drops it silently)."""
+        session = self._session
+        if session is None:
             self._not_started()
             return False
-        if not pcm_data:
-            return True
-        if task.session.format == "pcm" and len(pcm_data) % 2:
-            raise InvalidParameter(f"PCM16 audio must be an even number of bytes: {len(pcm_data)}")
-        if threading.current_thread() is task.runner.thread:
-            task.runner.check_caller()  # raises: a full queue would deadlock the loop
-        if task.put(bytes(pcm_data)):
-            return True
-        self._not_started()
-        return False
+        try:
+            session.send_audio(pcm_data)
+        except AudioFormatError as exc:
+            raise InvalidParameter(str(exc)) from None
+        except NlsError:
+            self._not_started()
+            return False
+        except TimeoutError as exc:
+            raise ConnectionTimeout(str(exc)) from None
+        return True
 
     def stop(self, timeout: float = 10) -> bool:
-        """Send the queued audio, then Stop, and wait for Completed (and the close);
-        True if the task completed. Raises :class:`StopTimeoutException` after
-        ``timeout`` s without Completed; False if the task was not started or failed
-        (``on_error`` has been told)."""
-        task = self._task
-        if task is None or task.session.state is not State.STARTED:
+        """Send the queued audio, then Stop, and wait for Completed and the callbacks up
+        to ``on_close``; True if the task completed. Raises
+        :class:`StopTimeoutException` after ``timeout`` s without Completed; False if
+        the task was not started or failed (``on_error`` has been told)."""
+        session = self._session
+        if session is None or session.state is not State.STARTED:
             logger.debug("not started")
-            return task is not None and task.session.result is not None
-        bound = timeout + 2 * task.session.stop_timeout + CALL_MARGIN
+            return session is not None and session.result is not None
         try:
-            return task.runner.run(lambda: task.stop(timeout), bound)
-        except StopTimeoutError:
+            session.stop(timeout)
+            ok = True
+        except (StopTimeoutError, TimeoutError):
             raise StopTimeoutException(f"Waiting stop over {timeout}s") from None
+        except NlsError:
+            ok = False  # on_error has had it
+        with contextlib.suppress(NlsError, TimeoutError):
+            session.close()  # the closing handshake, then on_close
+        return ok
 
     def shutdown(self) -> None:
         """Close the connection now (no Stop); ``on_close`` follows. Repeated calls, or
         a call before ``start()``, do nothing."""
-        task = self._task
-        if task is not None:
-            self._on_loop(task, task.session.abort)
-
-    def _on_loop(self, task: _Task, make: Callable[[], Awaitable[None]]) -> None:
-        """Run ``make()`` on the loop: waited for from another thread, queued (and its
-        failure logged) when called from a callback, on the loop thread itself."""
-        runner = task.runner
-        if threading.current_thread() is runner.thread:
-            future = asyncio.ensure_future(make())
-            future.add_done_callback(_log_failure)
-        else:
-            runner.run(make, task.session.stop_timeout + CALL_MARGIN)
+        if self._session is not None:
+            self._session.abort()
 
     def _bad_parameter(self, message: str) -> None:
         raise ValueError(message)
 
     def _not_started(self) -> None:
         logger.debug("send_audio before start or after the end: nothing sent")
-
-
-def _log_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.error("queued call failed", exc_info=future.exception())
 
 
 class NlsSpeechTranscriber(_NlsSession):
@@ -529,12 +356,8 @@ class NlsSpeechTranscriber(_NlsSession):
     event-loop thread and must not block.
     """
 
-    _session_class = Transcriber
-    _events: ClassVar[dict[str, type[Event]]] = {
-        **_NlsSession._events,
-        "on_sentence_begin": SentenceBegin,
-        "on_sentence_end": SentenceEnd,
-    }
+    _session_class = sync.Transcriber
+    _events = (*_NlsSession._events, "on_sentence_begin", "on_sentence_end")
 
     def __init__(
         self,
@@ -577,11 +400,15 @@ class NlsSpeechTranscriber(_NlsSession):
             raise InvalidParameter("Empty kwargs not allowed!")
         if set(kwargs) == {"ex"} and isinstance(kwargs["ex"], dict):
             kwargs = dict(kwargs["ex"])
-        task = self._task
-        if task is None or task.session.state is not State.STARTED:
+        session = self._session
+        if session is None or session.state is not State.STARTED:
             logger.debug("not started")
             return False
-        self._on_loop(task, lambda: task.ctrl(kwargs))
+        assert isinstance(session, sync.Transcriber)
+        try:
+            session.ctrl(**kwargs)  # after the audio queued so far
+        except NlsError:
+            return False
         return True
 
 
@@ -595,7 +422,7 @@ class NlsSpeechRecognizer(_NlsSession):
     empty data, as the official SDK does.
     """
 
-    _session_class = Recognizer
+    _session_class = sync.Recognizer
 
     def send_audio(self, pcm_data: bytes | bytearray | memoryview) -> bool:
         if not pcm_data:

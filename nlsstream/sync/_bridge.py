@@ -1,47 +1,6 @@
-"""The blocking face of nlsstream: the same sessions, for code that is not asyncio.
-
-:class:`Transcriber` and :class:`Recognizer` take the same arguments as
-:class:`nlsstream.Transcriber` and :class:`nlsstream.Recognizer`, return the same
-:class:`~nlsstream.Result` and events, and raise the same typed errors; their methods
-block instead of being awaited::
-
-    with nlsstream.sync.Transcriber(appkey="APPKEY", token="TOKEN") as t:
-        t.stream("meeting.wav")
-        result = t.stop()
-
-**One loop thread.** Every blocking session of a process runs on one background
-event-loop thread, ``nlsstream-loop``, started on first use and stopped at interpreter
-exit; there is no thread per session. Each blocking call hands its coroutine to that
-loop (:func:`asyncio.run_coroutine_threadsafe`) and waits for it. Calls that end by
-themselves (connect, start, send_audio, ctrl, abort) wait at most the session's own
-timeouts (those of a resume included) plus a margin
-(:attr:`BlockingFacade.call_timeout`): beyond that the loop thread is stuck (usually a
-callback that blocks) and the call raises ``TimeoutError``. Calls whose length is the
-audio's or the gateway's progress (``stream()``, iterating events, ``stop()`` and
-leaving ``with``) wait for as long as the session makes progress; the session bounds
-them itself (keepalive, ``stop_timeout`` of silence, task end). Every wait also ends
-with ``TimeoutError`` when the loop thread has not run at all for :data:`STUCK_AFTER`
-seconds.
-
-**Callbacks run on the loop thread**, shared by every blocking session of the process.
-They must return quickly and must not block (no ``time.sleep``, no waiting on a lock
-held by a thread that waits for nlsstream, no blocking nlsstream call: those raise
-``RuntimeError``). Hand slow work to your own thread or queue.
-
-Blocking calls are thread-safe: one thread may ``stream()`` while another iterates
-``sentences()``. Calling them from inside a running event loop (an ``async def``, or a
-callback) raises ``RuntimeError``: use the async classes there.
-
-The recording clients have blocking faces too: :class:`FlashRecognizer`,
-:class:`RestRecognizer` and :class:`FileTranscriber` (whose ``submit()`` returns a
-blocking :class:`FileTransTask`), with the same arguments, results and errors. Their
-calls wait at most two requests' ``timeout`` plus a margin; ``wait()``,
-``transcribe()`` and ``result()`` also their own ``timeout`` (default 3600 s).
-
-Other async objects get a blocking face the same way: subclass :class:`BlockingFacade`
-and list their coroutine methods with :class:`blocking` and their async iterators with
-:class:`iterating`.
-"""
+"""The bridge between blocking code and nlsstream's one event-loop thread: the
+thread itself (:class:`LoopThread`) and the blocking face of any async object
+(:class:`BlockingFacade`, :class:`blocking`, :class:`iterating`)."""
 
 from __future__ import annotations
 
@@ -57,27 +16,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from .auth import TokenSource
-from .realtime import session as _session
-from .realtime.pacing import Metrics
-from .realtime.protocol import State
-from .recordings import services as _files
-from .redaction import get_logger
-
 __all__ = [
+    "CALL_MARGIN",
+    "SHUTDOWN_TIMEOUT",
+    "STUCK_AFTER",
     "BlockingFacade",
     "BlockingIterator",
-    "FileTransTask",
-    "FileTranscriber",
-    "FlashRecognizer",
     "LoopThread",
-    "Recognizer",
-    "RestRecognizer",
-    "Transcriber",
     "blocking",
     "iterating",
     "loop_thread",
 ]
+
+from ..redaction import get_logger
 
 logger = get_logger("nlsstream.sync")
 
@@ -87,6 +38,7 @@ A = TypeVar("A")
 R = TypeVar("R")
 F = TypeVar("F", bound="BlockingFacade[Any]")
 
+
 #: How long a wait sleeps before checking that the loop thread is still alive.
 _WAIT_SLICE = 1.0
 #: Added to a session's own timeouts to bound a blocking call (scheduling delays).
@@ -94,8 +46,6 @@ CALL_MARGIN = 10.0
 #: How long the loop thread may not run at all before a waiting call gives up on it:
 #: a callback blocks it (see :attr:`LoopThread.stuck_after`).
 STUCK_AFTER = CALL_MARGIN
-#: How long :meth:`LoopThread.post` lets posts gather before running them (s).
-POST_WINDOW = 0.002
 #: How long interpreter exit waits for the loop thread to close what is left.
 SHUTDOWN_TIMEOUT = 5.0
 
@@ -110,9 +60,6 @@ class LoopThread:
     def __init__(self, name: str = "nlsstream-loop") -> None:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
-        self._posted: list[Callable[[], object]] = []
-        self._post_lock = threading.Lock()
-        self._post_pending = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
         if not self._ready.wait(SHUTDOWN_TIMEOUT):
@@ -151,9 +98,8 @@ class LoopThread:
             return
         if threading.current_thread() is self.thread:
             raise RuntimeError(
-                "a blocking nlsstream call was made from a callback: callbacks run on "
-                "nlsstream's event-loop thread and must not block; hand the work to "
-                "another thread"
+                "a blocking nlsstream call was made on nlsstream's event-loop thread "
+                "(from a coroutine callback?): it would deadlock the loop"
             )
         raise RuntimeError(
             "a blocking nlsstream call was made inside a running event loop: use the "
@@ -167,34 +113,6 @@ class LoopThread:
             coro.close()
             raise RuntimeError("nlsstream's event-loop thread has stopped")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def post(self, callback: Callable[[], object]) -> None:
-        """Run ``callback()`` on the loop thread within about :data:`POST_WINDOW`
-        seconds, in posting order, never waiting. For work posted often by many
-        threads (audio frames): after running a batch, the loop collects what is posted
-        during the next window and runs it together, so a busy process pays one loop
-        wake-up per window instead of one per call; a post to an idle loop runs at
-        once. An exception is logged."""
-        with self._post_lock:
-            self._posted.append(callback)
-            if self._post_pending:
-                return
-            self._post_pending = True
-        self.loop.call_soon_threadsafe(self._run_posted)
-
-    def _run_posted(self) -> None:
-        with self._post_lock:
-            batch, self._posted = self._posted, []
-            if not batch:
-                self._post_pending = False
-                return
-        # Still pending: what is posted meanwhile waits for this timer, not a wake-up.
-        self.loop.call_later(POST_WINDOW, self._run_posted)
-        for callback in batch:
-            try:
-                callback()
-            except Exception:
-                logger.exception("callback posted to the loop thread raised")
 
     def run(self, make: Callable[[], Awaitable[T]], timeout: float | None) -> T:
         """Await ``make()`` on the loop and return its result (or raise its exception).
@@ -473,186 +391,3 @@ async def _call(make: Callable[[], Awaitable[T]]) -> T:
     """Create the awaitable on the loop thread (nothing is left unawaited if the call
     is refused) and await it."""
     return await make()
-
-
-S = TypeVar("S", bound=_session.Session)
-
-
-class _BlockingSession(BlockingFacade[S]):
-    """What the blocking :class:`Transcriber` and :class:`Recognizer` share."""
-
-    _async_class: type[S]
-
-    def __init__(self, appkey: str, token: TokenSource, **kwargs: Any) -> None:
-        super().__init__(self._async_class(appkey, token, **kwargs))
-        s = self.wrapped
-        one_task = s.connect_timeout + s.start_timeout
-        self.call_timeout = one_task + 2 * s.stop_timeout + CALL_MARGIN
-        policy = s.config.reconnect
-        if policy is not None:  # a call may wait for a resume: every attempt of it
-            self.call_timeout += policy.attempts * (policy.max_backoff + one_task)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # Leaving stops the task: as long as stop() (the gateway's progress bounds it).
-        self._run(lambda: self.wrapped.__aexit__(exc_type, exc, tb), bounded=False)
-
-    # What the async session offers, blocking. stop() waits while the gateway makes
-    # progress (a backlog of audio sent faster than real time can take minutes), so it
-    # is bounded by the session (stop_timeout of silence, or its timeout argument).
-    start = blocking(_session.Session.start)
-    stop = blocking(_session.Session.stop, bounded=False)
-    abort = blocking(_session.Session.abort)
-    send_audio = blocking(_session.Session.send_audio)
-    stream = blocking(_session.Session.stream, bounded=False)
-    events = iterating(_session.Session.events)
-    results = iterating(_session.Session.results)
-
-    @property
-    def task_id(self) -> str:
-        """The task's 32-hex id."""
-        return self.wrapped.task_id
-
-    @property
-    def state(self) -> State:
-        """Where the task is (see :class:`~nlsstream.State`)."""
-        return self.wrapped.state
-
-    @property
-    def result(self) -> _session.Result | None:
-        """The result once the task completed, else ``None``."""
-        return self.wrapped.result
-
-    @property
-    def metrics(self) -> Metrics:
-        """The session's :class:`~nlsstream.Metrics`."""
-        return self.wrapped.metrics
-
-
-async def _ctrl(t: _session.Transcriber, /, **params: Any) -> None:
-    await t.ctrl(**params)
-
-
-_ctrl.__doc__ = _session.Transcriber.ctrl.__doc__
-
-
-class Transcriber(_BlockingSession[_session.Transcriber]):
-    """Blocking :class:`nlsstream.Transcriber` (continuous transcription): same
-    arguments, results and errors. Callbacks run on the shared loop thread and must not
-    block (see the module docstring).
-
-    To consume sentences while audio is sent, subscribe first, then send from another
-    thread (or send all, stop, and read the buffered sentences afterwards)::
-
-        with nlsstream.sync.Transcriber(appkey=..., token=...) as t:
-            sentences = t.sentences()  # subscribed now: misses nothing
-            sender = threading.Thread(target=lambda: (t.stream(path), t.stop()))
-            sender.start()
-            for s in sentences:  # ends at Completed
-                print(s.text)
-            sender.join()
-    """
-
-    _async_class = _session.Transcriber
-    ctrl = blocking(_ctrl)
-    sentences = iterating(_session.Transcriber.sentences)
-
-
-class Recognizer(_BlockingSession[_session.Recognizer]):
-    """Blocking :class:`nlsstream.Recognizer` (one sentence, at most 60 s): same
-    arguments, results and errors. Callbacks run on the shared loop thread and must not
-    block (see the module docstring)."""
-
-    _async_class = _session.Recognizer
-
-
-# --------------------------------------------------------------------------- recordings
-
-#: Added to a recording request's bound for preparing the audio (decoding, resampling a
-#: long recording in a worker thread) and getting a token.
-PREPARE_MARGIN = 60.0
-
-C = TypeVar("C", bound=_files._Client)
-
-
-class _BlockingClient(BlockingFacade[C]):
-    """What the blocking recording clients share: the same constructor arguments as the
-    async client; ``with`` (or :meth:`close`) closes its HTTP connections."""
-
-    _async_class: type[C]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(self._async_class(*args, **kwargs))
-        # A rejected token is refreshed and the request tried once more: two requests.
-        self.call_timeout = 2 * self.wrapped.timeout + PREPARE_MARGIN + CALL_MARGIN
-
-    close = blocking(_files._Client.close)
-
-
-class FlashRecognizer(_BlockingClient[_files.FlashRecognizer]):
-    """Blocking :class:`nlsstream.FlashRecognizer`: same arguments, results
-    (:class:`~nlsstream.FileResult`) and errors::
-
-        with nlsstream.sync.FlashRecognizer(appkey, token) as flash:
-            result = flash.recognize("meeting.mp3")
-    """
-
-    _async_class = _files.FlashRecognizer
-    recognize = blocking(_files.FlashRecognizer.recognize)
-
-
-class RestRecognizer(_BlockingClient[_files.RestRecognizer]):
-    """Blocking :class:`nlsstream.RestRecognizer` (one sentence, ≤ 60 s): same
-    arguments, results and errors."""
-
-    _async_class = _files.RestRecognizer
-    recognize = blocking(_files.RestRecognizer.recognize)
-
-
-class FileTransTask(BlockingFacade[_files.FileTransTask]):
-    """Blocking :class:`nlsstream.FileTransTask`, as :meth:`FileTranscriber.submit`
-    returns it: ``task_id``, ``status``, :meth:`poll` and :meth:`wait`. ``wait(timeout=)``
-    blocks up to ``timeout`` (default 3600 s), then raises :class:`TimeoutError`; the
-    task goes on."""
-
-    def __init__(self, task: _files.FileTransTask) -> None:
-        super().__init__(task)
-        # One request, after up to a second's wait for the service's poll budget.
-        self.call_timeout = task.client.timeout + _files.MIN_POLL_INTERVAL + CALL_MARGIN
-
-    poll = blocking(_files.FileTransTask.poll)
-    wait = blocking(_files.FileTransTask.wait)
-
-    @property
-    def task_id(self) -> str:
-        """The service's task id."""
-        return self.wrapped.task_id
-
-    @property
-    def status(self) -> int:
-        """The last StatusCode seen (21050002 QUEUEING, 21050001 RUNNING, ...)."""
-        return self.wrapped.status
-
-
-class FileTranscriber(_BlockingClient[_files.FileTranscriber]):
-    """Blocking :class:`nlsstream.FileTranscriber` (FileTrans): same arguments, results
-    and errors. :meth:`submit` returns a blocking :class:`FileTransTask`;
-    :meth:`transcribe` and :meth:`result` block up to their ``timeout`` (default 3600 s)::
-
-        with nlsstream.sync.FileTranscriber(ak_id, ak_secret, appkey=appkey) as ft:
-            task = ft.submit("https://example.com/call.wav")
-            result = task.wait(timeout=600)
-    """
-
-    _async_class = _files.FileTranscriber
-    submit = blocking(_files.FileTranscriber.submit, wrap=FileTransTask)
-    transcribe = blocking(_files.FileTranscriber.transcribe)
-    result = blocking(_files.FileTranscriber.result)
-
-    def task(self, task_id: str) -> FileTransTask:
-        """A handle on a task submitted elsewhere (no request is made)."""
-        return FileTransTask(self.wrapped.task(task_id))
