@@ -11,10 +11,16 @@ sentence's SentenceEnd reached the session. The light gateway sends a sentence's
 SentenceEnd from the callback of the audio frame that completes the sentence (no
 recognition, no waiting), so the figure is client + loopback + gateway. The gateway
 stamps the send (``gateway_sent_monotonic``), which splits it per sentence into
-*uplink* (client write -> gateway send: the client's kernel send, loopback, the
-gateway's polling nap and loop lag) and *event delivery* (gateway send -> the
+*uplink* (client write -> gateway send) and *event delivery* (gateway send -> the
 client's callback: loopback, the client's loop reading, parsing and routing it).
 Percentiles pool every sentence of every session of the step.
+
+What the library's figure includes (``nlsstream/realtime/pacing.py``, ``router.py``):
+the pacer stamps every write of a tick with the tick's start time, so the time from
+the tick's start to this session's write (up to the tick's length at N sessions) is in
+the latency and in the uplink, with the kernel send, loopback, and the gateway's
+polling nap (``--nap-us``) and loop lag. Under uvloop ``loop.time()`` has 1 ms
+resolution (libuv's clock), so ``latency_ms`` is to about +-1 ms.
 """
 
 from __future__ import annotations
@@ -76,17 +82,17 @@ def verdict_lines(rows: list[dict[str, Any]]) -> list[str]:
                 continue
             added = fl["p99_ms"] - ref["p99_ms"]
             worst_added = added if worst_added is None else max(worst_added, added)
-            ok = added <= ADDED_LATENCY_LIMIT_MS and r["errors"] == 0 and r["events_lost"] == 0
+            lost = r["errors"] + r["events_lost"]
             out.append(
                 f"- run {run}, {client}: at {r['sessions']:,} sessions final latency p50 / p90 / "
                 f"p99 {final_cell(r)} ms against {final_cell(one or {})} ms at 1 session: p99 "
                 f"{added:+.1f} ms, p50 {fl['p50_ms'] - ref['p50_ms']:+.1f} ms; "
                 + (
                     f"within the {ADDED_LATENCY_LIMIT_MS:.0f} ms allowed"
-                    if ok
-                    else f"**over** the {ADDED_LATENCY_LIMIT_MS:.0f} ms allowed or not clean "
-                    f"(errors {r['errors']}, events lost {r['events_lost']})"
+                    if added <= ADDED_LATENCY_LIMIT_MS
+                    else f"**over** the {ADDED_LATENCY_LIMIT_MS:.0f} ms allowed"
                 )
+                + (f"; **errors {r['errors']}, events lost {r['events_lost']}**" if lost else "")
                 + f"; machine load {_load(r)}."
             )
     if worst_added is not None:
@@ -99,13 +105,18 @@ def verdict_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render(
-    rows: list[dict[str, Any]], notes: list[str], machine: dict[str, Any], command: str
+    rows: list[dict[str, Any]],
+    notes: list[str],
+    machine: dict[str, Any],
+    command: str,
+    generated: str | None = None,
 ) -> str:
-    """The RESULTS-latency.md text."""
+    """The RESULTS-latency.md text (``generated``: when the run was; default now)."""
+    generated = generated or time.strftime("%Y-%m-%d %H:%M:%S %Z")
     lines = [
         "# Final latency: 1 session against N, same gateway, one run",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `{command}`.",
+        f"Generated {generated} by `{command}`.",
         "",
         "Machine: "
         + ", ".join(f"{k} {v}" for k, v in machine.items())
@@ -124,10 +135,15 @@ def render(
         "buckets, so figures under 10 ms read as the session's largest). *Uplink* "
         "(client write -> gateway send) and *event delivery* (gateway send -> the "
         "client's `on_sentence_end`) split each sentence's latency at the gateway's send "
-        "stamp (same monotonic clock; the uplink to +-0.5 ms, as `latency_ms` is whole "
+        "stamp (same monotonic clock). The session stamps a write with its pacer tick's "
+        "start, so the uplink holds the wait within the tick for this session's write, "
+        "the kernel send, loopback and the gateway's polling nap and loop lag; under "
+        "uvloop the session's clock has 1 ms resolution (`latency_ms` is to about +-1 "
         "ms). Final latency starts when the audio was *written*, so a frame written late "
         "is not in it: *worst p99 lateness* (at the gateway, against each session's first "
-        "frame / its best-fit schedule) is that part; with a live source the two add up.",
+        "frame / its best-fit schedule) is that part; with a live source the two add up. "
+        "The 1-session row has only `--seconds` / `--sentence-ms` sentences per run: a "
+        "stall of the machine shows in it only if it hits one of them.",
         "",
         "| run | client | sessions | peak concurrent | sentences | final p50 / p90 / p99 ms "
         "| final max ms | worst session p99 (Metrics) ms | uplink p50 / p99 ms "
@@ -185,9 +201,11 @@ def write(
     atomically (a failed write leaves the previous results whole)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     raw = out.with_suffix(".json")
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     data = {"machine": machine, "rows": rows, "notes": notes, "command": command}
+    data["generated"] = generated
     for path, text in (
-        (out, render(rows, notes, machine, command)),
+        (out, render(rows, notes, machine, command, generated)),
         (raw, json.dumps(data, indent=1)),
     ):
         tmp = path.with_name(path.name + ".partial")

@@ -146,7 +146,7 @@ async def _session(
             rec.delivery.append(delivery)
         if event.latency_ms is not None:
             rec.final_latency.append(event.latency_ms)
-            if delivery is not None:  # latency_ms is whole ms: this split is to +-0.5 ms
+            if delivery is not None:  # latency_ms is whole ms: this split is to about 1 ms
                 rec.uplink.append(max(0.0, event.latency_ms - delivery * 1000))
 
     t = Transcriber(
