@@ -92,6 +92,20 @@ def lag_summary(lags: list[float]) -> dict[str, float]:
     }
 
 
+def ms_summary(
+    values_ms: list[float], percentiles: tuple[int, ...] = (50, 90, 99)
+) -> dict[str, Any]:
+    """Nearest-rank percentiles (``p50_ms``, ...), ``max_ms`` and ``count`` of figures
+    already in ms; the percentiles and max are ``None`` when there is no figure."""
+    ordered = sorted(values_ms)
+    out: dict[str, Any] = {"count": len(ordered)}
+    for q in percentiles:
+        k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+        out[f"p{q}_ms"] = round(float(ordered[k]), 3) if ordered else None
+    out["max_ms"] = round(float(ordered[-1]), 3) if ordered else None
+    return out
+
+
 class Clock:
     """Wall and CPU time since construction, for a client's measurement window."""
 

@@ -22,7 +22,13 @@ the same instant for 0 (a thundering herd of starts). The nlsstream clients only
     python -m benchmarks.concurrency --sessions 1000 --seconds 20 --clients nlsstream \\
         --starts 0,2 --drift-seconds 0 --out benchmarks/RESULTS-starts.md
 
-writes the Markdown table to ``--out``, a plot next to it (``.png``) and the raw data
+``--latency-compare N`` compares the final latency (``SentenceEnd.latency_ms``) of
+1 session with that of N (default 1,000) against the same gateway, the two steps in
+turn ``--repeat`` times, and writes ``RESULTS-latency.md`` (``benchmarks.latency_compare``)::
+
+    python -m benchmarks.concurrency --latency-compare 1000 --seconds 20 --repeat 3
+
+Otherwise it writes the Markdown table to ``--out``, a plot next to it (``.png``) and the raw data
 (``.json``). A client whose worst per-session p99 lateness exceeds ``--collapse-ms`` at
 some N is not run at larger N (it has clearly collapsed; say so rather than wait).
 """
@@ -48,6 +54,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import latency_compare
 from benchmarks.common import BENCH_TOKEN, ROOT
 
 #: Benchmark clients; "nlsstream-asyncio" is nlsstream on the stdlib event loop (the
@@ -308,6 +315,9 @@ def run_step(
         "client_cpu_ms_per_audio_s": result["cpu_ms_per_audio_s"],
         "client_system_cpu_ms_per_audio_s": result.get("system_cpu_ms_per_audio_s"),
         "event_delivery": result.get("event_delivery"),
+        # Pooled over every sentence of every session (nlsstream clients only).
+        "final_latency": result.get("final_latency"),
+        "uplink": result.get("uplink"),
         "client_steady_cpu_ms_per_audio_s": result["steady_cpu_ms_per_audio_s"],
         "client_cpu_share": round(result["cpu_s"] / result["wall_s"], 3)
         if result["wall_s"]
@@ -504,6 +514,7 @@ def _step_line(row: dict[str, Any]) -> str:
         f"(best fit {row['best_fit_worst_session_p99_ms']} ms, late start "
         f"{row['worst_first_frame_late_ms']} ms), "
         f"cpu {row['client_cpu_ms_per_audio_s']} ms/audio-s, "
+        f"final latency p50/p90/p99 {latency_compare.final_cell(row)} ms, "
         f"errors {row['errors']}, events lost {row['events_lost']}, "
         f"load {row['load_before']}-{row['load_after']}"
     )
@@ -705,17 +716,20 @@ def render_markdown(
         "",
         "*Event delivery* is the time from the gateway writing a SentenceEnd to the "
         "client's `on_sentence_end` callback running (p50 / p99 ms; both processes read "
-        "the same monotonic clock; nlsstream client only). *Kernel* is the part of the "
-        "client CPU spent in system calls (the sends).",
+        "the same monotonic clock; nlsstream client only). *Final latency* is the "
+        "sessions' own `SentenceEnd.latency_ms`, from writing the audio at a sentence's "
+        "end to its SentenceEnd arriving, pooled over every sentence of the step (p50 / "
+        "p90 / p99 ms; nlsstream client only; see `benchmarks/latency_compare.py`). "
+        "*Kernel* is the part of the client CPU spent in system calls (the sends).",
         "",
         "| client | sessions | starts | peak concurrent | p50 ms | p99 ms | worst p99 ms "
         "| max ms | sessions p99 > 20 ms | best-fit p99 ms | best-fit worst p99 ms "
         "| latest start ms | client CPU ms / audio s | steady CPU ms / audio s "
         "| of which kernel | client CPU share "
         "| gateway CPU share | gateway loop lag p99 ms | event delivery p50 / p99 ms "
-        "| memory KiB / session | errors "
+        "| final latency p50 / p90 / p99 ms | memory KiB / session | errors "
         "| events lost | frames lost | meets |",
-        "|" + "---|" * 24,
+        "|" + "---|" * 25,
     ]
     for r in rows:
         lines.append(
@@ -745,6 +759,7 @@ def render_markdown(
                         if r.get("event_delivery") and r["event_delivery"]["max_ms"]
                         else "-"
                     ),
+                    latency_compare.final_cell(r),
                     _fmt(r["rss_per_session_kib"], 0),
                     str(r["errors"]),
                     str(r["events_lost"]),
@@ -878,15 +893,64 @@ def write_results(
     return out, png, raw
 
 
+def _resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the options whose default depends on ``--latency-compare``, and check it."""
+    n = args.latency_compare
+    if n is None:
+        args.sessions = args.sessions or ",".join(map(str, DEFAULT_SESSIONS))
+        args.clients = args.clients or ",".join(CLIENTS)
+        args.drift_seconds = 600.0 if args.drift_seconds is None else args.drift_seconds
+        args.out = args.out or str(ROOT / "benchmarks" / "RESULTS.md")
+        return
+    if args.sessions is not None:
+        parser.error("--latency-compare N runs 1 and N sessions: leave out --sessions")
+    if n < 2:
+        parser.error("--latency-compare: N must be >= 2 (it is compared with 1 session)")
+    if args.sentence_ms == 0:
+        parser.error("--latency-compare needs sentence events: --sentence-ms must be > 0")
+    audio_ms = args.seconds * 1000
+    if audio_ms != int(audio_ms) or int(audio_ms) % args.sentence_ms:
+        # The gateway answers a last, partial sentence only on Stop: its latency would
+        # include the Stop directive's trip, not just the audio's.
+        parser.error(
+            f"--latency-compare: --seconds ({args.seconds:g}) must be a whole number of "
+            f"sentences of --sentence-ms {args.sentence_ms} ms"
+        )
+    args.sessions = f"1,{n}"
+    args.clients = args.clients or "nlsstream"
+    if any(not c.strip().startswith("nlsstream") for c in args.clients.split(",")):
+        parser.error("--latency-compare: only the nlsstream clients measure final latency")
+    if args.drift_seconds or args.drift_only:
+        parser.error("--latency-compare has no drift run: leave out --drift-seconds")
+    args.drift_seconds = 0.0
+    args.out = args.out or str(ROOT / "benchmarks" / "RESULTS-latency.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--sessions",
-        default=",".join(map(str, DEFAULT_SESSIONS)),
-        help="comma-separated session counts (default: %(default)s)",
+        help="comma-separated session counts (default: "
+        + ",".join(map(str, DEFAULT_SESSIONS))
+        + ")",
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per session")
-    parser.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated clients")
+    parser.add_argument(
+        "--clients", help="comma-separated clients (default: all, nlsstream with --latency-compare)"
+    )
+    parser.add_argument(
+        "--latency-compare",
+        type=int,
+        nargs="?",
+        const=1000,
+        metavar="N",
+        help="final latency of 1 session against N (default 1000) on the same gateway: "
+        "steps 1 and N in turn (--repeat times), the nlsstream client, no floor, no drift "
+        "run; writes benchmarks/RESULTS-latency.md",
+    )
+    parser.add_argument(
+        "--note", action="append", default=[], help="a note for the results (repeatable)"
+    )
     parser.add_argument("--ramp", type=float, help="seconds over which sessions start")
     parser.add_argument(
         "--starts",
@@ -907,8 +971,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--drift-seconds",
         type=float,
-        default=600.0,
-        help="length of the single-session drift run, concurrent with the sweep (0: skip)",
+        help="length of the single-session drift run (0: skip; default 600)",
     )
     parser.add_argument(
         "--drift-mode",
@@ -943,10 +1006,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline-label", default="before", help="its rows' label (default: %(default)s)"
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument(
+        "--out", help="results file (default: benchmarks/RESULTS.md, or RESULTS-latency.md)"
+    )
     args = parser.parse_args(argv)
     if args.sentence_ms < 0 or args.repeat < 1:
         parser.error("--sentence-ms must be >= 0 and --repeat >= 1")
+    _resolve_defaults(parser, args)
     baseline = None
     if args.baseline:
         base = Path(args.baseline).resolve()
@@ -1012,8 +1078,9 @@ def main(argv: list[str] | None = None) -> int:
             "The gateway sent no sentence events (`--sentence-ms 0`, a neutral sink: "
             "Started and Completed only), so events lost and event delivery do not apply."
         )
+    notes += args.note
     floor = None
-    if not args.drift_only:
+    if not args.drift_only and args.latency_compare is None:
         print("floor: one write per frame, plain loops ...")
         floor = run_floor(min(1000, max(sessions)), min(args.seconds, 10), args.nap_us)
     if drift_thread is not None:
@@ -1022,6 +1089,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.drift_seconds > 0:
         drift_job()  # alone on the machine: nothing else of ours is running now
     command = "python -m benchmarks.concurrency " + shlex.join(argv or sys.argv[1:])
+    if args.latency_compare is not None:
+        written = latency_compare.write(rows, notes, machine_info(), Path(args.out), command)
+        print("wrote " + ", ".join(map(str, written)))
+        return 0
     paths = write_results(
         rows, notes, machine_info(), Path(args.out), command, drift=drift, floor=floor
     )

@@ -5,7 +5,13 @@ paced by the loop's single shared clock (``nlsstream.realtime.pacing``). Each se
 640-byte frames of ``tests/fixtures/three_sentences.wav`` looped to ``--seconds`` with
 ``await t.stream(pcm, pace=1.0)``, then ``await t.stop()`` drains until Completed.
 SentenceEnd events are collected with the ``on_sentence_end`` callback, so the harness
-can check that none was lost.
+can check that none was lost, with each sentence's final latency
+(``SentenceEnd.latency_ms``: from the write of the audio at the sentence's end to the
+event's arrival). The result pools every sentence's latency of every session
+(``final_latency``: p50/p90/p99/max, ms) and splits it at the light gateway's send stamp
+into ``uplink`` (client write -> gateway send) and ``event_delivery`` (gateway send ->
+callback); ``final_latency.worst_session_p99_ms`` is the largest per-session
+``metrics.final_latency_ms(99)`` (the library's histogram, 10 ms resolution).
 
 Ramp: session *i* connects at ``i * ramp / N`` seconds (default ``max(1, N / 400)`` s),
 the same ramp as ``official_client.py``, and streams as soon as its task has started.
@@ -38,6 +44,7 @@ from benchmarks.common import (
     default_ramp,
     lag_summary,
     load_pcm,
+    ms_summary,
     raise_nofile_limit,
     rss_kib,
     write_result,
@@ -86,12 +93,15 @@ class _Record:
         "completed",
         "delivery",
         "errors",
+        "final_latency",
+        "latency_p99_ms",
         "max_ms",
         "p99_ms",
         "sentence_ends",
         "started",
         "task_id",
         "underruns",
+        "uplink",
     )
 
     def __init__(self) -> None:
@@ -102,6 +112,10 @@ class _Record:
         self.sentence_ends: list[int] = []
         #: Seconds from the gateway sending each SentenceEnd to our callback running.
         self.delivery: list[float] = []
+        #: Each SentenceEnd's ``latency_ms``, and its part before the gateway sent it.
+        self.final_latency: list[int] = []
+        self.uplink: list[float] = []
+        self.latency_p99_ms: float | None = None  # metrics.final_latency_ms(99)
         self.p99_ms = 0.0
         self.max_ms = 0.0
         self.underruns = 0
@@ -126,8 +140,14 @@ async def _session(
     def on_sentence_end(event: SentenceEnd) -> None:
         rec.sentence_ends.append(event.index)
         sent_at = event.raw.get("payload", {}).get("gateway_sent_monotonic")
+        delivery = None
         if sent_at is not None:  # the light gateway's stamp (same machine, same clock)
-            rec.delivery.append(time.monotonic() - sent_at)
+            delivery = time.monotonic() - sent_at
+            rec.delivery.append(delivery)
+        if event.latency_ms is not None:
+            rec.final_latency.append(event.latency_ms)
+            if delivery is not None:  # latency_ms is whole ms: this split is to about 1 ms
+                rec.uplink.append(max(0.0, event.latency_ms - delivery * 1000))
 
     t = Transcriber(
         "benchmark-appkey",
@@ -154,6 +174,7 @@ async def _session(
         rec.max_ms = t.metrics.max_lateness_ms
         # getattr: A/B runs against versions of nlsstream that did not count underruns.
         rec.underruns = getattr(t.metrics, "underruns", 0)
+        rec.latency_p99_ms = t.metrics.final_latency_ms(99)
 
 
 async def run_async(
@@ -202,6 +223,9 @@ async def run_async(
         if task.exception() is not None:
             errors.append(f"session task crashed: {task.exception()!r}"[:300])
     p99s = [r.p99_ms for r in records if r.started]
+    final_latency = ms_summary([x for r in records for x in r.final_latency])
+    session_p99s = [r.latency_p99_ms for r in records if r.latency_p99_ms is not None]
+    final_latency["worst_session_p99_ms"] = round(max(session_p99s), 3) if session_p99s else None
     return client_result(
         client="nlsstream",
         sessions=sessions,
@@ -224,6 +248,9 @@ async def run_async(
         extra={
             "loop": type(loop).__module__.split(".")[0],
             "event_delivery": lag_summary([d for r in records for d in r.delivery]),
+            # Pooled over every sentence of every session (not per-session percentiles).
+            "final_latency": final_latency,
+            "uplink": ms_summary([u for r in records for u in r.uplink], (50, 99)),
             "stream_spread_s": spread,
             # The pacer found a session's buffer empty when a frame was due: the client
             # could not produce audio in time (counted in nlsstream.realtime.pacing.Metrics).

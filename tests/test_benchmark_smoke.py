@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
 
 pytest.importorskip("nls")  # the official SDK is installed for compatibility tests only
 
-from benchmarks import concurrency  # noqa: E402
+from benchmarks import concurrency, latency_compare  # noqa: E402
 
 
 def test_official_client_through_harness(tmp_path: Path) -> None:
@@ -76,6 +76,14 @@ def test_nlsstream_client_through_harness() -> None:
     delivery = row["event_delivery"]
     assert 0.0 < delivery["p50_ms"] <= delivery["p99_ms"] <= delivery["max_ms"]
     assert 0.0 < row["client_system_cpu_ms_per_audio_s"] < row["client_cpu_ms_per_audio_s"]
+    # Each of those SentenceEnds with its final latency, in the table's column too.
+    latency = row["final_latency"]
+    assert latency["count"] == 6
+    assert 0.0 <= latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"] < 1000.0
+    text = concurrency.render_markdown([row], [], {}, "smoke", None)
+    assert "final latency p50 / p90 / p99 ms" in text
+    (line,) = [x for x in text.splitlines() if x.startswith("| nlsstream | 3 |")]
+    assert f"| {latency_compare.final_cell(row)} |" in line
 
 
 def test_events_lost_matches_per_task() -> None:
