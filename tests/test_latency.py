@@ -30,9 +30,10 @@ def test_send_log_says_when_an_offset_went_out_while_it_remembers() -> None:
 def test_latency_histogram_percentiles() -> None:
     h = LatencyHistogram()
     assert h.percentile(50) is None
-    for ms in (5, 15, 25, 35, 1000, 20000):
+    for ms in (5.5, 15.2, 25.7, 35, 1004, 20000):
         h.record(ms)
-    assert h.percentile(50) == 30.0  # 3rd of 6 figures: the 20-30 ms bucket
+    assert h.percentile(50) == 26.0  # 3rd of 6 figures: 1 ms buckets below 100 ms
+    assert h.percentile(80) == 1010.0  # 5th: 10 ms buckets above
     assert h.percentile(100) == 20000.0  # past the last bucket: the largest figure
     with pytest.raises(ValueError, match="percentile"):
         h.percentile(0)

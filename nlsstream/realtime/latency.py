@@ -19,9 +19,24 @@ __all__ = ["LatencyHistogram", "SendLog"]
 
 #: Writes remembered (at real time one per 20 ms tick: about 10 s of audio).
 SEND_LOG_SIZE = 512
-#: Histogram buckets: 10 ms wide, up to 10 s; later ones share the last bucket.
-_BUCKET_MS = 10
-_BUCKETS = 1000
+#: Histogram buckets: 1 ms wide up to 100 ms (loopback and LAN latencies), then 10 ms
+#: wide up to 10 s; later figures share the last bucket.
+_FINE_MS = 100
+_COARSE_MS = 10
+_BUCKETS = _FINE_MS + (10_000 - _FINE_MS) // _COARSE_MS
+
+
+def _bucket(ms: float) -> int:
+    whole = max(int(ms), 0)
+    if whole < _FINE_MS:
+        return whole
+    return min(_FINE_MS + (whole - _FINE_MS) // _COARSE_MS, _BUCKETS - 1)
+
+
+def _upper_edge(bucket: int) -> float:
+    if bucket < _FINE_MS:
+        return float(bucket + 1)
+    return float(_FINE_MS + (bucket - _FINE_MS + 1) * _COARSE_MS)
 
 
 class SendLog:
@@ -58,7 +73,7 @@ class SendLog:
 
 
 class LatencyHistogram:
-    """Latencies in ms, in bounded memory (10 ms buckets up to 10 s)."""
+    """Latencies in ms, in bounded memory (1 ms buckets to 100 ms, 10 ms ones to 10 s)."""
 
     __slots__ = ("_buckets", "count", "max_ms")
 
@@ -70,13 +85,14 @@ class LatencyHistogram:
     def record(self, ms: float) -> None:
         if self._buckets is None:
             self._buckets = [0] * _BUCKETS
-        self._buckets[min(max(int(ms), 0) // _BUCKET_MS, _BUCKETS - 1)] += 1
+        self._buckets[_bucket(ms)] += 1
         self.count += 1
         self.max_ms = max(self.max_ms, ms)
 
     def percentile(self, q: float) -> float | None:
-        """The ``q``-th percentile (0 < q <= 100), to 10 ms (the upper edge of its bucket,
-        at most the largest figure); ``None`` before the first figure."""
+        """The ``q``-th percentile (0 < q <= 100): the upper edge of its bucket (1 ms
+        resolution below 100 ms, 10 ms above), at most the largest figure; ``None`` before
+        the first figure."""
         if not 0 < q <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {q!r}")
         if self._buckets is None:
@@ -86,6 +102,5 @@ class LatencyHistogram:
         for i, n in enumerate(self._buckets):
             seen += n
             if seen >= rank:
-                edge = float((i + 1) * _BUCKET_MS)
-                return self.max_ms if i == _BUCKETS - 1 else min(edge, self.max_ms)
+                return self.max_ms if i == _BUCKETS - 1 else min(_upper_edge(i), self.max_ms)
         return self.max_ms  # pragma: no cover - counts always reach rank

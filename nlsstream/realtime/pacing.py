@@ -152,12 +152,13 @@ class Metrics:
     _paced_frames: int = field(default=0, repr=False)
 
     def final_latency_ms(self, percentile: float = 50) -> float | None:
-        """A percentile of the final-sentence latency (ms, 10 ms resolution); ``None``
-        before the first sentence."""
+        """A percentile of the final-sentence latency (ms; 1 ms resolution below 100 ms,
+        10 ms above); ``None`` before the first sentence."""
         return self.final_latency.percentile(percentile)
 
     def first_partial_latency_ms(self, percentile: float = 50) -> float | None:
-        """A percentile of the sentences' first-partial latency (ms, 10 ms resolution)."""
+        """A percentile of the sentences' first-partial latency (ms, as
+        :meth:`final_latency_ms`)."""
         return self.first_partial_latency.percentile(percentile)
 
     @property
