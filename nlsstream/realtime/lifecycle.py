@@ -132,7 +132,7 @@ class Lifecycle:
         )
         try:
             run = self.run = self._new_run(self.task)
-            conn = await self._connect(run)
+            conn = await run.connect(self.tokens)
             self.writer = AudioSender(
                 conn,
                 router,
@@ -155,19 +155,6 @@ class Lifecycle:
     def _new_run(self, task: ClientTask) -> TaskRun:
         assert self.router is not None
         return TaskRun(task, self.router, self.config, on_lost=self._on_connection_lost)
-
-    async def _connect(self, run: TaskRun) -> Connection:
-        """Get a token and connect ``run``, all within ``connect_timeout``."""
-        assert self.router is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.connect_timeout
-        token = await self.tokens.get(self.config.connect_timeout)
-        self.router.secrets = (token,)
-        try:
-            return await run.connect(token, deadline - loop.time())
-        except AuthenticationError:
-            self.tokens.invalidate()
-            raise
 
     async def _start(self, run: TaskRun) -> StartTimeoutError | None:
         """Send Start for ``run``'s task and wait for Started (see TaskRun.wait_started)."""
@@ -412,7 +399,7 @@ class Lifecycle:
         task = self.task = ClientTask(self.namespace, self.config.appkey, self.config.params)
         run = self.run = self._new_run(task)
         try:
-            await self._connect(run)
+            await run.connect(self.tokens)
             timed_out = await self._start(run)
             if timed_out is not None:
                 resumer.attempt_error = timed_out

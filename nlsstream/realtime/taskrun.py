@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ..auth import RefreshableTokenProvider, TokenProvider
 from ..errors import (
+    AuthenticationError,
     GatewayConnectionError,
     NlsError,
     ProtocolError,
@@ -93,9 +94,21 @@ class TaskRun:
         """The gateway's URL as it may be shown (without the token)."""
         return redact(self._config.url, self._token)
 
-    async def connect(self, token: str, timeout: float) -> Connection:
-        """Open the WebSocket connection (the handshake within ``timeout`` s)."""
-        self._token = token
+    async def connect(self, tokens: Tokens) -> Connection:
+        """Get a token and open the WebSocket connection, both within ``connect_timeout``;
+        a token the gateway rejects is dropped from ``tokens``."""
+        config = self._config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.connect_timeout
+        token = self._token = await tokens.get(config.connect_timeout)
+        self._router.secrets = (token,)
+        try:
+            return await self._open(token, deadline - loop.time())
+        except AuthenticationError:
+            tokens.invalidate()
+            raise
+
+    async def _open(self, token: str, timeout: float) -> Connection:
         config = self._config
         logger.debug("connecting to %s for task %s", self.shown_url, self.task.task_id)
         self.conn = await connect(
