@@ -27,7 +27,7 @@ import io
 import json
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -84,6 +84,7 @@ __all__ = [
     "FlashRecognizer",
     "RecordingSource",
     "RestRecognizer",
+    "UploadProgress",
     "file_trans_endpoint",
 ]
 
@@ -106,6 +107,26 @@ _FLASH_OPAQUE = {".aac": "aac", ".mp4": "mp4", ".m4a": "mp4", ".opus": "opus"}
 RecordingSource: TypeAlias = (
     "str | os.PathLike[str] | bytes | bytearray | memoryview | npt.NDArray[Any]"
 )
+
+#: ``on_progress(sent, total)`` of :meth:`FlashRecognizer.recognize` and
+#: :meth:`RestRecognizer.recognize`: bytes of the upload handed to the connection so far
+#: and in all; called with ``(0, total)`` when the upload starts and ``(total, total)``
+#: once it is sent (the service is then recognising). Called on the event loop: keep it
+#: quick.
+UploadProgress: TypeAlias = "Callable[[int, int], None]"
+#: How much of an upload is handed to the connection at a time when progress is reported.
+_UPLOAD_CHUNK = 1 << 16
+
+
+async def _upload_chunks(body: bytes, on_progress: UploadProgress) -> AsyncIterator[bytes]:
+    """``body`` in :data:`_UPLOAD_CHUNK` pieces, reporting each one sent (aiohttp asks
+    for the next piece once it has written the last, waiting while the socket is full)."""
+    total = len(body)
+    on_progress(0, total)
+    view = memoryview(body)
+    for start in range(0, total, _UPLOAD_CHUNK):
+        yield bytes(view[start : start + _UPLOAD_CHUNK])
+        on_progress(min(start + _UPLOAD_CHUNK, total), total)
 
 
 # --------------------------------------------------------------------------- audio
@@ -441,6 +462,7 @@ class _TokenClient(_Client):
         fmt: str | None,
         sample_rate: int | None,
         params: Mapping[str, Any],
+        on_progress: UploadProgress | None = None,
     ) -> tuple[dict[str, Any], _Upload | None]:
         """Send the audio (checked before upload) or its address with ``params`` as the
         query; the success answer and what was uploaded."""
@@ -455,9 +477,14 @@ class _TokenClient(_Client):
         )
         _check_limits(upload, "flash" if self._flash else "rest")
         query["format"], query["sample_rate"] = upload.format, str(upload.sample_rate)
-        return await self._call(query, upload.body), upload
+        return await self._call(query, upload.body, on_progress), upload
 
-    async def _call(self, params: dict[str, str], body: bytes | None) -> dict[str, Any]:
+    async def _call(
+        self,
+        params: dict[str, str],
+        body: bytes | None,
+        on_progress: UploadProgress | None = None,
+    ) -> dict[str, Any]:
         """POST (or, without a body, still POST) and return the success answer; a
         rejected token is refreshed and tried once more when the provider can."""
         for attempt in (1, 2):
@@ -468,13 +495,19 @@ class _TokenClient(_Client):
                 query["token"] = token
             else:
                 headers["X-NLS-Token"] = token
+            data: Any = None
             if body is None:
                 headers["Content-Type"] = "application/text"
+            elif on_progress is None:
+                data = io.BytesIO(body)
+            else:  # in pieces, each reported; with its length, as a whole body goes
+                data = _upload_chunks(body, on_progress)
+                headers["Content-Length"] = str(len(body))
             answer = await self._request(
                 "POST",
                 self.url,
                 params=query,
-                data=io.BytesIO(body) if body is not None else None,
+                data=data,
                 headers=headers,
                 secrets=(token,),
             )
@@ -531,14 +564,19 @@ class FlashRecognizer(_TokenClient):
         audio_address: str | None = None,
         format: str | None = None,
         sample_rate: int | None = None,
+        on_progress: UploadProgress | None = None,
         **params: Any,
     ) -> FileResult:
         """Recognise one recording; ``params`` are the service's query parameters
         (``enable_word_level_result=True``, ``enable_inverse_text_normalization``,
-        ``first_channel_only``, ``vocabulary_id``, ...)."""
+        ``first_channel_only``, ``vocabulary_id``, ...). ``on_progress(sent, total)`` is
+        told how much of the upload has gone (:data:`UploadProgress`; not called with
+        ``audio_address``)."""
         if (source is None) == (audio_address is None):
             raise ValueError("give either a source or audio_address=, not both or neither")
-        data, _ = await self._recognize(source, audio_address, format, sample_rate, params)
+        data, _ = await self._recognize(
+            source, audio_address, format, sample_rate, params, on_progress
+        )
         return wire.parse_flash(data)
 
 
@@ -567,11 +605,13 @@ class RestRecognizer(_TokenClient):
         *,
         format: str | None = None,
         sample_rate: int | None = None,
+        on_progress: UploadProgress | None = None,
         **params: Any,
     ) -> FileResult:
         """Recognise up to 60 s of audio; ``params`` are the service's query parameters
-        (``enable_punctuation_prediction``, ``enable_inverse_text_normalization``, ...)."""
-        data, upload = await self._recognize(source, None, format, sample_rate, params)
+        (``enable_punctuation_prediction``, ``enable_inverse_text_normalization``, ...);
+        ``on_progress`` as for :meth:`FlashRecognizer.recognize`."""
+        data, upload = await self._recognize(source, None, format, sample_rate, params, on_progress)
         assert upload is not None
         duration = round(upload.duration * 1000) if upload.duration is not None else 0
         return wire.parse_rest(data, duration)
