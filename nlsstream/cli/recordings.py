@@ -14,11 +14,9 @@ import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from nlsstream import (
-    AudioFormatError,
     AuthenticationError,
     Event,
     FileResult,
@@ -28,14 +26,24 @@ from nlsstream import (
     RestRecognizer,
     TaskFailedError,
 )
+from nlsstream.audio import check_audio_path
 from nlsstream.auth import DEFAULT_REGION
+from nlsstream.proxies import redact_proxy
 from nlsstream.quickstart import Services, print_notice, service_settings
 
 from .common import EXIT_OK, PROGRESS_INTERVAL, Interrupt, isatty
 from .output import ProgressBar, Transcript, recording_events, render
 from .realtime import file_transcript
 
-__all__ = ["FILE_TRANS_WAIT", "Phases", "is_url", "recognise", "run_recording", "services_for"]
+__all__ = [
+    "FILE_TRANS_WAIT",
+    "Phases",
+    "is_url",
+    "recognise",
+    "run_recording",
+    "run_result",
+    "services_for",
+]
 
 #: What each service's sentences are called in JSON Lines (``namespace``).
 _NAMESPACES = {"flash": "FlashRecognizer", "filetrans": "FileTrans", "rest": "RestRecognizer"}
@@ -156,10 +164,7 @@ def file_link(source: str, services: Services) -> str:
         return source
     host = urllib.parse.urlsplit(services.http_url or "").hostname or ""
     if services.local or host in _LOOPBACK:
-        path = Path(source)
-        if not path.is_file():
-            raise AudioFormatError(f"audio file not found: {source}")
-        return path.resolve().as_uri()
+        return check_audio_path(source).resolve().as_uri()
     raise ValueError(
         f"FileTrans downloads its audio from a URL: give an http(s):// URL the service can "
         f"fetch instead of {source}, or use --service flash for a local file"
@@ -174,7 +179,7 @@ def _flash_edition_hint() -> None:
     if not _hinted:
         _hinted.append(True)
         print_notice(
-            "FlashRecognizer needs a commercial-edition appkey in the cloud; "
+            "--service flash needs a commercial-edition appkey in the cloud; "
             "--service realtime works on every edition"
         )
 
@@ -201,17 +206,11 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-async def _file_trans(
-    args: argparse.Namespace,
-    services: Services,
-    source: str,
-    params: dict[str, Any],
-    phases: Phases | None,
-) -> FileResult:
+def _file_transcriber(args: argparse.Namespace, services: Services) -> FileTranscriber:
     assert services.access_key is not None
     ak_id, ak_secret = services.access_key
     local = services.http_url is not None
-    async with FileTranscriber(
+    return FileTranscriber(
         ak_id,
         ak_secret,
         appkey=services.appkey,
@@ -220,14 +219,43 @@ async def _file_trans(
         # The local emulator finishes in seconds: poll it every second (its limit).
         max_poll_interval=1.0 if local else 10.0,
         proxy=_proxy(args, services),
-    ) as ft:
+    )
+
+
+async def _wait_task(
+    args: argparse.Namespace, services: Services, task: FileTransTask, phases: Phases | None
+) -> FileResult:
+    """Wait ``--timeout`` for a FileTrans task; past it, say how to get the result later."""
+    if phases is not None:
+        phases.watch(task)
+    wait = args.timeout if args.timeout is not None else FILE_TRANS_WAIT
+    try:
+        return await task.wait(timeout=wait)
+    except TimeoutError:
+        late = f"FileTrans task {task.task_id} did not finish within {wait:g} s (--timeout)"
+        if services.local:
+            raise TimeoutError(
+                f"{late}; the embedded gateway's tasks end with this run: give a longer --timeout"
+            ) from None
+        url = f" --url {redact_proxy(args.url)}" if args.url else ""
+        raise TimeoutError(
+            f"{late}; it goes on: 'nlsstream result {task.task_id}{url}' prints its "
+            "result once it is done"
+        ) from None
+
+
+async def _file_trans(
+    args: argparse.Namespace,
+    services: Services,
+    source: str,
+    params: dict[str, Any],
+    phases: Phases | None,
+) -> FileResult:
+    async with _file_transcriber(args, services) as ft:
         if phases is not None:
             phases.enter("submitting")
         task = await ft.submit(file_link(source, services), **params)
-        if phases is not None:
-            phases.watch(task)
-        wait = args.timeout if args.timeout is not None else FILE_TRANS_WAIT
-        return await task.wait(timeout=wait)
+        return await _wait_task(args, services, task, phases)
 
 
 async def _flash(
@@ -306,11 +334,42 @@ async def recognise(
         result = await _flash(args, services, source, params, seconds, phases)
     else:
         result = await _rest(args, services, source, params, seconds, phases)
-    events: list[tuple[int, Event]] = list(recording_events(result, _NAMESPACES[service]))
     if service == "rest":
         channels = 1  # mixed to mono before upload
+    return _result_transcript(result, _NAMESPACES[service], channels)
+
+
+def _result_transcript(result: FileResult, namespace: str, channels: int) -> Transcript:
+    """A recording's result as the renderers take it: every channel, in time order."""
+    events: list[tuple[int, Event]] = list(recording_events(result, namespace))
     channels = max(channels, 1 + max((s.channel_id for s in result.sentences), default=0))
     return Transcript(events, channels)
+
+
+async def run_result(
+    args: argparse.Namespace, out: TextIO, interrupt: Interrupt, notice: Callable[[str], None]
+) -> int:
+    """``nlsstream result TASK_ID``: a FileTrans task's result, waited for up to
+    ``--timeout``, rendered as ``transcribe`` renders a recording's."""
+    if not (args.url or os.environ.get("NLS_URL")) and not (
+        os.environ.get("ALIYUN_AK_ID") and os.environ.get("ALIYUN_AK_SECRET")
+    ):
+        raise ValueError(
+            "a task is asked of the FileTrans service that runs it: set ALIYUN_AK_ID and "
+            "ALIYUN_AK_SECRET for the cloud, or give --url of the gateway"
+        )
+    shown = args.progress and isatty(sys.stderr)
+    phases = Phases(ProgressBar(None, sys.stderr, label="starting") if shown else None)
+    async with (
+        services_for(args, notice) as services,
+        phases.shown(),
+        _file_transcriber(args, services) as ft,
+    ):
+        result = await _wait_task(args, services, ft.task(args.task_id), phases)
+    render(_result_transcript(result, "FileTrans", 1).events, args.format, out, channel_ids=True)
+    if not result.text:
+        print_notice("no speech recognised")
+    return interrupt.status if interrupt.count else EXIT_OK
 
 
 def _check_files_extra() -> None:
@@ -343,9 +402,9 @@ async def run_recording(
     args: argparse.Namespace, out: TextIO, interrupt: Interrupt, notice: Callable[[str], None]
 ) -> int:
     """One input, one output (standard output or ``-o``): every channel in time order."""
-    if not is_url(args.source) and not await asyncio.to_thread(os.path.isfile, args.source):
+    if not is_url(args.source):
         # Before any gateway or connection: a missing file costs nothing.
-        raise AudioFormatError(f"audio file not found: {args.source}")
+        await asyncio.to_thread(check_audio_path, args.source)
     shown = args.progress and isatty(sys.stderr)
     phases = Phases(ProgressBar(None, sys.stderr, label="starting") if shown else None)
     async with services_for(args, notice) as services, phases.shown():

@@ -37,7 +37,7 @@ import numpy.typing as npt
 import soundfile
 
 from .. import auth
-from ..audio import _check_array, decode_channels, to_pcm16
+from ..audio import _check_array, check_audio_path, decode_channels, to_pcm16
 from ..errors import (
     FILE_TRANS_DONE,
     FILE_TRANS_PENDING,
@@ -193,9 +193,8 @@ def _prepare(
         rate = _target_rate(sample_rate)
         return _pcm_upload(to_pcm16(source, sample_rate, rate), rate, container=False)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(os.fspath(source))
-        if not path.is_file():
-            raise AudioFormatError(f"audio file not found: {path}")
+        path = check_audio_path(source)
+        name = f"audio file {path}"
         size = path.stat().st_size
         if keep_channels and size > FLASH_MAX_BYTES:
             raise AudioFormatError(_too_large(size))
@@ -207,6 +206,7 @@ def _prepare(
         if fmt is None and keep_channels and suffix in _FLASH_OPAQUE:
             fmt = _FLASH_OPAQUE[suffix]
     elif isinstance(source, (bytes, bytearray, memoryview)):
+        name = "the recording"
         data = bytes(source)
         container = fmt == "wav" or data[:4] in (b"RIFF", b"OggS", b"fLaC", b"ID3\x03", b"ID3\x04")
     else:
@@ -221,9 +221,11 @@ def _prepare(
         return _Upload(data, fmt.lower(), sample_rate or 16000, None)
     try:
         info = soundfile.info(io.BytesIO(data))
-    except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError):
+    except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError) as exc:
         if container:
-            raise AudioFormatError("the recording could not be decoded") from None
+            # libsndfile's own words ("Format not recognised."), without its BytesIO repr
+            reason = getattr(exc, "error_string", None) or type(exc).__name__
+            raise AudioFormatError(f"{name} could not be decoded: {reason}") from None
         return _raw_pcm(data, sample_rate, keep_channels)
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioFormatError("the recording contains no audio")
@@ -309,6 +311,22 @@ def _service_url(url: str, path: str) -> str:
     return url
 
 
+def _host(url: str) -> str:
+    """``host[:port]`` of ``url`` for messages: never its ``user:password@``."""
+    return urllib.parse.urlsplit(url).netloc.rpartition("@")[2]
+
+
+def _connect_failure(exc: Exception) -> str:
+    """Why a connection failed, in the system's words ("Connection refused"): aiohttp's
+    own text says ``ssl:default`` even for plain http."""
+    os_error = getattr(exc, "os_error", None)
+    if not isinstance(os_error, OSError):
+        return str(exc)
+    if isinstance(os_error.errno, int) and os_error.errno > 0:
+        return os.strerror(os_error.errno)
+    return os_error.strerror or str(os_error)
+
+
 def _flag(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -371,10 +389,11 @@ class _Client:
         **kwargs: Any,
     ) -> _Answer:
         """One request; network failures and timeouts become GatewayConnectionError."""
-        host = urllib.parse.urlsplit(url).netloc
+        host = _host(url)
         hide = (*self._secrets, *secrets)
         from yarl import URL  # aiohttp's URL type: ``encoded=True`` keeps our encoding
 
+        proxy: str | None = None
         try:
             target = URL(url, encoded=True)
             proxy = self._proxy(target)
@@ -386,6 +405,17 @@ class _Client:
         except asyncio.TimeoutError:
             raise GatewayConnectionError(
                 f"{self._service} at {host} did not answer within {self.timeout} s"
+            ) from None
+        except self._aiohttp.ClientSSLError as exc:  # before its base, ClientConnectorError
+            raise GatewayConnectionError(
+                f"{self._service} request to {host} failed: {redact(str(exc), *hide)}"
+            ) from None
+        except self._aiohttp.ClientConnectorError as exc:
+            where = host
+            if isinstance(exc, self._aiohttp.ClientProxyConnectionError) and proxy is not None:
+                where = f"the proxy {redact_proxy(proxy)} (for {host})"
+            raise GatewayConnectionError(
+                f"{self._service} cannot connect to {where}: {_connect_failure(exc)}"
             ) from None
         except self._aiohttp.ClientError as exc:
             raise GatewayConnectionError(
@@ -520,7 +550,7 @@ class _TokenClient(_Client):
         raise AssertionError("unreachable")
 
     def _check(self, answer: _Answer, token: str) -> dict[str, Any]:
-        host = urllib.parse.urlsplit(self.url).netloc
+        host = _host(self.url)
         data = answer.data
         status = data.get("status") if data is not None else None
         if data is None or isinstance(status, bool) or not isinstance(status, int):
@@ -801,7 +831,7 @@ class FileTranscriber(_Client):
             version=self.version,
             extra=extra,
         )
-        host = urllib.parse.urlsplit(self.endpoint).netloc
+        host = _host(self.endpoint)
         if method == "POST":
             query = {k: v for k, v in params.items() if k not in extra}
             url = f"{self.endpoint}?{auth.canonical_query(query)}"
