@@ -218,6 +218,7 @@ def _session_options(recordings: bool) -> argparse.ArgumentParser:
         "on stdin when stderr is a terminal, unless live text is on it; for one "
         "recording its phase: uploading, recognising, queueing...",
     )
+    _stats_option(p)
     p.set_defaults(format="text")
     return p
 
@@ -249,6 +250,17 @@ def _output_options(p: argparse.ArgumentParser, *, progress: str) -> None:
         help=f"no progress on stderr ({progress})",
     )
     out.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+
+
+def _stats_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="at the end, the session's figures on stderr, one a line: audio sent, frames, "
+        "lateness, time to first partial, final-sentence latency p50/p90/p99, first-partial "
+        "latency, stop -> completed, resumes, replayed and keepalive audio (real time); "
+        "the time of each phase (a recording)",
+    )
 
 
 def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -478,6 +490,8 @@ def _ignored_options(args: argparse.Namespace) -> list[str]:
         ignored.append("--force applies to a batch (--output-dir), not to one input")
     if not batch and args.jobs is not None:
         ignored.append("-j applies to a batch (--output-dir), not to one input")
+    if batch and args.stats:
+        ignored.append("--stats applies to one input, not to a batch")
     if args.words and args.format != "jsonl":
         ignored.append("--words shows word times in --jsonl output only")
     return ignored

@@ -33,7 +33,7 @@ from nlsstream.quickstart import Services, print_notice, service_settings
 
 from .common import EXIT_OK, PROGRESS_INTERVAL, Interrupt, isatty
 from .output import ProgressBar, Transcript, recording_events, render
-from .realtime import file_transcript
+from .realtime import file_transcript, print_stats
 
 __all__ = [
     "FILE_TRANS_WAIT",
@@ -75,7 +75,7 @@ class Phases:
         self.bar = bar
         self.times: dict[str, float] = {}
         self._phase: str | None = None
-        self._since = time.monotonic()
+        self._since = self.started = time.monotonic()
         self._done = 0.0
         self._task: FileTransTask | None = None
 
@@ -339,6 +339,16 @@ async def recognise(
     return _result_transcript(result, _NAMESPACES[service], channels)
 
 
+def _phase_stats(phases: Phases) -> list[tuple[str, str]]:
+    """``--stats`` of a recording: the time of each phase and in all (latencies,
+    lateness and resumes are figures of a real-time session)."""
+    total = time.monotonic() - phases.started
+    figures = [(name, f"{seconds:.2f} s") for name, seconds in phases.times.items()]
+    figures.append(("total", f"{total:.2f} s"))
+    figures.append(("note", "latencies, lateness and resumes are measured with --service realtime"))
+    return figures
+
+
 def _result_transcript(result: FileResult, namespace: str, channels: int) -> Transcript:
     """A recording's result as the renderers take it: every channel, in time order."""
     events: list[tuple[int, Event]] = list(recording_events(result, namespace))
@@ -407,8 +417,12 @@ async def run_recording(
         await asyncio.to_thread(check_audio_path, args.source)
     shown = args.progress and isatty(sys.stderr)
     phases = Phases(ProgressBar(None, sys.stderr, label="starting") if shown else None)
-    async with services_for(args, notice) as services, phases.shown():
-        transcript = await recognise(args, services, args.source, phases)
+    try:
+        async with services_for(args, notice) as services, phases.shown():
+            transcript = await recognise(args, services, args.source, phases)
+    finally:
+        if args.stats:
+            print_stats(_phase_stats(phases))
     render(transcript.events, args.format, out, channel_ids=args.service != "realtime")
     if not transcript.text:
         print_notice("no speech recognised")
