@@ -52,6 +52,7 @@ __all__ = [
     "AudioChunk",
     "AudioSource",
     "Framer",
+    "check_audio_path",
     "decode_bytes",
     "decode_channels",
     "frame_bytes_for",
@@ -330,6 +331,17 @@ def to_pcm16(data: npt.NDArray[Any], source_rate: float, target_rate: float) -> 
     return _array_to_pcm16(data, src, dst)
 
 
+def check_audio_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if it names a file; else
+    :class:`AudioFormatError` saying what it is instead (missing, a directory)."""
+    p = Path(os.fspath(path))
+    if p.is_dir():
+        raise AudioFormatError(f"{p} is a directory, not an audio file")
+    if not p.exists():
+        raise AudioFormatError(f"audio file not found: {p}")
+    return p
+
+
 def load_file(path: str | os.PathLike[str], sample_rate: int) -> bytes:
     """Read an audio file and return PCM16LE mono at ``sample_rate`` (blocking).
 
@@ -339,11 +351,7 @@ def load_file(path: str | os.PathLike[str], sample_rate: int) -> bytes:
     with a warning (the data is not the caller's to fix); NaN/inf is rejected.
     """
     rate = _check_session_rate(sample_rate)
-    p = Path(os.fspath(path))
-    if not p.exists():
-        raise AudioFormatError(f"audio file not found: {p}")
-    if p.is_dir():
-        raise AudioFormatError(f"audio path is a directory, not a file: {p}")
+    p = check_audio_path(path)
     if p.suffix.lower() in _RAW_SUFFIXES:
         try:
             pcm = p.read_bytes()

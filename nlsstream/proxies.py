@@ -40,7 +40,7 @@ def system_proxy(scheme: str, host: str) -> str | None:
 
 
 def redact_proxy(url: str) -> str:
-    """A proxy URL without its password (``scheme://user:***@host``)."""
+    """A URL (a proxy's, a gateway's) without its password (``scheme://user:***@host``)."""
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url

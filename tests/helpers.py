@@ -573,9 +573,11 @@ def run_together(
     return results
 
 
-def run_with_terminal(*args: str, stream: str) -> tuple[int, str, str]:
+def run_with_terminal(
+    *args: str, stream: str, env: Mapping[str, str] | None = None
+) -> tuple[int, str, str]:
     """Run the CLI with ``stream`` ("stdout" or "stderr") on a pseudo-terminal; returns
-    (status, what the terminal showed, the other stream)."""
+    (status, what the terminal showed, the other stream). ``env`` as for :func:`run_cli`."""
     pty = pytest.importorskip("pty")
     master, slave = pty.openpty()
     with os.fdopen(master, "rb", buffering=0) as terminal:
@@ -583,7 +585,7 @@ def run_with_terminal(*args: str, stream: str) -> tuple[int, str, str]:
             [*CLI, *args],
             stdout=slave if stream == "stdout" else subprocess.PIPE,
             stderr=slave if stream == "stderr" else subprocess.PIPE,
-            env=clean_env(),
+            env=dict(env) if env is not None else clean_env(),
         )
         os.close(slave)
         shown = b""

@@ -146,7 +146,7 @@ def test_a_batch_keeps_every_good_output_when_inputs_fail(
         )
     lines = err.splitlines()
     assert any(
-        re.fullmatch(r"nlsstream: error: .*bad\.wav: .*could not be decoded", x) for x in lines
+        re.fullmatch(r"nlsstream: error: .*bad\.wav: .*could not be decoded: .+", x) for x in lines
     )
     assert any(re.fullmatch(r"nlsstream: error: .*missing\.wav: .*not found.*", x) for x in lines)
     assert lines[-1] == "nlsstream: 3 of 5 done, 2 failed"

@@ -35,6 +35,7 @@ from .common import (
     isatty,
     one_line,
     open_output,
+    token_given,
 )
 from .output import ProgressBar, Transcript, render
 from .recordings import file_link, is_url, recognise, services_for
@@ -166,7 +167,10 @@ async def run_batch(
     args: argparse.Namespace, interrupt: Interrupt, notice: Callable[[str], None]
 ) -> int:
     """Every input of ``args.inputs`` into ``args.output_dir``; see the module docstring."""
-    await asyncio.to_thread(os.makedirs, args.output_dir, exist_ok=True)
+    try:
+        await asyncio.to_thread(os.makedirs, args.output_dir, exist_ok=True)
+    except OSError as exc:  # e.g. a file on the way to it
+        raise OSError(f"cannot create --output-dir {args.output_dir}: {exc.strerror}") from None
     bases = {s: output_base(s, args.output_dir) for s in args.inputs}
     skipped = [s for s in args.inputs if not args.force and _done(bases[s], args.format)]
     todo = [s for s in args.inputs if s not in skipped]
@@ -215,7 +219,7 @@ async def run_batch(
                     log.debug("%s failed", source, exc_info=True)
                     expected = isinstance(exc, (NlsError, OSError, ValueError, TimeoutError))
                     shown = exc if expected else RuntimeError(f"{type(exc).__name__}: {exc}")
-                    message = one_line(shown, secrets)
+                    message = one_line(shown, secrets, token=token_given(args))
                     say(f"nlsstream: error: {source}: {message}")
                     return
                 tally.done += 1

@@ -11,17 +11,19 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import stat
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from nlsstream import NlsError
+from nlsstream import AuthenticationError, NlsError
 from nlsstream.errors import redact
 from nlsstream.quickstart import print_notice
-from nlsstream.redaction import get_logger
+from nlsstream.redaction import get_logger, register
 
 __all__ = [
     "BATCH_EXIT_CODES",
@@ -34,6 +36,7 @@ __all__ = [
     "PROGRESS_INTERVAL",
     "Interrupt",
     "Output",
+    "cli_words",
     "command_secrets",
     "fail",
     "isatty",
@@ -41,6 +44,7 @@ __all__ = [
     "one_line",
     "open_output",
     "run",
+    "token_given",
 ]
 
 log = get_logger("nlsstream.cli")
@@ -70,12 +74,41 @@ BATCH_EXIT_CODES = (
 PROGRESS_INTERVAL = 0.1
 
 
-def one_line(exc: BaseException, secrets: Sequence[str | None] = ()) -> str:
-    """An expected failure as one line: its message, secrets redacted, whitespace folded.
+#: The library's words for Python users, and the command line's for the same thing: every
+#: message leaving the command line passes here (:func:`one_line`).
+_CLI_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\bFlashRecognizer or FileTranscriber\b"), "--service flash or filetrans"),
+    (re.compile(r"\bthe (flash|rest) service takes at most"), r"--service \1 takes at most"),
+    (re.compile(r"\bFlashRecognizer takes at most"), "--service flash takes at most"),
+    (re.compile(r"\buse FileTranscriber\b"), "use --service filetrans"),
+    (re.compile(r"\bpass proxy=None\b"), "give --proxy none"),
+)
+#: Said after a rejected token when the command was given none.
+_NO_TOKEN = (
+    "; no token was configured: set NLS_TOKEN or give --token (or set ALIYUN_AK_ID and "
+    "ALIYUN_AK_SECRET, from which tokens are made)"
+)
+
+
+def cli_words(text: str) -> str:
+    """``text`` with the library's Python names (classes, arguments) replaced by the
+    command line's options."""
+    for pattern, words in _CLI_WORDS:
+        text = pattern.sub(words, text)
+    return text
+
+
+def one_line(exc: BaseException, secrets: Sequence[str | None] = (), *, token: bool = True) -> str:
+    """An expected failure as one line in the command line's words (:func:`cli_words`),
+    secrets redacted, whitespace folded; ``token``: whether a token was configured (a
+    rejected one without says how to configure it).
 
     The SDK never puts a token in a message; redacting here is a second line of defence.
     """
-    return " ".join(redact(str(exc) or type(exc).__name__, *secrets).split())
+    text = cli_words(str(exc) or type(exc).__name__)
+    if isinstance(exc, AuthenticationError) and not token:
+        text += _NO_TOKEN
+    return " ".join(redact(text, *secrets).split())
 
 
 def fail(message: str) -> int:
@@ -84,8 +117,10 @@ def fail(message: str) -> int:
     return EXIT_FAILURE
 
 
-def run(coro: Any, *, verbose: bool, secrets: Sequence[str | None] = ()) -> int:
-    """Run ``coro`` and turn every expected failure into one line on stderr."""
+def run(coro: Any, *, verbose: bool, secrets: Sequence[str | None] = (), token: bool = True) -> int:
+    """Run ``coro`` and turn every expected failure into one line on stderr
+    (:func:`one_line`; the ``secrets`` are hidden in log lines too)."""
+    register(*secrets)
     try:
         status: int = asyncio.run(coro)
         return status
@@ -99,15 +134,35 @@ def run(coro: Any, *, verbose: bool, secrets: Sequence[str | None] = ()) -> int:
     except (NlsError, OSError, ValueError, ImportError) as exc:  # ImportError: an extra
         if verbose:
             log.debug("failed", exc_info=True)
-        return fail(one_line(exc, secrets))
+        return fail(one_line(exc, secrets, token=token))
+
+
+def _password(url: str | None) -> str | None:
+    with contextlib.suppress(ValueError):
+        return urllib.parse.urlsplit(url or "").password
+    return None
 
 
 def command_secrets(args: argparse.Namespace) -> tuple[str | None, ...]:
-    """What no message may show: the token given and those of the environment."""
+    """What no message may show: the token given and those of the environment, and the
+    password of any URL given (``http://user:PASSWORD@host``)."""
+    urls = (getattr(args, name, None) for name in ("url", "proxy", "token_endpoint", "endpoint"))
     return (
         getattr(args, "token", None),
         os.environ.get("NLS_TOKEN"),
         os.environ.get("ALIYUN_AK_SECRET"),
+        *(_password(url) for url in (*urls, os.environ.get("NLS_URL"))),
+    )
+
+
+def token_given(args: argparse.Namespace) -> bool:
+    """Whether a token is configured: ``--token``, ``NLS_TOKEN``, or an AccessKey that
+    makes them."""
+    env = os.environ
+    return bool(
+        getattr(args, "token", None)
+        or env.get("NLS_TOKEN")
+        or (env.get("ALIYUN_AK_ID") and env.get("ALIYUN_AK_SECRET"))
     )
 
 

@@ -7,6 +7,8 @@ Subcommands:
   :mod:`nlsstream.cli.batch` for several inputs), standard input and the microphone in
   real time (:mod:`nlsstream.cli.realtime`);
 * ``nlsstream recognize FILE|-``: sentence recognition (one utterance, at most 60 s);
+* ``nlsstream result TASK_ID``: the result of a FileTrans task (one that ``transcribe
+  --service filetrans`` stopped waiting for);
 * ``nlsstream serve``: run the local NLS gateway until SIGINT/SIGTERM
   (:mod:`nlsstream.cli.serve`, also ``--light``);
 * ``nlsstream token``: fetch a token with the AccessKey from the environment.
@@ -49,9 +51,10 @@ from .common import (
     notice_for,
     open_output,
     run,
+    token_given,
 )
 from .realtime import transcribe_session
-from .recordings import is_url, run_recording
+from .recordings import FILE_TRANS_WAIT, is_url, run_recording, run_result
 from .serve import add_serve
 
 __all__ = ["build_parser", "main"]
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_transcribe(sub)
     _add_recognize(sub)
+    _add_result(sub)
     add_serve(sub)
     _add_token(sub)
     return parser
@@ -208,6 +212,19 @@ def _session_options(recordings: bool) -> argparse.ArgumentParser:
         action="store_true",
         help="inverse text normalisation: numbers as digits (cloud only)",
     )
+    _output_options(
+        p,
+        progress="shown with elapsed time and ETA for files and containers "
+        "on stdin when stderr is a terminal, unless live text is on it; for one "
+        "recording its phase: uploading, recognising, queueing...",
+    )
+    _stats_option(p)
+    p.set_defaults(format="text")
+    return p
+
+
+def _output_options(p: argparse.ArgumentParser, *, progress: str) -> None:
+    """The output options of transcribe, recognize and result."""
     out = p.add_argument_group("output")
     fmt = out.add_mutually_exclusive_group()
     fmt.add_argument(
@@ -230,12 +247,20 @@ def _session_options(recordings: bool) -> argparse.ArgumentParser:
         "--no-progress",
         dest="progress",
         action="store_false",
-        help="no progress bar on stderr (shown with elapsed time and ETA for files and "
-        "containers on stdin when stderr is a terminal, unless live text is on it)",
+        help=f"no progress on stderr ({progress})",
     )
     out.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
-    p.set_defaults(format="text")
-    return p
+
+
+def _stats_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="at the end, the session's figures on stderr, one a line: audio sent, frames, "
+        "lateness, time to first partial, final-sentence latency p50/p90/p99, first-partial "
+        "latency, stop -> completed, resumes, replayed and keepalive audio (real time); "
+        "the time of each phase (a recording)",
+    )
 
 
 def _add_transcribe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -333,6 +358,62 @@ def _add_recognize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
 
 
+def _add_result(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "result",
+        help="print the result of a FileTrans task (e.g. one transcribe stopped waiting for)",
+        description=(
+            "Print the result of a FileTrans task submitted earlier (by 'transcribe "
+            "--service filetrans', which names the task when its --timeout passes, or by "
+            "any other client), waiting while it is queued or running. Asks the cloud "
+            "with ALIYUN_AK_ID/ALIYUN_AK_SECRET, or the gateway of --url / NLS_URL."
+        ),
+        epilog="exit status: 0 done, 1 failure (one line on stderr: the task failed, is "
+        "unknown, or did not finish within --timeout), 2 usage error, 130/143 interrupted",
+    )
+    p.add_argument("task_id", metavar="TASK_ID", help="the task's id")
+    conn = p.add_argument_group("connection")
+    conn.add_argument(
+        "--url", help="gateway URL (default: NLS_URL; else the cloud's FileTrans endpoint)"
+    )
+    conn.add_argument("--appkey", help="project appkey (default: NLS_APPKEY)")
+    conn.add_argument(
+        "--proxy",
+        type=_proxy,
+        metavar="URL|none",
+        help="an http:// proxy, or 'none' to connect directly (default: the system's)",
+    )
+    conn.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help=f"how long the task is waited for (default {FILE_TRANS_WAIT / 3600:g} h)",
+    )
+    _output_options(p, progress="the task's status and the time elapsed, on a terminal")
+    p.set_defaults(
+        func=_result_cmd,
+        format="text",
+        service="filetrans",
+        token=None,
+        token_endpoint=None,
+        jobs=1,
+        punctuation=False,
+        itn=False,
+    )
+
+
+def _result_cmd(args: argparse.Namespace) -> int:
+    _log_verbosely(args.verbose)
+    try:
+        with open_output(args.output) as output:
+            secrets = command_secrets(args)
+            status = run(_interruptible(args, output.file), verbose=args.verbose, secrets=secrets)
+            output.keep = status == EXIT_OK
+            return status
+    except OSError as exc:  # run() handles everything else: this is opening/closing FILE
+        return fail(f"cannot write {args.output}: {exc.strerror or exc}")
+
+
 def _check_source(args: argparse.Namespace) -> str | None:
     if args.mic and args.source:
         return "give either FILE|- or --mic, not both"
@@ -395,6 +476,8 @@ def _check_transcribe(args: argparse.Namespace) -> str | None:
     if args.output_dir is not None:
         if live:
             return "--output-dir takes files or URLs, not - or --mic"
+        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+            return f"--output-dir {args.output_dir} is a file, not a directory"
         return collisions(inputs, args.output_dir)
     return None
 
@@ -407,6 +490,8 @@ def _ignored_options(args: argparse.Namespace) -> list[str]:
         ignored.append("--force applies to a batch (--output-dir), not to one input")
     if not batch and args.jobs is not None:
         ignored.append("-j applies to a batch (--output-dir), not to one input")
+    if batch and args.stats:
+        ignored.append("--stats applies to one input, not to a batch")
     if args.words and args.format != "jsonl":
         ignored.append("--words shows word times in --jsonl output only")
     return ignored
@@ -415,19 +500,16 @@ def _ignored_options(args: argparse.Namespace) -> list[str]:
 def _transcribe_cmd(args: argparse.Namespace) -> int:
     for warning in getattr(args, "ignored", ()):
         print_notice(f"warning: {warning}")
-    if args.verbose:
-        logging.basicConfig(
-            level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        # websockets logs every frame at DEBUG: hundreds of audio frames per second.
-        logging.getLogger("websockets").setLevel(logging.INFO)
+    _log_verbosely(args.verbose)
     secrets = command_secrets(args)
+    token = token_given(args)
     if args.output_dir is not None:
-        return run(_interruptible(args, None), verbose=args.verbose, secrets=secrets)
+        coro = _interruptible(args, None)
+        return run(coro, verbose=args.verbose, secrets=secrets, token=token)
     try:
         with open_output(args.output) as output:
             coro = _interruptible(args, output.file)
-            status = run(coro, verbose=args.verbose, secrets=secrets)
+            status = run(coro, verbose=args.verbose, secrets=secrets, token=token)
             # Real time keeps the sentences spoken before a signal; a recording
             # interrupted has nothing to keep, and leaves an existing FILE as it was.
             output.keep = status == EXIT_OK or (
@@ -442,6 +524,16 @@ def _transcribe_cmd(args: argparse.Namespace) -> int:
             return status
     except OSError as exc:  # run() handles everything else: this is opening/closing FILE
         return fail(f"cannot write {args.output}: {exc.strerror or exc}")
+
+
+def _log_verbosely(verbose: bool) -> None:
+    """``-v``: nlsstream's details on stderr."""
+    if verbose:
+        logging.basicConfig(
+            level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        # websockets logs every frame at DEBUG: hundreds of audio frames per second.
+        logging.getLogger("websockets").setLevel(logging.INFO)
 
 
 def _special(path: str) -> bool:
@@ -476,6 +568,8 @@ async def _interruptible(args: argparse.Namespace, out: TextIO | None) -> int:
     try:
         if out is None:
             return await run_batch(args, interrupt, notice_for(args))
+        if args.command == "result":
+            return await run_result(args, out, interrupt, notice_for(args))
         if args.service != "realtime":
             return await run_recording(args, out, interrupt, notice_for(args))
         return await transcribe_session(args, out, interrupt)

@@ -406,19 +406,21 @@ class ProgressBar:
     :meth:`update` takes the amount done so far (e.g. ms of audio sent) and redraws only
     when the shown percentage, second or ``label`` (which may be changed, e.g. to show
     counts) changes; :meth:`close` erases the line (a later :meth:`update` draws it again).
+    A ``total`` of ``None`` (a phase of unknown length: "recognising") shows no bar, only
+    the label and the time elapsed; ``total`` may be changed between updates.
     ``clock`` gives the time in seconds (default :func:`time.monotonic`).
     """
 
     def __init__(
         self,
-        total: float,
+        total: float | None,
         out: TextIO,
         *,
         label: str = "sent",
         width: int = 30,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.total = max(float(total), 1e-9)
+        self.total = total
         self.out = out
         self.label = label
         self.width = width
@@ -428,7 +430,9 @@ class ProgressBar:
 
     def render(self, done: float, elapsed: float = 0.0) -> str:
         """The bar's text for ``done`` (clamped to 0..total) after ``elapsed`` seconds."""
-        fraction = min(max(done / self.total, 0.0), 1.0)
+        if self.total is None:
+            return f"{self.label}  {format_duration(elapsed)} elapsed"
+        fraction = self._fraction(done)
         filled = round(fraction * self.width)
         bar = "#" * filled + "-" * (self.width - filled)
         text = f"[{bar}] {fraction * 100:3.0f}% {self.label}  {format_duration(elapsed)} elapsed"
@@ -436,9 +440,15 @@ class ProgressBar:
             text += f", ETA {format_duration(elapsed * (1 - fraction) / fraction)}"
         return text
 
-    def update(self, done: float) -> None:
+    def _fraction(self, done: float) -> float:
+        total = max(float(self.total or 0.0), 1e-9)
+        return min(max(done / total, 0.0), 1.0)
+
+    def update(self, done: float = 0.0) -> None:
+        """Redraw for ``done`` so far, if what is shown changes."""
         elapsed = self._clock() - self._start
-        shown = (int(min(max(done / self.total, 0.0), 1.0) * 100), int(elapsed), self.label)
+        percent = -1 if self.total is None else int(self._fraction(done) * 100)
+        shown = (percent, int(elapsed), self.label)
         if shown == self._shown:
             return
         self._shown = shown
@@ -446,6 +456,7 @@ class ProgressBar:
         self.out.flush()
 
     def close(self) -> None:
+        """Erase the line."""
         if self._shown is not None:
             self.out.write(CLEAR_LINE)
             self.out.flush()

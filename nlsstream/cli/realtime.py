@@ -13,7 +13,15 @@ import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal, TextIO
 
-from nlsstream import ConfigurationError, Event, NlsError, Recognizer, Resumed, Transcriber
+from nlsstream import (
+    ConfigurationError,
+    Event,
+    Metrics,
+    NlsError,
+    Recognizer,
+    Resumed,
+    Transcriber,
+)
 from nlsstream.audio import load_file
 from nlsstream.proxies import redact_proxy, system_proxy
 from nlsstream.quickstart import Services, print_notice, service_settings
@@ -22,7 +30,14 @@ from .common import EXIT_OK, PROGRESS_INTERVAL, Interrupt, isatty, notice_for
 from .output import ProgressBar, Renderer, Transcript, renderer_for
 from .stdin import stdin_audio
 
-__all__ = ["REALTIME_TIMEOUT", "file_transcript", "realtime_params", "transcribe_session"]
+__all__ = [
+    "REALTIME_TIMEOUT",
+    "file_transcript",
+    "print_stats",
+    "realtime_params",
+    "session_stats",
+    "transcribe_session",
+]
 
 #: Real time: the default limit for connecting, starting and the silence after Stop.
 REALTIME_TIMEOUT = 10.0
@@ -39,6 +54,40 @@ def realtime_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_sentence_silence is not None:
         params["max_sentence_silence"] = args.max_sentence_silence
     return params
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} ms"
+
+
+def _seconds(nbytes: int, metrics: Metrics) -> str:
+    return f"{nbytes / (2 * metrics.sample_rate):.2f} s"
+
+
+def session_stats(metrics: Metrics) -> list[tuple[str, str]]:
+    """A real-time session's figures for ``--stats``, as ``(name, value)``; ``n/a``
+    for what the session never measured (no paced frame, no sentence, no partial)."""
+    paced = metrics.paced_frames > 0
+    return [
+        ("audio sent", f"{metrics.audio_ms_sent / 1000:.2f} s"),
+        ("frames sent", str(metrics.frames_sent)),
+        ("lateness p99", f"{metrics.p99_lateness_ms:.1f} ms" if paced else "n/a"),
+        ("lateness max", f"{metrics.max_lateness_ms:.1f} ms" if paced else "n/a"),
+        ("time to first partial", _ms(metrics.time_to_first_partial_ms)),
+        *[(f"final latency p{p}", _ms(metrics.final_latency_ms(p))) for p in (50, 90, 99)],
+        ("first-partial latency p50", _ms(metrics.first_partial_latency_ms(50))),
+        ("stop -> completed", _ms(metrics.stop_to_completed_ms)),
+        ("resumes", str(metrics.reconnects)),
+        ("replayed audio", _seconds(metrics.replayed_bytes, metrics)),
+        ("keepalive audio", _seconds(metrics.keepalive_bytes, metrics)),
+    ]
+
+
+def print_stats(figures: list[tuple[str, str]]) -> None:
+    """``--stats``: one line a figure on stderr (``nlsstream: stats: NAME: VALUE``)."""
+    for name, value in figures:
+        print(f"nlsstream: stats: {name}: {value}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def session_proxy(args: argparse.Namespace, services: Services) -> str | Literal[True] | None:
@@ -199,6 +248,8 @@ async def transcribe_session(args: argparse.Namespace, out: TextIO, interrupt: I
             )
         )
         session = _session(args, services, intermediate=intermediate)
+        if args.stats:  # at the end, whatever the end
+            stack.callback(lambda: print_stats(session_stats(session.metrics)))
         events = session.events()  # subscribed before start: sees every event
         render_task = asyncio.create_task(render_events(events, renderer))
         try:

@@ -10,29 +10,40 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import sys
+import time
 import urllib.parse
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal, TextIO
 
 from nlsstream import (
-    AudioFormatError,
     AuthenticationError,
     Event,
     FileResult,
     FileTranscriber,
+    FileTransTask,
     FlashRecognizer,
     RestRecognizer,
     TaskFailedError,
 )
+from nlsstream.audio import check_audio_path
 from nlsstream.auth import DEFAULT_REGION
+from nlsstream.proxies import redact_proxy
 from nlsstream.quickstart import Services, print_notice, service_settings
 
-from .common import EXIT_OK, Interrupt
-from .output import Transcript, recording_events, render
-from .realtime import file_transcript
+from .common import EXIT_OK, PROGRESS_INTERVAL, Interrupt, isatty
+from .output import ProgressBar, Transcript, recording_events, render
+from .realtime import file_transcript, print_stats
 
-__all__ = ["FILE_TRANS_WAIT", "is_url", "recognise", "run_recording", "services_for"]
+__all__ = [
+    "FILE_TRANS_WAIT",
+    "Phases",
+    "is_url",
+    "recognise",
+    "run_recording",
+    "run_result",
+    "services_for",
+]
 
 #: What each service's sentences are called in JSON Lines (``namespace``).
 _NAMESPACES = {"flash": "FlashRecognizer", "filetrans": "FileTrans", "rest": "RestRecognizer"}
@@ -49,6 +60,82 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 def is_url(source: str) -> bool:
     """Whether an input names a URL (``http(s)://`` or ``file://``) rather than a path."""
     return urllib.parse.urlsplit(source).scheme in _URL_SCHEMES
+
+
+#: What FileTrans' pending statuses are called on the progress line.
+_FILE_TRANS_PHASES = {21050001: "running", 21050002: "queueing"}
+
+
+class Phases:
+    """One recording's phases (``preparing``, ``uploading``, ``recognising``; FileTrans:
+    ``submitting``, ``queueing``, ``running``): shown on ``bar`` (a terminal's progress
+    line, or ``None``) and timed for ``--stats`` (:attr:`times`, seconds per phase)."""
+
+    def __init__(self, bar: ProgressBar | None) -> None:
+        self.bar = bar
+        self.times: dict[str, float] = {}
+        self._phase: str | None = None
+        self._since = self.started = time.monotonic()
+        self._done = 0.0
+        self._task: FileTransTask | None = None
+
+    def enter(
+        self, phase: str | None, label: str | None = None, total: float | None = None
+    ) -> None:
+        """Now in ``phase`` (``None``: over), shown as ``label`` (default: the phase)
+        with a bar of ``total`` (``None``: no bar)."""
+        now = time.monotonic()
+        if phase != self._phase:
+            if self._phase is not None:
+                self.times[self._phase] = self.times.get(self._phase, 0.0) + now - self._since
+            self._phase, self._since, self._done = phase, now, 0.0
+        if self.bar is not None and phase is not None:
+            self.bar.label, self.bar.total = label or phase, total
+            self.bar.update(self._done)
+
+    def upload(self, sent: int, total: int) -> None:
+        """The recording clients' ``on_progress``: uploading, then recognising."""
+        if sent >= total:
+            self.enter("recognising")
+            return
+        self.enter("uploading", f"uploading {sent / 1e6:.1f}/{total / 1e6:.1f} MB", total)
+        self._done = sent
+        if self.bar is not None:
+            self.bar.update(sent)
+
+    def watch(self, task: FileTransTask) -> None:
+        """Follow a FileTrans task's status (queueing, running) as it is polled."""
+        self._task = task
+        self.tick()
+
+    def tick(self) -> None:
+        """Redraw: the time elapsed, and a watched task's latest status."""
+        if self._task is not None:
+            phase = _FILE_TRANS_PHASES.get(self._task.status, "waiting")
+            self.enter(phase, f"FileTrans task {self._task.task_id} {phase}")
+        elif self.bar is not None:
+            self.bar.update(self._done)
+
+    @contextlib.asynccontextmanager
+    async def shown(self) -> AsyncIterator[None]:
+        """Redraw every :data:`PROGRESS_INTERVAL` (the elapsed time) while inside; end
+        the last phase and erase the line on the way out."""
+        ticker = asyncio.create_task(self._tick()) if self.bar is not None else None
+        try:
+            yield
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+            self.enter(None)
+            if self.bar is not None:
+                self.bar.close()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            self.tick()
 
 
 def _timeout(args: argparse.Namespace, extra: float) -> float:
@@ -77,10 +164,7 @@ def file_link(source: str, services: Services) -> str:
         return source
     host = urllib.parse.urlsplit(services.http_url or "").hostname or ""
     if services.local or host in _LOOPBACK:
-        path = Path(source)
-        if not path.is_file():
-            raise AudioFormatError(f"audio file not found: {source}")
-        return path.resolve().as_uri()
+        return check_audio_path(source).resolve().as_uri()
     raise ValueError(
         f"FileTrans downloads its audio from a URL: give an http(s):// URL the service can "
         f"fetch instead of {source}, or use --service flash for a local file"
@@ -95,7 +179,7 @@ def _flash_edition_hint() -> None:
     if not _hinted:
         _hinted.append(True)
         print_notice(
-            "FlashRecognizer needs a commercial-edition appkey in the cloud; "
+            "--service flash needs a commercial-edition appkey in the cloud; "
             "--service realtime works on every edition"
         )
 
@@ -122,13 +206,11 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-async def _file_trans(
-    args: argparse.Namespace, services: Services, source: str, params: dict[str, Any]
-) -> FileResult:
+def _file_transcriber(args: argparse.Namespace, services: Services) -> FileTranscriber:
     assert services.access_key is not None
     ak_id, ak_secret = services.access_key
     local = services.http_url is not None
-    async with FileTranscriber(
+    return FileTranscriber(
         ak_id,
         ak_secret,
         appkey=services.appkey,
@@ -137,10 +219,43 @@ async def _file_trans(
         # The local emulator finishes in seconds: poll it every second (its limit).
         max_poll_interval=1.0 if local else 10.0,
         proxy=_proxy(args, services),
-    ) as ft:
-        task = await ft.submit(file_link(source, services), **params)
-        wait = args.timeout if args.timeout is not None else FILE_TRANS_WAIT
+    )
+
+
+async def _wait_task(
+    args: argparse.Namespace, services: Services, task: FileTransTask, phases: Phases | None
+) -> FileResult:
+    """Wait ``--timeout`` for a FileTrans task; past it, say how to get the result later."""
+    if phases is not None:
+        phases.watch(task)
+    wait = args.timeout if args.timeout is not None else FILE_TRANS_WAIT
+    try:
         return await task.wait(timeout=wait)
+    except TimeoutError:
+        late = f"FileTrans task {task.task_id} did not finish within {wait:g} s (--timeout)"
+        if services.local:
+            raise TimeoutError(
+                f"{late}; the embedded gateway's tasks end with this run: give a longer --timeout"
+            ) from None
+        url = f" --url {redact_proxy(args.url)}" if args.url else ""
+        raise TimeoutError(
+            f"{late}; it goes on: 'nlsstream result {task.task_id}{url}' prints its "
+            "result once it is done"
+        ) from None
+
+
+async def _file_trans(
+    args: argparse.Namespace,
+    services: Services,
+    source: str,
+    params: dict[str, Any],
+    phases: Phases | None,
+) -> FileResult:
+    async with _file_transcriber(args, services) as ft:
+        if phases is not None:
+            phases.enter("submitting")
+        task = await ft.submit(file_link(source, services), **params)
+        return await _wait_task(args, services, task, phases)
 
 
 async def _flash(
@@ -149,6 +264,7 @@ async def _flash(
     source: str,
     params: dict[str, Any],
     seconds: float,
+    phases: Phases | None,
 ) -> FileResult:
     url, timeout = _cloud_url(services), _timeout(args, seconds)
     async with FlashRecognizer(
@@ -156,8 +272,16 @@ async def _flash(
     ) as f:
         try:
             if is_url(source):
+                if phases is not None:
+                    phases.enter("recognising")  # the service downloads the URL
                 return await f.recognize(audio_address=source, **params)
-            return await f.recognize(source, sample_rate=args.sample_rate, **params)
+            on_progress = None
+            if phases is not None:
+                phases.enter("preparing")
+                on_progress = phases.upload
+            return await f.recognize(
+                source, sample_rate=args.sample_rate, on_progress=on_progress, **params
+            )
         except (TaskFailedError, AuthenticationError):
             if services.http_url is None:
                 _flash_edition_hint()
@@ -170,12 +294,19 @@ async def _rest(
     source: str,
     params: dict[str, Any],
     seconds: float,
+    phases: Phases | None,
 ) -> FileResult:
     url, timeout = _cloud_url(services), _timeout(args, seconds)
     async with RestRecognizer(
         services.appkey, services.token, url, timeout=timeout, proxy=_proxy(args, services)
     ) as r:
-        return await r.recognize(source, sample_rate=args.sample_rate, **params)
+        on_progress = None
+        if phases is not None:
+            phases.enter("preparing")
+            on_progress = phases.upload
+        return await r.recognize(
+            source, sample_rate=args.sample_rate, on_progress=on_progress, **params
+        )
 
 
 def _proxy(args: argparse.Namespace, services: Services) -> str | Literal[True] | None:
@@ -186,8 +317,11 @@ def _proxy(args: argparse.Namespace, services: Services) -> str | Literal[True] 
     return args.proxy if args.proxy is not None else True
 
 
-async def recognise(args: argparse.Namespace, services: Services, source: str) -> Transcript:
-    """Recognise one input with ``args.service``."""
+async def recognise(
+    args: argparse.Namespace, services: Services, source: str, phases: Phases | None = None
+) -> Transcript:
+    """Recognise one input with ``args.service``; a recording's phases are shown and
+    timed on ``phases`` when given."""
     service = args.service
     if service == "realtime":
         return await file_transcript(args, services, source)
@@ -195,16 +329,57 @@ async def recognise(args: argparse.Namespace, services: Services, source: str) -
     # What the file holds: outputs are per channel of the file, even a silent channel.
     seconds, channels = (0.0, 1) if is_url(source) else await asyncio.to_thread(_audio_info, source)
     if service == "filetrans":
-        result = await _file_trans(args, services, source, params)
+        result = await _file_trans(args, services, source, params, phases)
     elif service == "flash":
-        result = await _flash(args, services, source, params, seconds)
+        result = await _flash(args, services, source, params, seconds, phases)
     else:
-        result = await _rest(args, services, source, params, seconds)
-    events: list[tuple[int, Event]] = list(recording_events(result, _NAMESPACES[service]))
+        result = await _rest(args, services, source, params, seconds, phases)
     if service == "rest":
         channels = 1  # mixed to mono before upload
+    return _result_transcript(result, _NAMESPACES[service], channels)
+
+
+def _phase_stats(phases: Phases) -> list[tuple[str, str]]:
+    """``--stats`` of a recording: the time of each phase and in all (latencies,
+    lateness and resumes are figures of a real-time session)."""
+    total = time.monotonic() - phases.started
+    figures = [(name, f"{seconds:.2f} s") for name, seconds in phases.times.items()]
+    figures.append(("total", f"{total:.2f} s"))
+    figures.append(("note", "latencies, lateness and resumes are measured with --service realtime"))
+    return figures
+
+
+def _result_transcript(result: FileResult, namespace: str, channels: int) -> Transcript:
+    """A recording's result as the renderers take it: every channel, in time order."""
+    events: list[tuple[int, Event]] = list(recording_events(result, namespace))
     channels = max(channels, 1 + max((s.channel_id for s in result.sentences), default=0))
     return Transcript(events, channels)
+
+
+async def run_result(
+    args: argparse.Namespace, out: TextIO, interrupt: Interrupt, notice: Callable[[str], None]
+) -> int:
+    """``nlsstream result TASK_ID``: a FileTrans task's result, waited for up to
+    ``--timeout``, rendered as ``transcribe`` renders a recording's."""
+    if not (args.url or os.environ.get("NLS_URL")) and not (
+        os.environ.get("ALIYUN_AK_ID") and os.environ.get("ALIYUN_AK_SECRET")
+    ):
+        raise ValueError(
+            "a task is asked of the FileTrans service that runs it: set ALIYUN_AK_ID and "
+            "ALIYUN_AK_SECRET for the cloud, or give --url of the gateway"
+        )
+    shown = args.progress and isatty(sys.stderr)
+    phases = Phases(ProgressBar(None, sys.stderr, label="starting") if shown else None)
+    async with (
+        services_for(args, notice) as services,
+        phases.shown(),
+        _file_transcriber(args, services) as ft,
+    ):
+        result = await _wait_task(args, services, ft.task(args.task_id), phases)
+    render(_result_transcript(result, "FileTrans", 1).events, args.format, out, channel_ids=True)
+    if not result.text:
+        print_notice("no speech recognised")
+    return interrupt.status if interrupt.count else EXIT_OK
 
 
 def _check_files_extra() -> None:
@@ -237,11 +412,17 @@ async def run_recording(
     args: argparse.Namespace, out: TextIO, interrupt: Interrupt, notice: Callable[[str], None]
 ) -> int:
     """One input, one output (standard output or ``-o``): every channel in time order."""
-    if not is_url(args.source) and not await asyncio.to_thread(os.path.isfile, args.source):
+    if not is_url(args.source):
         # Before any gateway or connection: a missing file costs nothing.
-        raise AudioFormatError(f"audio file not found: {args.source}")
-    async with services_for(args, notice) as services:
-        transcript = await recognise(args, services, args.source)
+        await asyncio.to_thread(check_audio_path, args.source)
+    shown = args.progress and isatty(sys.stderr)
+    phases = Phases(ProgressBar(None, sys.stderr, label="starting") if shown else None)
+    try:
+        async with services_for(args, notice) as services, phases.shown():
+            transcript = await recognise(args, services, args.source, phases)
+    finally:
+        if args.stats:
+            print_stats(_phase_stats(phases))
     render(transcript.events, args.format, out, channel_ids=args.service != "realtime")
     if not transcript.text:
         print_notice("no speech recognised")

@@ -511,7 +511,7 @@ async def connect(
         uri = parse_uri(url)
     except InvalidURI as exc:
         raise ValueError(f"invalid gateway url {redact(url, token)!r}: {exc}") from None
-    shown = redact(url, token)
+    shown = redact_proxy(redact(url, token))  # nor a password in the URL
     loop = asyncio.get_running_loop()
     wire_log = _RedactingLogger(logging.getLogger("websockets.client"), token)
     conn = Connection(

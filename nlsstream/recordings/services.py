@@ -27,7 +27,7 @@ import io
 import json
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -37,7 +37,7 @@ import numpy.typing as npt
 import soundfile
 
 from .. import auth
-from ..audio import _check_array, decode_channels, to_pcm16
+from ..audio import _check_array, check_audio_path, decode_channels, to_pcm16
 from ..errors import (
     FILE_TRANS_DONE,
     FILE_TRANS_PENDING,
@@ -85,6 +85,7 @@ __all__ = [
     "FlashRecognizer",
     "RecordingSource",
     "RestRecognizer",
+    "UploadProgress",
     "file_trans_endpoint",
 ]
 
@@ -107,6 +108,26 @@ _FLASH_OPAQUE = {".aac": "aac", ".mp4": "mp4", ".m4a": "mp4", ".opus": "opus"}
 RecordingSource: TypeAlias = (
     "str | os.PathLike[str] | bytes | bytearray | memoryview | npt.NDArray[Any]"
 )
+
+#: ``on_progress(sent, total)`` of :meth:`FlashRecognizer.recognize` and
+#: :meth:`RestRecognizer.recognize`: bytes of the upload handed to the connection so far
+#: and in all; called with ``(0, total)`` when the upload starts and ``(total, total)``
+#: once it is sent (the service is then recognising). Called on the event loop: keep it
+#: quick.
+UploadProgress: TypeAlias = "Callable[[int, int], None]"
+#: How much of an upload is handed to the connection at a time when progress is reported.
+_UPLOAD_CHUNK = 1 << 16
+
+
+async def _upload_chunks(body: bytes, on_progress: UploadProgress) -> AsyncIterator[bytes]:
+    """``body`` in :data:`_UPLOAD_CHUNK` pieces, reporting each one sent (aiohttp asks
+    for the next piece once it has written the last, waiting while the socket is full)."""
+    total = len(body)
+    on_progress(0, total)
+    view = memoryview(body)
+    for start in range(0, total, _UPLOAD_CHUNK):
+        yield bytes(view[start : start + _UPLOAD_CHUNK])
+        on_progress(min(start + _UPLOAD_CHUNK, total), total)
 
 
 # --------------------------------------------------------------------------- audio
@@ -173,9 +194,8 @@ def _prepare(
         rate = _target_rate(sample_rate)
         return _pcm_upload(to_pcm16(source, sample_rate, rate), rate, container=False)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(os.fspath(source))
-        if not path.is_file():
-            raise AudioFormatError(f"audio file not found: {path}")
+        path = check_audio_path(source)
+        name = f"audio file {path}"
         size = path.stat().st_size
         if keep_channels and size > FLASH_MAX_BYTES:
             raise AudioFormatError(_too_large(size))
@@ -187,6 +207,7 @@ def _prepare(
         if fmt is None and keep_channels and suffix in _FLASH_OPAQUE:
             fmt = _FLASH_OPAQUE[suffix]
     elif isinstance(source, (bytes, bytearray, memoryview)):
+        name = "the recording"
         data = bytes(source)
         container = fmt == "wav" or data[:4] in (b"RIFF", b"OggS", b"fLaC", b"ID3\x03", b"ID3\x04")
     else:
@@ -201,9 +222,11 @@ def _prepare(
         return _Upload(data, fmt.lower(), sample_rate or 16000, None)
     try:
         info = soundfile.info(io.BytesIO(data))
-    except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError):
+    except (soundfile.SoundFileError, RuntimeError, ValueError, TypeError, OSError) as exc:
         if container:
-            raise AudioFormatError("the recording could not be decoded") from None
+            # libsndfile's own words ("Format not recognised."), without its BytesIO repr
+            reason = getattr(exc, "error_string", None) or type(exc).__name__
+            raise AudioFormatError(f"{name} could not be decoded: {reason}") from None
         return _raw_pcm(data, sample_rate, keep_channels)
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioFormatError("the recording contains no audio")
@@ -289,6 +312,22 @@ def _service_url(url: str, path: str) -> str:
     return url
 
 
+def _host(url: str) -> str:
+    """``host[:port]`` of ``url`` for messages: never its ``user:password@``."""
+    return urllib.parse.urlsplit(url).netloc.rpartition("@")[2]
+
+
+def _connect_failure(exc: Exception) -> str:
+    """Why a connection failed, in the system's words ("Connection refused"): aiohttp's
+    own text says ``ssl:default`` even for plain http."""
+    os_error = getattr(exc, "os_error", None)
+    if not isinstance(os_error, OSError):
+        return str(exc)
+    if isinstance(os_error.errno, int) and os_error.errno > 0:
+        return os.strerror(os_error.errno)
+    return os_error.strerror or str(os_error)
+
+
 def _flag(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -351,10 +390,11 @@ class _Client:
         **kwargs: Any,
     ) -> _Answer:
         """One request; network failures and timeouts become GatewayConnectionError."""
-        host = urllib.parse.urlsplit(url).netloc
+        host = _host(url)
         hide = (*self._secrets, *secrets)
         from yarl import URL  # aiohttp's URL type: ``encoded=True`` keeps our encoding
 
+        proxy: str | None = None
         try:
             target = URL(url, encoded=True)
             proxy = self._proxy(target)
@@ -366,6 +406,17 @@ class _Client:
         except asyncio.TimeoutError:
             raise GatewayConnectionError(
                 f"{self._service} at {host} did not answer within {self.timeout} s"
+            ) from None
+        except self._aiohttp.ClientSSLError as exc:  # before its base, ClientConnectorError
+            raise GatewayConnectionError(
+                f"{self._service} request to {host} failed: {redact(str(exc), *hide)}"
+            ) from None
+        except self._aiohttp.ClientConnectorError as exc:
+            where = host
+            if isinstance(exc, self._aiohttp.ClientProxyConnectionError) and proxy is not None:
+                where = f"the proxy {redact_proxy(proxy)} (for {host})"
+            raise GatewayConnectionError(
+                f"{self._service} cannot connect to {where}: {_connect_failure(exc)}"
             ) from None
         except self._aiohttp.ClientError as exc:
             raise GatewayConnectionError(
@@ -442,6 +493,7 @@ class _TokenClient(_Client):
         fmt: str | None,
         sample_rate: int | None,
         params: Mapping[str, Any],
+        on_progress: UploadProgress | None = None,
     ) -> tuple[dict[str, Any], _Upload | None]:
         """Send the audio (checked before upload) or its address with ``params`` as the
         query; the success answer and what was uploaded."""
@@ -456,9 +508,14 @@ class _TokenClient(_Client):
         )
         _check_limits(upload, "flash" if self._flash else "rest")
         query["format"], query["sample_rate"] = upload.format, str(upload.sample_rate)
-        return await self._call(query, upload.body), upload
+        return await self._call(query, upload.body, on_progress), upload
 
-    async def _call(self, params: dict[str, str], body: bytes | None) -> dict[str, Any]:
+    async def _call(
+        self,
+        params: dict[str, str],
+        body: bytes | None,
+        on_progress: UploadProgress | None = None,
+    ) -> dict[str, Any]:
         """POST (or, without a body, still POST) and return the success answer; a
         rejected token is refreshed and tried once more when the provider can."""
         for attempt in (1, 2):
@@ -469,13 +526,19 @@ class _TokenClient(_Client):
                 query["token"] = token
             else:
                 headers["X-NLS-Token"] = token
+            data: Any = None
             if body is None:
                 headers["Content-Type"] = "application/text"
+            elif on_progress is None:
+                data = io.BytesIO(body)
+            else:  # in pieces, each reported; with its length, as a whole body goes
+                data = _upload_chunks(body, on_progress)
+                headers["Content-Length"] = str(len(body))
             answer = await self._request(
                 "POST",
                 self.url,
                 params=query,
-                data=io.BytesIO(body) if body is not None else None,
+                data=data,
                 headers=headers,
                 secrets=(token,),
             )
@@ -488,7 +551,7 @@ class _TokenClient(_Client):
         raise AssertionError("unreachable")
 
     def _check(self, answer: _Answer, token: str) -> dict[str, Any]:
-        host = urllib.parse.urlsplit(self.url).netloc
+        host = _host(self.url)
         data = answer.data
         status = data.get("status") if data is not None else None
         if data is None or isinstance(status, bool) or not isinstance(status, int):
@@ -532,14 +595,19 @@ class FlashRecognizer(_TokenClient):
         audio_address: str | None = None,
         format: str | None = None,
         sample_rate: int | None = None,
+        on_progress: UploadProgress | None = None,
         **params: Any,
     ) -> FileResult:
         """Recognise one recording; ``params`` are the service's query parameters
         (``enable_word_level_result=True``, ``enable_inverse_text_normalization``,
-        ``first_channel_only``, ``vocabulary_id``, ...)."""
+        ``first_channel_only``, ``vocabulary_id``, ...). ``on_progress(sent, total)`` is
+        told how much of the upload has gone (:data:`UploadProgress`; not called with
+        ``audio_address``)."""
         if (source is None) == (audio_address is None):
             raise ValueError("give either a source or audio_address=, not both or neither")
-        data, _ = await self._recognize(source, audio_address, format, sample_rate, params)
+        data, _ = await self._recognize(
+            source, audio_address, format, sample_rate, params, on_progress
+        )
         return wire.parse_flash(data)
 
 
@@ -568,11 +636,13 @@ class RestRecognizer(_TokenClient):
         *,
         format: str | None = None,
         sample_rate: int | None = None,
+        on_progress: UploadProgress | None = None,
         **params: Any,
     ) -> FileResult:
         """Recognise up to 60 s of audio; ``params`` are the service's query parameters
-        (``enable_punctuation_prediction``, ``enable_inverse_text_normalization``, ...)."""
-        data, upload = await self._recognize(source, None, format, sample_rate, params)
+        (``enable_punctuation_prediction``, ``enable_inverse_text_normalization``, ...);
+        ``on_progress`` as for :meth:`FlashRecognizer.recognize`."""
+        data, upload = await self._recognize(source, None, format, sample_rate, params, on_progress)
         assert upload is not None
         duration = round(upload.duration * 1000) if upload.duration is not None else 0
         return wire.parse_rest(data, duration)
@@ -769,7 +839,7 @@ class FileTranscriber(_Client):
             version=self.version,
             extra=extra,
         )
-        host = urllib.parse.urlsplit(self.endpoint).netloc
+        host = _host(self.endpoint)
         if method == "POST":
             query = {k: v for k, v in params.items() if k not in extra}
             url = f"{self.endpoint}?{auth.canonical_query(query)}"
