@@ -172,8 +172,9 @@ def _session_options(recordings: bool) -> argparse.ArgumentParser:
         "--proxy",
         type=_proxy,
         metavar="URL|none",
-        help="real time: connect through this proxy (http://, https://, socks4://, "
-        "socks5://; needs the 'proxy' extra), or 'none' to connect directly (default: the "
+        help="connect through this proxy (real time: http://, https://, socks4://, "
+        "socks5://, with the 'proxy' extra; recordings: http://), or 'none' to connect "
+        "directly (default: the "
         "https_proxy/http_proxy/all_proxy/no_proxy variables; a loopback address and the "
         "embedded gateway are never proxied)",
     )
