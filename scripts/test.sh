@@ -39,11 +39,13 @@ if ! current .venv-lowest; then
 fi
 .venv-lowest/bin/python -m pip list 2>/dev/null |
     grep -E '^(websockets|numpy|soundfile|soxr|python-socks|aiohttp|pocketsphinx|uvloop|opentelemetry-api|opentelemetry-sdk) '
-.venv-lowest/bin/python -m pytest -q -p no:cacheprovider tests/test_connection.py \
-    tests/test_session.py tests/test_session_errors.py tests/test_pacing.py \
-    tests/test_protocol.py tests/test_audio.py tests/test_gateway.py \
-    tests/test_gateway_faults.py tests/test_gateway_validation.py tests/test_files.py \
-    tests/test_resume.py tests/test_latency.py tests/test_telemetry.py
+.venv-lowest/bin/python -m pytest -q -p no:cacheprovider tests/test_audio.py \
+    tests/realtime/test_connection.py tests/realtime/test_session.py \
+    tests/realtime/test_session_errors.py tests/realtime/test_pacing.py \
+    tests/realtime/test_protocol.py tests/realtime/test_resume.py \
+    tests/realtime/test_latency.py tests/realtime/test_telemetry.py \
+    tests/gateway/test_gateway.py tests/gateway/test_gateway_faults.py \
+    tests/gateway/test_gateway_validation.py tests/recordings/test_files.py
 # The light gateway on the lowest picows (its own venv: see scripts/lowest-versions.txt).
 [ -x .venv-lowest-light/bin/python ] || "$PY" -m venv .venv-lowest-light
 if ! current .venv-lowest-light; then
@@ -51,5 +53,5 @@ if ! current .venv-lowest-light; then
         'picows==2.3.0' -e '.[local,light]' 'pytest>=8' 'pytest-asyncio>=0.24'
     installed .venv-lowest-light
 fi
-.venv-lowest-light/bin/python -m pytest -q -p no:cacheprovider tests/test_light_gateway.py \
-    tests/test_gateway_rules.py
+.venv-lowest-light/bin/python -m pytest -q -p no:cacheprovider tests/gateway/test_light_gateway.py \
+    tests/gateway/test_gateway_rules.py

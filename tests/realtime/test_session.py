@@ -34,7 +34,7 @@ from nlsstream import (
 from nlsstream.gateway import Gateway
 from nlsstream.realtime.protocol import State, new_id
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 TRANSCRIPTS: dict[str, list[str]] = json.loads((FIXTURES / "transcripts.json").read_text())
 THREE = str(FIXTURES / "three_sentences.wav")
 HELLO = str(FIXTURES / "hello.wav")

@@ -11,7 +11,7 @@ from nlsstream import ResultChanged, SentenceEnd, Transcriber
 from nlsstream.gateway import Gateway
 from nlsstream.realtime.latency import LatencyHistogram, SendLog
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 THREE = str(FIXTURES / "three_sentences.wav")
 
 

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
     InMemorySpanExporter,
 )
 
-THREE = str(Path(__file__).parent / "fixtures" / "three_sentences.wav")
+THREE = str(Path(__file__).parents[1] / "fixtures" / "three_sentences.wav")
 # 4 s into three_sentences.wav: in the middle of its second sentence.
 MID_SECOND = 2 * 16000 * 4
 

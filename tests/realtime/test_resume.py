@@ -30,7 +30,7 @@ from nlsstream.realtime.resume import ReplayBuffer, Timeline
 
 pytest.importorskip("pocketsphinx")
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 TRANSCRIPTS: dict[str, list[str]] = json.loads((FIXTURES / "transcripts.json").read_text())
 THREE = str(FIXTURES / "three_sentences.wav")
 HELLO = str(FIXTURES / "hello.wav")

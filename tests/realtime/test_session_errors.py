@@ -32,7 +32,7 @@ from nlsstream import (
 from nlsstream.gateway import Faults, Gateway
 from nlsstream.realtime.protocol import TRANSCRIBER, State, build_event
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 THREE = str(FIXTURES / "three_sentences.wav")
 HELLO = str(FIXTURES / "hello.wav")
 TOKEN = "tok-SECRET-1234567890"

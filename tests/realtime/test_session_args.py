@@ -24,7 +24,7 @@ from nlsstream import (
 from nlsstream.gateway import Gateway
 from nlsstream.realtime.protocol import RECOGNIZER, TRANSCRIBER
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HELLO = str(ROOT / "tests" / "fixtures" / "hello.wav")
 NOWHERE = "ws://127.0.0.1:9/ws/v1"  # nothing listens: constructing must not need it
 
