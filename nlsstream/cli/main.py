@@ -846,8 +846,9 @@ limits (what a client sees when it hits one):
   idle connection     --idle-timeout s (10) without a message: TaskFailed 40000004
   sentence length     recognizer: 60 s of audio, TaskFailed 41010104;
                       transcriber: a sentence is cut at 60 s and the next one begins
-  decoders            8 sentences decoded at once (full gateway); a sentence that finds
-                      none free within 5 s: TaskFailed 52010001 (retryable)
+  decoders            --max-decoders (8) sentences decoded at once (full gateway); a
+                      sentence that finds none free within --decoder-wait (5) s:
+                      TaskFailed 52010001 (retryable)
   a client that reads nothing for 10 s while events wait for it: dropped (no close)
   handshake           request line and each header at most 8190 bytes: HTTP 400
                       (--light: the whole request about 64 KiB, else a reset);
@@ -858,6 +859,18 @@ limits (what a client sees when it hits one):
                       (41010104); FileTrans: 2 tasks recognised at once, the rest
                       QUEUEING; the newest 1000 tasks kept (older: 41050010)
 """
+
+
+class _ServeHelp(argparse.Action):
+    """``serve --help``: the limits and the ``--fault`` syntax, which lives with its parser
+    in the gateway package (imported only here: other commands do not load the gateway)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from ..gateway.faults import FAULT_SYNTAX
+
+        parser.epilog = GATEWAY_LIMITS + "\n" + FAULT_SYNTAX
+        parser.print_help()
+        parser.exit()
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -872,7 +885,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "once listening; stops cleanly on Ctrl-C or SIGTERM."
         ),
         epilog=GATEWAY_LIMITS,
+        add_help=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-h", "--help", action=_ServeHelp, nargs=0, help="show this help message and exit"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument(
@@ -919,6 +936,28 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="TaskFailed 40000004 after this long without a message (default %(default)s)",
     )
     p.add_argument(
+        "--max-decoders",
+        type=int,
+        default=8,
+        metavar="N",
+        help="sentences decoded at once, about 45 MB each (default %(default)s; full gateway)",
+    )
+    p.add_argument(
+        "--decoder-wait",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a sentence waits for a free decoder before TaskFailed 52010001 "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="inject a fault, e.g. drop@audio+2s (repeatable; syntax below; full gateway)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -936,6 +975,7 @@ def _serve(args: argparse.Namespace) -> int:
     for noisy in ("websockets", "picows"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     from ..gateway import Gateway
+    from ..gateway.faults import parse_faults
 
     if not args.token and os.environ.get("NLS_GATEWAY_TOKEN"):
         args.token = [t for t in os.environ["NLS_GATEWAY_TOKEN"].split(",") if t.strip()]
@@ -953,6 +993,8 @@ def _serve(args: argparse.Namespace) -> int:
                 raise ValueError(missing) from None
             if args.access_key:
                 raise ValueError("--access-key applies to the full gateway, not --light")
+            if args.fault or args.max_decoders != 8 or args.decoder_wait != 5.0:
+                raise ValueError("--fault and the decoder options apply to the full gateway")
             light = LightGateway(
                 args.host,
                 args.port,
@@ -962,6 +1004,9 @@ def _serve(args: argparse.Namespace) -> int:
             )
             run = _run_light(light)
         else:
+            if args.max_decoders < 1 or not 0 <= args.decoder_wait <= 3600:
+                raise ValueError("--max-decoders must be >= 1 and --decoder-wait 0..3600 s")
+            every, once = parse_faults(args.fault)
             gateway = Gateway(
                 args.host,
                 args.port,
@@ -970,7 +1015,12 @@ def _serve(args: argparse.Namespace) -> int:
                 recognizer=args.recognizer or "auto",
                 idle_timeout=args.idle_timeout,
                 access_keys=_access_keys(args.access_key),
+                faults=every,
+                max_decoders=args.max_decoders,
+                decoder_wait=args.decoder_wait,
             )
+            if once is not None:
+                gateway.queue_faults(once)
             run = _run_gateway(gateway)
     except ValueError as exc:
         print(f"nlsstream serve: {exc}", file=sys.stderr)

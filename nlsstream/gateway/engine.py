@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from ..realtime.protocol import (
 from .vad import FRAME_MS, EnergyVad
 
 __all__ = [
+    "Adaptation",
     "CallableRecognizer",
     "DecoderSlots",
     "Emit",
@@ -52,6 +55,7 @@ __all__ = [
     "SphinxRecognizer",
     "TranscriberTask",
     "Transcript",
+    "release_memory",
     "resolve_recognizer",
 ]
 
@@ -68,6 +72,9 @@ PARTIAL_MS = 200
 DEFAULT_END_SILENCE_MS = 800
 #: RMS of the noise floor added to upsampled 8 kHz audio before PocketSphinx.
 NARROWBAND_NOISE = 60.0
+#: Audio of a real-time sentence that sets its cepstral mean before decoding starts
+#: (partial results begin after it; see SphinxRecognizer).
+PRIME_MS = 1000
 
 
 # --------------------------------------------------------------------------- recognisers
@@ -194,63 +201,143 @@ def sphinx_available() -> bool:
     return True
 
 
+@dataclass
+class Adaptation:
+    """One session's acoustic normalisation for :class:`SphinxRecognizer`: one per
+    real-time task or recording channel, never shared between sessions, so that a
+    session's text depends on its own audio only, not on what a pooled decoder heard
+    before.
+
+    Attributes:
+        batch: the whole of each segment is known before it is decoded (recordings):
+            the segment is decoded in one pass, with the cepstral mean of all of it.
+        cmn: the session's cepstral mean so far (PocketSphinx's comma-separated form),
+            carried from sentence to sentence; ``None`` before the first sentence.
+    """
+
+    batch: bool = False
+    cmn: str | None = None
+
+
+def release_memory() -> bool:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``); whether it
+    could. glibc keeps freed blocks in its arenas: without this a gateway holds a burst's
+    decoders' worth of memory long after they are gone."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
+
+
 class SphinxRecognizer:
     """PocketSphinx with its bundled US-English model, streaming (``start_utt`` /
     ``process_raw`` / ``hyp`` / ``end_utt`` / ``seg``).
 
     Decoders take ~0.3 s and tens of MB to create, so they are pooled: a segment borrows
-    one and gives it back when it ends; at most ``max_idle`` idle decoders are kept. A
-    borrowed decoder starts from the model's initial cepstral mean, not from what its
-    earlier segments left, so that a segment's text depends less on which segments the
-    decoder heard before (its noise tracking still adapts; PocketSphinx has no reset).
+    one and gives it back when it ends; at most ``max_idle`` idle decoders are kept, and
+    when the last borrowed decoder comes back (the gateway is idle) only ``keep_idle``
+    stay and the freed memory is returned to the system (:func:`release_memory`).
+
+    Cepstral mean normalisation (CMN) is what makes PocketSphinx accurate, and its live
+    mode barely moves within a short sentence, so the mean must fit the speaker from
+    the start. It comes from the session's own audio (:class:`Adaptation`), never from
+    whichever session used a pooled decoder before: a real-time sentence is decoded once
+    its first ``PRIME_MS`` of audio (or all of it, if shorter) have set the mean, starting
+    from the session's previous sentence or, for the first, from the model's; a
+    recording's sentence (``Adaptation.batch``) is decoded with the mean of all of it.
+
     All decoders run at 16 kHz: the en-us model is trained on wide-band audio and fails
     to initialise at 8 kHz, so 8 kHz audio is upsampled with soxr first, plus a faint
-    noise floor. Expect a much higher error rate there (5 or 6 words of 8 wrong on the
-    flite fixture, against none at 16 kHz): the audio lacks everything above 4 kHz.
+    noise floor. Expect a higher error rate there: the audio lacks everything above
+    4 kHz (benchmarks/RESULTS-accuracy.md has the figures).
     """
 
     name = "sphinx"
 
-    def __init__(self, *, max_idle: int = 4, **config: Any) -> None:
+    def __init__(self, *, max_idle: int = 4, keep_idle: int = 1, **config: Any) -> None:
+        if not 0 <= keep_idle <= max_idle:
+            raise ValueError(f"need 0 <= keep_idle <= max_idle, got {keep_idle}, {max_idle}")
         self.max_idle = max_idle
+        self.keep_idle = keep_idle
         self.config = {"loglevel": "FATAL", **config}
         self._idle: list[Any] = []
+        self._borrowed = 0
         self._lock = threading.Lock()
-        self._initial_cmn: str | None = None  # the model's, read from the first decoder
+        self._initial_cmn = ""  # the model's, read from the first decoder
+
+    @property
+    def idle(self) -> int:
+        """Decoders kept for the next segments."""
+        return len(self._idle)
+
+    @property
+    def borrowed(self) -> int:
+        """Decoders in use by open segments now."""
+        return self._borrowed
 
     def _acquire(self) -> Any:
         with self._lock:
+            self._borrowed += 1
             if self._idle:
                 return self._idle.pop()
-        from pocketsphinx import Decoder
+        try:
+            from pocketsphinx import Decoder
 
-        decoder = Decoder(samprate=16000, **self.config)
-        if self._initial_cmn is None:
-            self._initial_cmn = str(decoder.get_cmn(False))
+            decoder = Decoder(samprate=16000, **self.config)
+        except BaseException:
+            with self._lock:
+                self._borrowed -= 1
+            raise
+        with self._lock:
+            if not self._initial_cmn:
+                self._initial_cmn = str(decoder.get_cmn(False))
         return decoder
 
     def _release(self, decoder: Any) -> None:
+        surplus: list[Any] = []
         with self._lock:
+            self._borrowed -= 1
             if len(self._idle) < self.max_idle:
                 self._idle.append(decoder)
+            else:
+                surplus.append(decoder)
+            if self._borrowed == 0 and len(self._idle) > self.keep_idle:
+                surplus += self._idle[self.keep_idle :]
+                del self._idle[self.keep_idle :]
+        if surplus:
+            surplus.clear()  # the decoders are freed here, then their memory returned
+            release_memory()
 
     def warm_up(self) -> None:
         """Create one decoder now, so the first segment does not pay for it."""
         self._release(self._acquire())
 
-    def open(self, sample_rate: int, offset_ms: int) -> SegmentDecoder:
-        decoder = self._acquire()
-        decoder.set_cmn(self._initial_cmn)
-        decoder.start_utt()
-        return _SphinxDecoder(self, decoder, sample_rate)
+    def open(
+        self, sample_rate: int, offset_ms: int, adaptation: Adaptation | None = None
+    ) -> SegmentDecoder:
+        """A segment's decoder; ``adaptation`` is its session's (a fresh one if omitted:
+        the segment is then normalised on its own)."""
+        return _SphinxDecoder(self, self._acquire(), sample_rate, adaptation or Adaptation())
 
 
 class _SphinxDecoder:
     FILLERS = ("<", "[")
 
-    def __init__(self, owner: SphinxRecognizer, decoder: Any, sample_rate: int) -> None:
+    def __init__(
+        self, owner: SphinxRecognizer, decoder: Any, sample_rate: int, adaptation: Adaptation
+    ) -> None:
         self.owner = owner
         self.decoder: Any = decoder
+        self.adaptation = adaptation
+        self.started = False  # the utterance is being decoded (its mean is set)
+        self.held = bytearray()  # 16 kHz audio waiting for its mean to be known
         self.resampler: Any = None
         if sample_rate != 16000:
             import soxr
@@ -266,13 +353,35 @@ class _SphinxDecoder:
             # far better with a faint noise floor there than with digital silence.
             up += self.rng.normal(0.0, NARROWBAND_NOISE, up.shape).astype(np.float32)
             pcm = np.clip(up, -32768, 32767).astype("<i2").tobytes()
-        if pcm:
-            self.decoder.process_raw(pcm, False, False)
+        if self.started:
+            if pcm:
+                self.decoder.process_raw(pcm, False, False)
+            return
+        self.held += pcm
+        if last or (not self.adaptation.batch and len(self.held) >= PRIME_MS * 32):
+            self._start()
+
+    def _start(self) -> None:
+        """Set the mean from the held audio (a pass with no search), then decode it."""
+        decoder, audio = self.decoder, bytes(self.held)
+        self.held = bytearray()
+        decoder.set_cmn(self.adaptation.cmn or self.owner._initial_cmn)
+        if audio:
+            decoder.start_utt()
+            decoder.process_raw(audio, True, True)
+            decoder.end_utt()
+            decoder.set_cmn(decoder.get_cmn(False))
+        decoder.start_utt()
+        self.started = True
+        if audio:
+            decoder.process_raw(audio, False, False)
 
     def feed(self, pcm: bytes) -> str:
         if self.decoder is None:
             return ""
         self._process(pcm)
+        if not self.started:
+            return ""
         hyp = self.decoder.hyp()
         return str(hyp.hypstr) if hyp is not None else ""
 
@@ -280,9 +389,10 @@ class _SphinxDecoder:
         decoder = self.decoder
         if decoder is None:
             return Transcript("")
-        if self.resampler is not None:
-            self._process(b"", last=True)
+        self._process(b"", last=True)
         decoder.end_utt()
+        # The session's next sentence starts from this one's mean.
+        self.adaptation.cmn = str(decoder.get_cmn(False))
         hyp = decoder.hyp()
         words: list[Word] = []
         probs: list[float] = []
@@ -305,7 +415,8 @@ class _SphinxDecoder:
     def close(self) -> None:
         decoder, self.decoder = self.decoder, None
         if decoder is not None:
-            decoder.end_utt()
+            if self.started:
+                decoder.end_utt()
             self.owner._release(decoder)
 
 
@@ -384,7 +495,8 @@ class DecoderSlots:
                 status_text(
                     52010001,
                     f"No recogniser free within {self.wait:g} s: this gateway decodes at "
-                    f"most {self.size} sentences at once!",
+                    f"most {self.size} sentences at once (serve --max-decoders N, "
+                    "--decoder-wait S)!",
                 ),
             ) from None
 
@@ -402,12 +514,17 @@ class _Base:
         emit: Emit,
         slots: DecoderSlots | None = None,
         alive: Callable[[], bool] | None = None,
+        *,
+        batch: bool = False,
     ) -> None:
         self.params = params
+        #: The session's acoustic adaptation (PocketSphinx); ``batch`` when the whole
+        #: recording is known, so a sentence need not be decoded as it comes.
+        self.adaptation = Adaptation(batch=batch)
         self.recognizer = recognizer
         self.run = run
         self.emit = emit
-        self.slots = slots or DecoderSlots(1 << 20, 0.0)
+        self.slots = slots or DecoderSlots(1 << 20, 60.0)  # no bound of its own
         #: Whether the task's client is still there (checked before making a decoder).
         self.alive = alive or (lambda: True)
         self._setup()
@@ -442,7 +559,12 @@ class _Base:
             if not self.alive():
                 # The client left while this segment waited for a slot: no decoder.
                 raise ConnectionAbortedError("the client is gone")
-            self.decoder = await self.run(self.recognizer.open, self.rate, offset_ms)
+            if isinstance(self.recognizer, SphinxRecognizer):
+                self.decoder = await self.run(
+                    self.recognizer.open, self.rate, offset_ms, self.adaptation
+                )
+            else:
+                self.decoder = await self.run(self.recognizer.open, self.rate, offset_ms)
         except BaseException:
             self.slots.release()
             raise
@@ -551,28 +673,28 @@ class TranscriberTask(_Base):
         if self.pending:
             await self._feed_pending()
         result = await self._finish()
-        words = (
-            [
-                {
-                    "text": w.text,
-                    "startTime": self.offset + w.start_time,
-                    "endTime": self.offset + w.end_time,
-                }
-                for w in result.words
-            ]
-            if self.params.enable_words
-            else []
-        )
+        words = [
+            {
+                "text": w.text,
+                "startTime": self.offset + w.start_time,
+                "endTime": self.offset + w.end_time,
+            }
+            for w in result.words
+        ]
+        # A sentence encloses its words: the recogniser hears the audio before the voice
+        # detector's start (the pre-roll) and may place a word's edges beyond it.
+        begin = min([self.begin_time, *(w["startTime"] for w in words)])
+        end = max([self.speech_end, *(w["endTime"] for w in words)])
         self.sentences.append(result.text)
         await self.emit(
             "SentenceEnd",
             {
                 "index": self.index,
-                "time": self.speech_end,
-                "begin_time": self.begin_time,
+                "time": end,
+                "begin_time": begin,
                 "result": result.text,
                 "confidence": result.confidence,
-                "words": words,
+                "words": words if self.params.enable_words else [],
                 "status": SUCCESS,
             },
         )
