@@ -106,7 +106,9 @@ async def engine_text(pcm: bytes, rate: int, *, batch: bool, recognizer: Any = N
         return await asyncio.to_thread(fn, *args)
 
     params = StartParams(TRANSCRIBER.name, sample_rate=rate)
-    task = TranscriberTask(params, recognizer or shared_sphinx(), run, emit, batch=batch)
+    # (batch= only when asked: the same call then runs on engines before it existed)
+    more = {"batch": True} if batch else {}
+    task = TranscriberTask(params, recognizer or shared_sphinx(), run, emit, **more)
     try:
         step = rate * 2 // 5  # 200 ms chunks, as a paced client sends them
         for i in range(0, len(pcm), step):

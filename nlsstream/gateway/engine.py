@@ -67,6 +67,8 @@ T = TypeVar("T")
 START_FRAMES = 3
 #: Audio before the detected start that is still given to the recogniser.
 PREROLL_FRAMES = 10
+#: Silence after a sentence's speech that is still given to the recogniser.
+TAIL_MS = 300
 #: Intermediate results come about this often (ms of audio).
 PARTIAL_MS = 200
 DEFAULT_END_SILENCE_MS = 800
@@ -606,6 +608,7 @@ class TranscriberTask(_Base):
         self.speech_end = 0
         self.sentences: list[str] = []
         self.offset = 0
+        self.pause = bytearray()  # silence after TAIL_MS, held back (see audio())
 
     def control(self, params: StartParams) -> None:
         """Apply the parameters a ControlTranscriber changed (``max_sentence_silence``)."""
@@ -631,12 +634,18 @@ class TranscriberTask(_Base):
                 if self.run_len >= START_FRAMES:
                     await self._begin()
                 continue
-            self.pending += frame
             if voiced:
+                # Speech again: the pause was part of the sentence after all.
+                self.pending += self.pause
+                self.pause = bytearray()
+                self.pending += frame
                 self.silence = 0
                 self.speech_end = t + FRAME_MS
             else:
                 self.silence += FRAME_MS
+                # Silence beyond TAIL_MS is held back: fed to the recogniser only if
+                # speech follows, so a sentence's end is not decoded into words.
+                (self.pending if self.silence <= TAIL_MS else self.pause).extend(frame)
             if self.silence >= self.max_silence or t + FRAME_MS - self.begin_time >= MAX_SPEECH_MS:
                 await self._end()
             elif len(self.pending) >= self.partial_bytes:
@@ -670,6 +679,7 @@ class TranscriberTask(_Base):
 
     async def _end(self) -> None:
         assert self.decoder is not None
+        self.pause = bytearray()
         if self.pending:
             await self._feed_pending()
         result = await self._finish()

@@ -235,7 +235,9 @@ class FileServices:
                 sentences.append(Sentence(channel, begin, end, payload["result"], words))
 
         params = StartParams(TRANSCRIBER.name, sample_rate=rate, enable_words=True)
-        task = TranscriberTask(params, self.gw.recognizer, self.gw._run, emit, self.gw._slots)
+        task = TranscriberTask(
+            params, self.gw.recognizer, self.gw._run, emit, self.gw._slots, batch=True
+        )
         try:
             for i in range(0, len(pcm), _FEED_BYTES):
                 await task.audio(pcm[i : i + _FEED_BYTES])
