@@ -187,6 +187,71 @@ async def service_pairs(
     return list(await asyncio.gather(*(one(p) for p in phrases)))
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, MB (Linux /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def _burst(gw: Any, phrases: list[Phrase], sessions: int, samples: list[float]) -> None:
+    async def sample() -> None:
+        while True:
+            samples.append(rss_mb(gw.proc.pid))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        await asyncio.gather(
+            *(_realtime(gw, phrases[i % len(phrases)], 16000, 1.0) for i in range(sessions)),
+        )
+    finally:
+        sampler.cancel()
+
+
+def measure_memory(phrases: list[Phrase], sessions: int, after_s: float) -> dict[str, Any]:
+    """A fresh gateway's RSS: at rest, at the peak of ``sessions`` real-time speakers at
+    once (paced), and ``after_s`` seconds after they all left."""
+    from benchmarks.recordings import start_gateway, stop_gateway
+
+    # The default pool of 8 decoders; the others wait for one (none is turned away).
+    gw = start_gateway(extra=("--decoder-wait", "120", "--log-level", "ERROR"))
+    try:
+        asyncio.run(_realtime(gw, phrases[0], 16000, 0))  # one session: the warm state
+        time.sleep(1.0)
+        base = rss_mb(gw.proc.pid)
+        samples: list[float] = []
+        asyncio.run(_burst(gw, phrases, sessions, samples))
+        left = time.monotonic()
+        back_s: float | None = None
+        while (waited := time.monotonic() - left) < after_s:
+            if back_s is None and rss_mb(gw.proc.pid) <= base + 200:
+                back_s = waited
+            time.sleep(0.2)
+        after = rss_mb(gw.proc.pid)
+    finally:
+        stop_gateway(gw)
+    row = {
+        "sessions": sessions,
+        "base_mb": base,
+        "peak_mb": max(samples, default=base),
+        "after_mb": after,
+        "after_s": after_s,
+        "back_within_s": back_s,
+    }
+    print(
+        f"memory: {sessions} speakers: base {base:.0f} MB, peak {row['peak_mb']:.0f} MB, "
+        f"{after_s:g} s after {after:.0f} MB (+{after - base:.0f} MB)",
+        flush=True,
+    )
+    return row
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -239,7 +304,9 @@ def _line(row: dict[str, Any]) -> str:
     )
 
 
-def render(rows: list[dict[str, Any]], command: str, concurrency: int) -> str:
+def render(
+    rows: list[dict[str, Any]], command: str, concurrency: int, memory: dict[str, Any] | None
+) -> str:
     out = [
         "# Recognition accuracy of the local gateway (PocketSphinx)",
         "",
@@ -258,6 +325,21 @@ def render(rows: list[dict[str, Any]], command: str, concurrency: int) -> str:
             f"| {r['service']} | {r['rate'] // 1000} kHz | {100 * r['wer']:.1f} % | "
             f"{r['words']} | {r['speed']:.1f} | {'-' if cpu is None else f'{cpu:.3f}'} |"
         )
+    if memory is not None:
+        back = memory["back_within_s"]
+        out += [
+            "",
+            f"Memory of a fresh `nlsstream serve` (RSS), {memory['sessions']} real-time "
+            "speakers at once (paced, 16 kHz), then none:",
+            "",
+            "| base | peak | after | back to base + 200 MB |",
+            "|---|---|---|---|",
+            f"| {memory['base_mb']:.0f} MB | {memory['peak_mb']:.0f} MB "
+            f"(+{memory['peak_mb'] - memory['base_mb']:.0f}) | {memory['after_mb']:.0f} MB "
+            f"(+{memory['after_mb'] - memory['base_mb']:.0f}) {memory['after_s']:g} s later | "
+            + ("not within the wait" if back is None else f"within {back:.1f} s")
+            + " |",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -267,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="16000,8000", help="comma-separated: 16000, 8000")
     ap.add_argument("--concurrency", type=int, default=4, help="sessions at once (gateway)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N phrases")
+    ap.add_argument(
+        "--memory-sessions", type=int, default=24, help="speakers of the memory run (0: none)"
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown results")
     args = ap.parse_args(argv)
     services = [s for s in args.services.split(",") if s]
@@ -278,11 +363,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("rates are 16000 and 8000")
     phrases = load_phrases()[: args.limit or None]
     rows = measure(services, rates, args.concurrency, phrases)
+    memory = None
+    if args.memory_sessions:
+        memory = measure_memory(phrases, args.memory_sessions, 20.0)
     command = "python -m benchmarks.accuracy " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(render(rows, command.strip(), args.concurrency), encoding="utf-8")
+    tmp.write_text(render(rows, command.strip(), args.concurrency, memory), encoding="utf-8")
     tmp.replace(args.out)
     print(f"wrote {args.out}")
     return 0

@@ -272,7 +272,6 @@ class SphinxRecognizer:
         self._idle: list[Any] = []
         self._borrowed = 0
         self._lock = threading.Lock()
-        self._initial_cmn = ""  # the model's, read from the first decoder
 
     @property
     def idle(self) -> int:
@@ -297,9 +296,6 @@ class SphinxRecognizer:
             with self._lock:
                 self._borrowed -= 1
             raise
-        with self._lock:
-            if not self._initial_cmn:
-                self._initial_cmn = str(decoder.get_cmn(False))
         return decoder
 
     def _release(self, decoder: Any) -> None:
@@ -367,7 +363,12 @@ class _SphinxDecoder:
         """Set the mean from the held audio (a pass with no search), then decode it."""
         decoder, audio = self.decoder, bytes(self.held)
         self.held = bytearray()
-        decoder.set_cmn(self.adaptation.cmn or self.owner._initial_cmn)
+        # A pooled decoder's feature extraction keeps running sums (CMN, noise) from
+        # the segments it decoded before, and set_cmn() alone does not clear them:
+        # reinitialise it (0.1 ms), so nothing of another session is left.
+        decoder.reinit_feat()
+        if self.adaptation.cmn is not None:
+            decoder.set_cmn(self.adaptation.cmn)
         if audio:
             decoder.start_utt()
             decoder.process_raw(audio, True, True)
@@ -399,7 +400,7 @@ class _SphinxDecoder:
         words: list[Word] = []
         probs: list[float] = []
         frate = 100
-        for seg in decoder.seg():
+        for seg in decoder.seg() or ():  # None when the segment had no audio
             text = str(seg.word)
             if text.startswith(self.FILLERS):
                 continue
