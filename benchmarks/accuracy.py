@@ -93,7 +93,7 @@ def wer(pairs: list[tuple[str, str]]) -> float:
 async def engine_text(pcm: bytes, rate: int, *, batch: bool, recognizer: Any = None) -> str:
     """One session's text from the gateway's engine directly: a transcriber task fed the
     audio, as the real-time path (``batch=False``) or the recordings path do."""
-    from nlsstream.gateway.engine import TranscriberTask, shared_sphinx
+    from nlsstream.gateway.engine import DecoderSlots, TranscriberTask, shared_sphinx
     from nlsstream.realtime.protocol import TRANSCRIBER, StartParams
 
     texts: list[str] = []
@@ -108,7 +108,8 @@ async def engine_text(pcm: bytes, rate: int, *, batch: bool, recognizer: Any = N
     params = StartParams(TRANSCRIBER.name, sample_rate=rate)
     # (batch= only when asked: the same call then runs on engines before it existed)
     more = {"batch": True} if batch else {}
-    task = TranscriberTask(params, recognizer or shared_sphinx(), run, emit, **more)
+    engine = recognizer or shared_sphinx()
+    task = TranscriberTask(params, engine, run, emit, DecoderSlots(64, 60.0), **more)
     try:
         step = rate * 2 // 5  # 200 ms chunks, as a paced client sends them
         for i in range(0, len(pcm), step):

@@ -8,6 +8,7 @@ four voices) runs through the gateway's engine directly, to stay fast in CI.
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import sys
 from pathlib import Path
@@ -41,28 +42,53 @@ def test_the_subset_covers_every_voice() -> None:
     assert {p.voice for p in SUBSET} == {"slt", "kal16", "awb", "rms"}
 
 
-# The bounds: measured 7.6 % (real-time) and 7.6 % (recordings) on this subset with
-# this code; 20.2 % on the code before it (every sentence from the model's cepstral
-# mean, commit 6b2b20c), 12.6 % before that (the mean of whatever the pooled decoder
-# heard last). Full-set figures: benchmarks/RESULTS-accuracy.md.
-@pytest.mark.parametrize(("batch", "bound"), [(False, 0.10), (True, 0.10)], ids=["live", "batch"])
-async def test_word_error_rate_at_16_khz(
-    recognizer: SphinxRecognizer, batch: bool, bound: float
+Pairs = list[tuple[str, str]]
+
+
+@pytest.fixture(scope="module")
+def live(recognizer: SphinxRecognizer) -> Pairs:
+    """The subset as real-time sessions (each phrase one session)."""
+    return asyncio.run(engine_pairs(SUBSET, 16000, batch=False, recognizer=recognizer))
+
+
+@pytest.fixture(scope="module")
+def batch(recognizer: SphinxRecognizer) -> Pairs:
+    """The subset as recordings (Flash, FileTrans, REST)."""
+    return asyncio.run(engine_pairs(SUBSET, 16000, batch=True, recognizer=recognizer))
+
+
+def _errors(pairs: Pairs) -> list[tuple[str, str]]:
+    return [(ref, hyp) for ref, hyp in pairs if ref != hyp]
+
+
+# Measured on this subset (benchmarks/RESULTS-accuracy.md has the full set): 20.0 % real-time on the code before this test (every sentence from the
+# model's cepstral mean, 6b2b20c), 13.3 % before that (the mean of whatever the pooled
+# decoder heard last: order-dependent), 8.3 % (real-time) and 9.2 % (recordings) now.
+
+
+def test_the_cepstral_mean_regression_is_caught(live: Pairs) -> None:
+    # 6b2b20c's regression: between the two figures above.
+    assert wer(live) <= 0.15, _errors(live)
+
+
+@pytest.mark.parametrize("service", ["live", "batch"])
+def test_word_error_rate_at_16_khz_meets_the_bar(
+    service: str, live: Pairs, batch: Pairs
 ) -> None:
-    pairs = await engine_pairs(SUBSET, 16000, batch=batch, recognizer=recognizer)
-    assert wer(pairs) <= bound, [(r, h) for r, h in pairs if r != h]
+    pairs = live if service == "live" else batch
+    assert wer(pairs) <= 0.10, _errors(pairs)
 
 
 async def test_word_error_rate_at_8_khz(recognizer: SphinxRecognizer) -> None:
-    pairs = await engine_pairs(SUBSET[:8], 8000, batch=False, recognizer=recognizer)
-    assert wer(pairs) <= 0.35, [(r, h) for r, h in pairs if r != h]
+    pairs = await engine_pairs(SUBSET[:6], 8000, batch=False, recognizer=recognizer)
+    assert wer(pairs) <= 0.35, _errors(pairs)
 
 
 async def test_the_same_audio_gives_the_same_text_whatever_ran_before() -> None:
     # One decoder in the pool: the second decode of the phrase runs on a decoder that
     # heard other voices in between, and must not be swayed by them.
     recognizer = SphinxRecognizer(max_idle=1)
-    first, *others = SUBSET[:4]
+    first, *others = SUBSET[:3]
     pcm = first.pcm(16000)
     for batch in (False, True):
         alone = await engine_text(pcm, 16000, batch=batch, recognizer=recognizer)
