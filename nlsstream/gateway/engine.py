@@ -258,8 +258,9 @@ class SphinxRecognizer:
     the start. It comes from the session's own audio (:class:`Adaptation`), never from
     whichever session used a pooled decoder before: a real-time sentence is decoded once
     its first ``PRIME_MS`` of audio (or all of it, if shorter) have set the mean, starting
-    from the session's previous sentence or, for the first, from the model's; a
-    recording's sentence (``Adaptation.batch``) is decoded with the mean of all of it.
+    from the session's previous sentence or, for the first, from the model's (until then
+    a provisional decode gives the partial results); a recording's sentence
+    (``Adaptation.batch``) is decoded with the mean of all of it.
 
     All decoders run at 16 kHz: the en-us model is trained on wide-band audio and fails
     to initialise at 8 kHz, so 8 kHz audio is upsampled with soxr first, plus a faint
@@ -341,6 +342,7 @@ class _SphinxDecoder:
         self.decoder: Any = decoder
         self.adaptation = adaptation
         self.started = False  # the utterance is being decoded (its mean is set)
+        self.provisional = False  # a provisional decode runs until then (partials)
         self.held = bytearray()  # 16 kHz audio waiting for its mean to be known
         self.resampler: Any = None
         if sample_rate != 16000:
@@ -363,17 +365,31 @@ class _SphinxDecoder:
         self.held += pcm
         if last or (not self.adaptation.batch and len(self.held) >= PRIME_MS * 32):
             self._start()
+        elif not self.adaptation.batch and pcm:
+            # Until the mean is known, a provisional decode (from the session's mean so
+            # far) gives the partial results; _start() decodes this audio again.
+            if not self.provisional:
+                self._reset()
+                self.decoder.start_utt()
+                self.provisional = True
+            self.decoder.process_raw(pcm, False, False)
+
+    def _reset(self) -> None:
+        # A pooled decoder's feature extraction keeps running sums (CMN, noise) from
+        # the segments it decoded before, and set_cmn() alone does not clear them:
+        # reinitialise it (0.1 ms), so nothing of another session is left.
+        self.decoder.reinit_feat()
+        if self.adaptation.cmn is not None:
+            self.decoder.set_cmn(self.adaptation.cmn)
 
     def _start(self) -> None:
         """Set the mean from the held audio (a pass with no search), then decode it."""
         decoder, audio = self.decoder, bytes(self.held)
         self.held = bytearray()
-        # A pooled decoder's feature extraction keeps running sums (CMN, noise) from
-        # the segments it decoded before, and set_cmn() alone does not clear them:
-        # reinitialise it (0.1 ms), so nothing of another session is left.
-        decoder.reinit_feat()
-        if self.adaptation.cmn is not None:
-            decoder.set_cmn(self.adaptation.cmn)
+        if self.provisional:
+            decoder.end_utt()
+            self.provisional = False
+        self._reset()
         if audio:
             decoder.start_utt()
             decoder.process_raw(audio, True, True)
@@ -388,7 +404,7 @@ class _SphinxDecoder:
         if self.decoder is None:
             return ""
         self._process(pcm)
-        if not self.started:
+        if not (self.started or self.provisional):
             return ""
         hyp = self.decoder.hyp()
         return str(hyp.hypstr) if hyp is not None else ""
@@ -423,7 +439,7 @@ class _SphinxDecoder:
     def close(self) -> None:
         decoder, self.decoder = self.decoder, None
         if decoder is not None:
-            if self.started:
+            if self.started or self.provisional:
                 decoder.end_utt()
             self.owner._release(decoder)
 
@@ -699,8 +715,8 @@ class TranscriberTask(_Base):
         ]
         # A sentence encloses its words: the recogniser hears the audio before the voice
         # detector's start (the pre-roll) and may place a word's edges beyond it.
-        begin = min([self.begin_time, *(w["startTime"] for w in words)])
-        end = max([self.speech_end, *(w["endTime"] for w in words)])
+        begin = min([self.begin_time, *(self.offset + w.start_time for w in result.words)])
+        end = max([self.speech_end, *(self.offset + w.end_time for w in result.words)])
         self.sentences.append(result.text)
         await self.emit(
             "SentenceEnd",
