@@ -137,7 +137,11 @@ async def _realtime(gw: Any, p: Phrase, rate: int, pace: float) -> str:
     import nlsstream
 
     async with nlsstream.Transcriber(
-        appkey=APPKEY, token="t", url=f"ws://127.0.0.1:{gw.port}/ws/v1", sample_rate=rate
+        appkey=APPKEY,
+        token="t",
+        url=f"ws://127.0.0.1:{gw.port}/ws/v1",
+        sample_rate=rate,
+        stop_timeout=60,  # a shared machine: measure the words, not the queueing
     ) as t:
         await t.stream(p.pcm(rate), pace=pace or None)
         return (await t.stop()).text

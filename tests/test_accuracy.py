@@ -64,7 +64,7 @@ def _errors(pairs: Pairs) -> list[tuple[str, str]]:
 # Measured on this subset (benchmarks/RESULTS-accuracy.md has the full set), real-time
 # at 16 kHz / 8 kHz (first 6 phrases): 13.3 % / 35.4 % at 6b2b20c~1 (the mean of whatever
 # the pooled decoder heard last: order-dependent), 20.0 % / 50.0 % from 6b2b20c on (every
-# sentence from the model's mean), now 6.7 % / 12.5 %, and 8.3 % for recordings.
+# sentence from the model's mean), now 5.8 % / 16.7 %, and 8.3 % for recordings.
 
 
 def test_the_cepstral_mean_regression_is_caught(live: Pairs) -> None:
