@@ -151,14 +151,14 @@ async def _flash(gw: Any, p: Phrase, rate: int) -> str:
     import nlsstream
 
     async with nlsstream.FlashRecognizer(APPKEY, "t", url=gw.url) as flash:
-        return (await flash.recognize(p.pcm(rate), sample_rate=rate)).text
+        return (await flash.recognize(p.path(rate))).text
 
 
 async def _rest(gw: Any, p: Phrase, rate: int) -> str:
     import nlsstream
 
     async with nlsstream.RestRecognizer(APPKEY, "t", url=gw.url) as rest:
-        return (await rest.recognize(p.pcm(rate), sample_rate=rate)).text
+        return (await rest.recognize(p.path(rate))).text
 
 
 async def _filetrans(gw: Any, p: Phrase, rate: int) -> str:
