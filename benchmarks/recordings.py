@@ -103,12 +103,13 @@ class GatewayProcess:
         return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def start_gateway(timeout: float = 60.0) -> GatewayProcess:
-    """``nlsstream serve`` on a free port with an AccessKey pair of its own."""
+def start_gateway(timeout: float = 60.0, extra: tuple[str, ...] = ()) -> GatewayProcess:
+    """``nlsstream serve`` on a free port with an AccessKey pair of its own (and ``extra``
+    options)."""
     port = _free_port()
     ak_id, ak_secret = "LTAIbench" + secrets.token_hex(4), secrets.token_urlsafe(16)
     env = _clean_env(NLS_GATEWAY_ACCESS_KEYS=f"{ak_id}:{ak_secret}")
-    args = ["serve", "--port", str(port), "--log-level", "WARNING"]
+    args = ["serve", "--port", str(port), "--log-level", "WARNING", *extra]
     proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     # "NLS gateway listening on ..." once bound (PocketSphinx is loaded first).

@@ -34,8 +34,9 @@ limits (what a client sees when it hits one):
   idle connection     --idle-timeout s (10) without a message: TaskFailed 40000004
   sentence length     recognizer: 60 s of audio, TaskFailed 41010104;
                       transcriber: a sentence is cut at 60 s and the next one begins
-  decoders            8 sentences decoded at once (full gateway); a sentence that finds
-                      none free within 5 s: TaskFailed 52010001 (retryable)
+  decoders            --max-decoders (8) sentences decoded at once (full gateway); a
+                      sentence that finds none free within --decoder-wait (5) s:
+                      TaskFailed 52010001 (retryable)
   a client that reads nothing for 10 s while events wait for it: dropped (no close)
   handshake           request line and each header at most 8190 bytes: HTTP 400
                       (--light: the whole request about 64 KiB, else a reset);
@@ -58,6 +59,18 @@ limits (what a client sees when it hits one):
 """
 
 
+class _ServeHelp(argparse.Action):
+    """``serve --help``: the limits and the ``--fault`` syntax, which lives with its parser
+    in the gateway package (imported only here: other commands do not load the gateway)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from nlsstream.gateway.faults import FAULT_SYNTAX
+
+        parser.epilog = GATEWAY_LIMITS + "\n" + FAULT_SYNTAX
+        parser.print_help()
+        parser.exit()
+
+
 def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``serve`` subcommand and its options."""
     p = sub.add_parser(
@@ -71,7 +84,11 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "once listening; stops cleanly on Ctrl-C or SIGTERM."
         ),
         epilog=GATEWAY_LIMITS,
+        add_help=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-h", "--help", action=_ServeHelp, nargs=0, help="show this help message and exit"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument(
@@ -111,34 +128,7 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="TaskFailed 40000004 after this long without a message (default %(default)s)",
     )
-    p.add_argument(
-        "--file-root",
-        metavar="DIR",
-        help="file:// links (FileTrans file_link, Flash audio_address) may name only "
-        "regular files under DIR (default: any regular file this process can read; set "
-        "it whenever the gateway is reachable by others)",
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="close an HTTP connection whose request headers take longer (default %(default)s)",
-    )
-    p.add_argument(
-        "--body-timeout",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="HTTP 408 for a request body that takes longer (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-uploads",
-        type=int,
-        default=16,
-        metavar="N",
-        help="recording uploads received at once; more get HTTP 429 (default %(default)s)",
-    )
+    _add_full_gateway_options(p)
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -186,6 +176,60 @@ def _add_light_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_full_gateway_options(p: argparse.ArgumentParser) -> None:
+    """Decoders, faults and the recordings' HTTP limits (the full gateway's)."""
+    p.add_argument(
+        "--max-decoders",
+        type=int,
+        default=8,
+        metavar="N",
+        help="sentences decoded at once, about 45 MB each (default %(default)s; full gateway)",
+    )
+    p.add_argument(
+        "--decoder-wait",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a sentence waits for a free decoder before TaskFailed 52010001 "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="inject a fault, e.g. drop@audio+2s (repeatable; syntax below; full gateway)",
+    )
+    p.add_argument(
+        "--file-root",
+        metavar="DIR",
+        help="file:// links (FileTrans file_link, Flash audio_address) may name only "
+        "regular files under DIR (default: any regular file this process can read; set "
+        "it whenever the gateway is reachable by others)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close an HTTP connection whose request headers take longer (default %(default)s)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="HTTP 408 for a request body that takes longer (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-uploads",
+        type=int,
+        default=16,
+        metavar="N",
+        help="recording uploads received at once; more get HTTP 429 (default %(default)s)",
+    )
+
+
 #: The options only the light gateway takes, with the value that means "not given".
 _LIGHT_ONLY = {
     "--sentence-ms": "sentence_ms",
@@ -228,7 +272,11 @@ def serve_command(
         if given:
             raise ValueError(f"{given[0]} applies to --light, not the full gateway")
         from nlsstream.gateway import Gateway, HttpLimits
+        from nlsstream.gateway.faults import parse_faults
 
+        if args.max_decoders < 1 or not 0 <= args.decoder_wait <= 3600:
+            raise ValueError("--max-decoders must be >= 1 and --decoder-wait 0..3600 s")
+        every, once = parse_faults(args.fault)
         gateway = Gateway(
             args.host,
             args.port,
@@ -243,7 +291,12 @@ def serve_command(
                 body_timeout=args.body_timeout,
                 max_uploads=args.max_uploads,
             ),
+            faults=every,
+            max_decoders=args.max_decoders,
+            decoder_wait=args.decoder_wait,
         )
+        if once is not None:
+            gateway.queue_faults(once)
     except ValueError as exc:
         print(f"nlsstream serve: {exc}", file=sys.stderr)
         return 2
@@ -273,6 +326,8 @@ def _serve_light(args: argparse.Namespace, factory: Callable[..., LightGateway] 
         raise ValueError("--recognizer applies to the full gateway, not --light")
     if args.access_key:
         raise ValueError("--access-key applies to the full gateway, not --light")
+    if args.fault or args.max_decoders != 8 or args.decoder_wait != 5.0:
+        raise ValueError("--fault and the decoder options apply to the full gateway")
     if args.control and not args.token:
         raise ValueError("--control requires a token: --token or NLS_GATEWAY_TOKEN")
     if factory is None:

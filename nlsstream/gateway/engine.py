@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from ..realtime.protocol import (
 from .vad import FRAME_MS, EnergyVad
 
 __all__ = [
+    "Adaptation",
     "CallableRecognizer",
     "DecoderSlots",
     "Emit",
@@ -52,6 +55,7 @@ __all__ = [
     "SphinxRecognizer",
     "TranscriberTask",
     "Transcript",
+    "release_memory",
     "resolve_recognizer",
 ]
 
@@ -63,11 +67,24 @@ T = TypeVar("T")
 START_FRAMES = 3
 #: Audio before the detected start that is still given to the recogniser.
 PREROLL_FRAMES = 10
+#: Silence after a sentence's speech that is still given to the recogniser.
+TAIL_MS = 300
 #: Intermediate results come about this often (ms of audio).
 PARTIAL_MS = 200
 DEFAULT_END_SILENCE_MS = 800
-#: RMS of the noise floor added to upsampled 8 kHz audio before PocketSphinx.
-NARROWBAND_NOISE = 60.0
+#: RMS of the noise floor added to upsampled 8 kHz audio before PocketSphinx (about
+#: -72 dBFS: no digital silence). Measured on the held-out phrases at 8 kHz: 24.7 % WER
+#: at 8, 25.0 % at 0, 26.7 % at 20, 35.6 % at 60 (the old value), 48.3 % at 150.
+NARROWBAND_NOISE = 8.0
+#: PocketSphinx's language-model weight: 5.5, not the model's 6.5, trusts the acoustics
+#: more; on the held-out phrases it took the WER from 11.4 to 10.3 % (real-time) and
+#: from 10.6 to 9.4 % (recordings); see benchmarks/RESULTS-accuracy.md.
+LANGUAGE_WEIGHT = 5.5
+#: Audio of a real-time sentence that sets its cepstral mean (see SphinxRecognizer); it is
+#: decoded twice, provisionally for partial results, then with that mean. Held-out WER
+#: (16 kHz, real-time): 13.1 % at 700 ms, 10.3 % at 1000 and 1500, 9.7 % at 2000; but
+#: the gateway's CPU per audio second was 0.35 s at 1000 and 0.57 s at 2000.
+PRIME_MS = 1000
 
 
 # --------------------------------------------------------------------------- recognisers
@@ -194,63 +211,141 @@ def sphinx_available() -> bool:
     return True
 
 
+@dataclass
+class Adaptation:
+    """One session's acoustic normalisation for :class:`SphinxRecognizer`: one per
+    real-time task or recording channel, never shared between sessions, so that a
+    session's text depends on its own audio only, not on what a pooled decoder heard
+    before.
+
+    Attributes:
+        batch: the whole of each segment is known before it is decoded (recordings):
+            the segment is decoded in one pass, with the cepstral mean of all of it.
+        cmn: the session's cepstral mean so far (PocketSphinx's comma-separated form),
+            carried from sentence to sentence; ``None`` before the first sentence.
+    """
+
+    batch: bool = False
+    cmn: str | None = None
+
+
+def release_memory() -> bool:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``); whether it
+    could. glibc keeps freed blocks in its arenas: without this a gateway holds a burst's
+    decoders' worth of memory long after they are gone."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
+
+
 class SphinxRecognizer:
     """PocketSphinx with its bundled US-English model, streaming (``start_utt`` /
     ``process_raw`` / ``hyp`` / ``end_utt`` / ``seg``).
 
     Decoders take ~0.3 s and tens of MB to create, so they are pooled: a segment borrows
-    one and gives it back when it ends; at most ``max_idle`` idle decoders are kept. A
-    borrowed decoder starts from the model's initial cepstral mean, not from what its
-    earlier segments left, so that a segment's text depends less on which segments the
-    decoder heard before (its noise tracking still adapts; PocketSphinx has no reset).
+    one and gives it back when it ends; at most ``max_idle`` idle decoders are kept, and
+    when the last borrowed decoder comes back (the gateway is idle) only ``keep_idle``
+    stay and the freed memory is returned to the system (:func:`release_memory`).
+
+    Cepstral mean normalisation (CMN) is what makes PocketSphinx accurate, and its live
+    mode barely moves within a short sentence, so the mean must fit the speaker from
+    the start. It comes from the session's own audio (:class:`Adaptation`), never from
+    whichever session used a pooled decoder before: a real-time sentence is decoded once
+    its first ``PRIME_MS`` of audio (or all of it, if shorter) have set the mean, starting
+    from the session's previous sentence or, for the first, from the model's (until then
+    a provisional decode gives the partial results); a recording's sentence
+    (``Adaptation.batch``) is decoded with the mean of all of it.
+
     All decoders run at 16 kHz: the en-us model is trained on wide-band audio and fails
     to initialise at 8 kHz, so 8 kHz audio is upsampled with soxr first, plus a faint
-    noise floor. Expect a much higher error rate there (5 or 6 words of 8 wrong on the
-    flite fixture, against none at 16 kHz): the audio lacks everything above 4 kHz.
+    noise floor. Expect a higher error rate there: the audio lacks everything above
+    4 kHz (benchmarks/RESULTS-accuracy.md has the figures).
     """
 
     name = "sphinx"
 
-    def __init__(self, *, max_idle: int = 4, **config: Any) -> None:
+    def __init__(self, *, max_idle: int = 4, keep_idle: int = 1, **config: Any) -> None:
+        if not 0 <= keep_idle <= max_idle:
+            raise ValueError(f"need 0 <= keep_idle <= max_idle, got {keep_idle}, {max_idle}")
         self.max_idle = max_idle
-        self.config = {"loglevel": "FATAL", **config}
+        self.keep_idle = keep_idle
+        self.config = {"loglevel": "FATAL", "lw": LANGUAGE_WEIGHT, **config}
         self._idle: list[Any] = []
+        self._borrowed = 0
         self._lock = threading.Lock()
-        self._initial_cmn: str | None = None  # the model's, read from the first decoder
+
+    @property
+    def idle(self) -> int:
+        """Decoders kept for the next segments."""
+        return len(self._idle)
+
+    @property
+    def borrowed(self) -> int:
+        """Decoders in use by open segments now."""
+        return self._borrowed
 
     def _acquire(self) -> Any:
         with self._lock:
+            self._borrowed += 1
             if self._idle:
                 return self._idle.pop()
-        from pocketsphinx import Decoder
+        try:
+            from pocketsphinx import Decoder
 
-        decoder = Decoder(samprate=16000, **self.config)
-        if self._initial_cmn is None:
-            self._initial_cmn = str(decoder.get_cmn(False))
+            decoder = Decoder(samprate=16000, **self.config)
+        except BaseException:
+            with self._lock:
+                self._borrowed -= 1
+            raise
         return decoder
 
     def _release(self, decoder: Any) -> None:
+        surplus: list[Any] = []
         with self._lock:
+            self._borrowed -= 1
             if len(self._idle) < self.max_idle:
                 self._idle.append(decoder)
+            else:
+                surplus.append(decoder)
+            if self._borrowed == 0 and len(self._idle) > self.keep_idle:
+                surplus += self._idle[self.keep_idle :]
+                del self._idle[self.keep_idle :]
+        if surplus:
+            surplus.clear()  # the decoders are freed here, then their memory returned
+            release_memory()
 
     def warm_up(self) -> None:
         """Create one decoder now, so the first segment does not pay for it."""
         self._release(self._acquire())
 
-    def open(self, sample_rate: int, offset_ms: int) -> SegmentDecoder:
-        decoder = self._acquire()
-        decoder.set_cmn(self._initial_cmn)
-        decoder.start_utt()
-        return _SphinxDecoder(self, decoder, sample_rate)
+    def open(
+        self, sample_rate: int, offset_ms: int, adaptation: Adaptation | None = None
+    ) -> SegmentDecoder:
+        """A segment's decoder; ``adaptation`` is its session's (a fresh one if omitted:
+        the segment is then normalised on its own)."""
+        return _SphinxDecoder(self, self._acquire(), sample_rate, adaptation or Adaptation())
 
 
 class _SphinxDecoder:
     FILLERS = ("<", "[")
 
-    def __init__(self, owner: SphinxRecognizer, decoder: Any, sample_rate: int) -> None:
+    def __init__(
+        self, owner: SphinxRecognizer, decoder: Any, sample_rate: int, adaptation: Adaptation
+    ) -> None:
         self.owner = owner
         self.decoder: Any = decoder
+        self.adaptation = adaptation
+        self.started = False  # the utterance is being decoded (its mean is set)
+        self.provisional = False  # a provisional decode runs until then (partials)
+        self.held = bytearray()  # 16 kHz audio waiting for its mean to be known
         self.resampler: Any = None
         if sample_rate != 16000:
             import soxr
@@ -262,17 +357,57 @@ class _SphinxDecoder:
         if self.resampler is not None:
             samples = np.frombuffer(pcm, dtype="<i2", count=len(pcm) // 2)
             up = self.resampler.resample_chunk(samples, last=last).astype(np.float32)
-            # Upsampled audio has nothing above 4 kHz; the wide-band model recognises it
-            # far better with a faint noise floor there than with digital silence.
+            # Upsampled audio has nothing above 4 kHz: a faint floor, not digital silence.
             up += self.rng.normal(0.0, NARROWBAND_NOISE, up.shape).astype(np.float32)
             pcm = np.clip(up, -32768, 32767).astype("<i2").tobytes()
-        if pcm:
+        if self.started:
+            if pcm:
+                self.decoder.process_raw(pcm, False, False)
+            return
+        self.held += pcm
+        if last or (not self.adaptation.batch and len(self.held) >= PRIME_MS * 32):
+            self._start()
+        elif not self.adaptation.batch and pcm:
+            # Until the mean is known, a provisional decode (from the session's mean so
+            # far) gives the partial results; _start() decodes this audio again.
+            if not self.provisional:
+                self._reset()
+                self.decoder.start_utt()
+                self.provisional = True
             self.decoder.process_raw(pcm, False, False)
+
+    def _reset(self) -> None:
+        # A pooled decoder's feature extraction keeps running sums (CMN, noise) from
+        # the segments it decoded before, and set_cmn() alone does not clear them:
+        # reinitialise it (0.1 ms), so nothing of another session is left.
+        self.decoder.reinit_feat()
+        if self.adaptation.cmn is not None:
+            self.decoder.set_cmn(self.adaptation.cmn)
+
+    def _start(self) -> None:
+        """Set the mean from the held audio (a pass with no search), then decode it."""
+        decoder, audio = self.decoder, bytes(self.held)
+        self.held = bytearray()
+        if self.provisional:
+            decoder.end_utt()
+            self.provisional = False
+        self._reset()
+        if audio:
+            decoder.start_utt()
+            decoder.process_raw(audio, True, True)
+            decoder.end_utt()
+            decoder.set_cmn(decoder.get_cmn(False))
+        decoder.start_utt()
+        self.started = True
+        if audio:
+            decoder.process_raw(audio, False, False)
 
     def feed(self, pcm: bytes) -> str:
         if self.decoder is None:
             return ""
         self._process(pcm)
+        if not (self.started or self.provisional):
+            return ""
         hyp = self.decoder.hyp()
         return str(hyp.hypstr) if hyp is not None else ""
 
@@ -280,14 +415,15 @@ class _SphinxDecoder:
         decoder = self.decoder
         if decoder is None:
             return Transcript("")
-        if self.resampler is not None:
-            self._process(b"", last=True)
+        self._process(b"", last=True)
         decoder.end_utt()
+        # The session's next sentence starts from this one's mean.
+        self.adaptation.cmn = str(decoder.get_cmn(False))
         hyp = decoder.hyp()
         words: list[Word] = []
         probs: list[float] = []
         frate = 100
-        for seg in decoder.seg():
+        for seg in decoder.seg() or ():  # None when the segment had no audio
             text = str(seg.word)
             if text.startswith(self.FILLERS):
                 continue
@@ -305,7 +441,8 @@ class _SphinxDecoder:
     def close(self) -> None:
         decoder, self.decoder = self.decoder, None
         if decoder is not None:
-            decoder.end_utt()
+            if self.started or self.provisional:
+                decoder.end_utt()
             self.owner._release(decoder)
 
 
@@ -384,7 +521,8 @@ class DecoderSlots:
                 status_text(
                     52010001,
                     f"No recogniser free within {self.wait:g} s: this gateway decodes at "
-                    f"most {self.size} sentences at once!",
+                    f"most {self.size} sentences at once (serve --max-decoders N, "
+                    "--decoder-wait S)!",
                 ),
             ) from None
 
@@ -402,12 +540,17 @@ class _Base:
         emit: Emit,
         slots: DecoderSlots | None = None,
         alive: Callable[[], bool] | None = None,
+        *,
+        batch: bool = False,
     ) -> None:
         self.params = params
+        #: The session's acoustic adaptation (PocketSphinx); ``batch`` when the whole
+        #: recording is known, so a sentence need not be decoded as it comes.
+        self.adaptation = Adaptation(batch=batch)
         self.recognizer = recognizer
         self.run = run
         self.emit = emit
-        self.slots = slots or DecoderSlots(1 << 20, 0.0)
+        self.slots = slots or DecoderSlots(1 << 20, 60.0)  # no bound of its own
         #: Whether the task's client is still there (checked before making a decoder).
         self.alive = alive or (lambda: True)
         self._setup()
@@ -442,7 +585,12 @@ class _Base:
             if not self.alive():
                 # The client left while this segment waited for a slot: no decoder.
                 raise ConnectionAbortedError("the client is gone")
-            self.decoder = await self.run(self.recognizer.open, self.rate, offset_ms)
+            if isinstance(self.recognizer, SphinxRecognizer):
+                self.decoder = await self.run(
+                    self.recognizer.open, self.rate, offset_ms, self.adaptation
+                )
+            else:
+                self.decoder = await self.run(self.recognizer.open, self.rate, offset_ms)
         except BaseException:
             self.slots.release()
             raise
@@ -484,6 +632,7 @@ class TranscriberTask(_Base):
         self.speech_end = 0
         self.sentences: list[str] = []
         self.offset = 0
+        self.pause = bytearray()  # silence after TAIL_MS, held back (see audio())
 
     def control(self, params: StartParams) -> None:
         """Apply the parameters a ControlTranscriber changed (``max_sentence_silence``)."""
@@ -509,12 +658,18 @@ class TranscriberTask(_Base):
                 if self.run_len >= START_FRAMES:
                     await self._begin()
                 continue
-            self.pending += frame
             if voiced:
+                # Speech again: the pause was part of the sentence after all.
+                self.pending += self.pause
+                self.pause = bytearray()
+                self.pending += frame
                 self.silence = 0
                 self.speech_end = t + FRAME_MS
             else:
                 self.silence += FRAME_MS
+                # Silence beyond TAIL_MS is held back: fed to the recogniser only if
+                # speech follows, so a sentence's end is not decoded into words.
+                (self.pending if self.silence <= TAIL_MS else self.pause).extend(frame)
             if self.silence >= self.max_silence or t + FRAME_MS - self.begin_time >= MAX_SPEECH_MS:
                 await self._end()
             elif len(self.pending) >= self.partial_bytes:
@@ -548,31 +703,32 @@ class TranscriberTask(_Base):
 
     async def _end(self) -> None:
         assert self.decoder is not None
+        self.pause = bytearray()
         if self.pending:
             await self._feed_pending()
         result = await self._finish()
-        words = (
-            [
-                {
-                    "text": w.text,
-                    "startTime": self.offset + w.start_time,
-                    "endTime": self.offset + w.end_time,
-                }
-                for w in result.words
-            ]
-            if self.params.enable_words
-            else []
-        )
+        words = [
+            {
+                "text": w.text,
+                "startTime": self.offset + w.start_time,
+                "endTime": self.offset + w.end_time,
+            }
+            for w in result.words
+        ]
+        # A sentence encloses its words: the recogniser hears the audio before the voice
+        # detector's start (the pre-roll) and may place a word's edges beyond it.
+        begin = min([self.begin_time, *(self.offset + w.start_time for w in result.words)])
+        end = max([self.speech_end, *(self.offset + w.end_time for w in result.words)])
         self.sentences.append(result.text)
         await self.emit(
             "SentenceEnd",
             {
                 "index": self.index,
-                "time": self.speech_end,
-                "begin_time": self.begin_time,
+                "time": end,
+                "begin_time": begin,
                 "result": result.text,
                 "confidence": result.confidence,
-                "words": words,
+                "words": words if self.params.enable_words else [],
                 "status": SUCCESS,
             },
         )

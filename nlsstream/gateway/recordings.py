@@ -121,8 +121,14 @@ class Recordings:
         sentences: list[Recognised] = []
         params = StartParams(TRANSCRIBER.name, sample_rate=info.target_rate, enable_words=True)
         tasks = [
+            # batch: each sentence is decoded with its own cepstral mean (all of it known)
             TranscriberTask(
-                params, self.needs.recognizer, run, _collect(c, sentences), self.needs.slots
+                params,
+                self.needs.recognizer,
+                run,
+                _collect(c, sentences),
+                self.needs.slots,
+                batch=True,
             )
             for c in range(channels)
         ]
