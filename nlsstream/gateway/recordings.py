@@ -115,39 +115,45 @@ class Recordings:
         header is checked first; then blocks are decoded and fed to one segmenter per
         channel (each sentence on the gateway's decoder pool)."""
         run = self.needs.run
-        info = await run(probe, file, size, fmt, rate, max_seconds, too_long)
+        probing = run(probe, file, size, fmt, rate, max_seconds, too_long)
+        try:
+            info = await probing
+        except asyncio.CancelledError:
+            await asyncio.wait([probing])  # the worker must be done with the file first
+            raise
         decoder = BlockDecoder(file, info, max_seconds, too_long, mix=mix)
         channels = 1 if first_only else decoder.channels
         sentences: list[Recognised] = []
         params = StartParams(TRANSCRIBER.name, sample_rate=info.target_rate, enable_words=True)
-        tasks = [
-            # batch: each sentence is decoded with its own cepstral mean (all of it known)
-            TranscriberTask(
-                params,
-                self.needs.recognizer,
-                run,
-                _collect(c, sentences),
-                self.needs.slots,
-                batch=True,
-            )
-            for c in range(channels)
-        ]
+        tasks: list[TranscriberTask] = []
+        reading: asyncio.Future[Any] | None = None  # a block being decoded in a worker
         try:
-            block = await run(decoder.read)
+            tasks = [
+                # batch: each sentence is decoded with its own cepstral mean (all known)
+                TranscriberTask(
+                    params,
+                    self.needs.recognizer,
+                    run,
+                    _collect(c, sentences),
+                    self.needs.slots,
+                    batch=True,
+                )
+                for c in range(channels)
+            ]
+            reading = run(decoder.read)
+            block = await reading
             while block is not None:
                 # The next block is decoded while this one is recognised.
-                following = run(decoder.read)
-                try:
-                    await asyncio.gather(
-                        *(_feed(t, pcm) for t, pcm in zip(tasks, block, strict=False))
-                    )
-                except BaseException:
-                    # The worker must be done with the file before it is closed.
-                    await asyncio.wait([following])
-                    raise
-                block = await following
+                reading = run(decoder.read)
+                await asyncio.gather(*(_feed(t, pcm) for t, pcm in zip(tasks, block, strict=False)))
+                block = await reading
             await asyncio.gather(*(t.stop() for t in tasks))
         finally:
+            # The worker must be done with the file before the decoder, then the file, is
+            # closed (also when this is cancelled, e.g. at shutdown): else libsndfile reads
+            # a closed file from its worker thread.
+            if reading is not None and not reading.done():
+                await asyncio.wait([reading])
             for t in tasks:
                 await t.close()
             decoder.close()
