@@ -127,7 +127,11 @@ async def test_connect_timeout_when_the_server_never_answers() -> None:
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        with pytest.raises(GatewayConnectionError, match=r"timed out after 0.3 s connecting"):
+        # The handshake gets what is left of connect_timeout after the token: 0.3 s, or a
+        # hair less on a busy machine ("0.298 s").
+        with pytest.raises(
+            GatewayConnectionError, match=r"timed out after 0\.(3|29\d*) s connecting"
+        ):
             async with Recognizer(
                 "app", TOKEN, url=f"ws://127.0.0.1:{port}/ws/v1", connect_timeout=0.3
             ):
