@@ -30,6 +30,7 @@ from aiohttp import web
 
 from ..recordings.wire import Refusal
 from ..redaction import get_logger
+from .workers import in_thread
 
 __all__ = [
     "Deadlines",
@@ -276,12 +277,12 @@ async def spool_body(
             pending_size += len(chunk)
             if pending_size >= 1 << 20:
                 # Disk writes off the loop, a megabyte at a time.
-                await asyncio.to_thread(spool.write, b"".join(pending))
+                await in_thread(None, spool.write, b"".join(pending))
                 pending, pending_size = [], 0
         if pending:
             data = b"".join(pending)
             if size + 0 > limits.spool_bytes:
-                await asyncio.to_thread(spool.write, data)
+                await in_thread(None, spool.write, data)
             else:
                 spool.write(data)
         spool.seek(0)

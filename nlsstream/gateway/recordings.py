@@ -44,6 +44,7 @@ from .faults import Faults
 from .filetrans import Downloads, FileTrans, parse_task
 from .http import Deadlines, HttpLimits, UploadSlots, spool_body
 from .pop import PopGuard, PopRefusal
+from .workers import until_done
 
 __all__ = ["RECORDINGS", "Needs", "Recordings", "application", "pop_routes"]
 
@@ -64,7 +65,8 @@ class Needs:
     """What the recordings get from their gateway (no gateway internals beyond these)."""
 
     recognizer: SpeechEngine
-    run: Callable[..., asyncio.Future[Any]]
+    #: Runs blocking work in a worker (cancelled: waits for a running job first).
+    run: Callable[..., Awaitable[Any]]
     slots: DecoderSlots
     next_faults: Callable[[], Faults]
     #: ``None`` if the request carries an accepted token, else the refusal's text.
@@ -115,18 +117,13 @@ class Recordings:
         header is checked first; then blocks are decoded and fed to one segmenter per
         channel (each sentence on the gateway's decoder pool)."""
         run = self.needs.run
-        probing = run(probe, file, size, fmt, rate, max_seconds, too_long)
-        try:
-            info = await probing
-        except asyncio.CancelledError:
-            await asyncio.wait([probing])  # the worker must be done with the file first
-            raise
+        info = await run(probe, file, size, fmt, rate, max_seconds, too_long)
         decoder = BlockDecoder(file, info, max_seconds, too_long, mix=mix)
         channels = 1 if first_only else decoder.channels
         sentences: list[Recognised] = []
         params = StartParams(TRANSCRIBER.name, sample_rate=info.target_rate, enable_words=True)
         tasks: list[TranscriberTask] = []
-        reading: asyncio.Future[Any] | None = None  # a block being decoded in a worker
+        reading: asyncio.Task[Any] | None = None  # a block being decoded in a worker
         try:
             tasks = [
                 # batch: each sentence is decoded with its own cepstral mean (all known)
@@ -140,11 +137,10 @@ class Recordings:
                 )
                 for c in range(channels)
             ]
-            reading = run(decoder.read)
-            block = await reading
+            block = await run(decoder.read)
             while block is not None:
                 # The next block is decoded while this one is recognised.
-                reading = run(decoder.read)
+                reading = asyncio.ensure_future(run(decoder.read))
                 await asyncio.gather(*(_feed(t, pcm) for t, pcm in zip(tasks, block, strict=False)))
                 block = await reading
             await asyncio.gather(*(t.stop() for t in tasks))
@@ -152,8 +148,11 @@ class Recordings:
             # The worker must be done with the file before the decoder, then the file, is
             # closed (also when this is cancelled, e.g. at shutdown): else libsndfile reads
             # a closed file from its worker thread.
-            if reading is not None and not reading.done():
-                await asyncio.wait([reading])
+            if reading is not None:
+                reading.cancel()  # a job not started is dropped, a running one waited for
+                await until_done(reading)
+                if not reading.cancelled():
+                    reading.exception()  # seen: a later block's failure is not news now
             for t in tasks:
                 await t.close()
             decoder.close()

@@ -59,6 +59,7 @@ from .filetrans import FileTrans
 from .http import Deadlines, HttpLimits, install_accept_throttle
 from .recordings import RECORDINGS, Needs, Recordings, application, pop_routes
 from .wav import WavStripper
+from .workers import in_thread
 
 __all__ = ["Gateway", "GatewayThread", "SessionRecord"]
 
@@ -465,10 +466,10 @@ class Gateway:
             del self.sessions[: len(self.sessions) - self.max_records]
         return record
 
-    def _run(self, fn: Any, /, *args: Any) -> asyncio.Future[Any]:
+    async def _run(self, fn: Any, /, *args: Any) -> Any:
         if self._executor is None:
             raise ConnectionAbortedError("gateway is closing")
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await in_thread(self._executor, fn, *args)
 
 
 class _Abort(Exception):
