@@ -61,6 +61,8 @@ class _Session:
         self.errors: list[str] = []
         self.sentence_ends: list[int] = []
         self.send_lag: list[float] = []
+        #: compat only: the session's own pacing figures (underruns, client p99 lateness).
+        self.pacing: dict[str, float] = {}
 
     def on_start(self, message: str, *args: Any) -> None:
         self.started = True
@@ -106,6 +108,7 @@ class _Session:
                 lag.append(time.monotonic() - deadline)
                 self.frames_sent += 1
             tr.stop()
+            self.pacing = _pacing(tr)
             if not self.completed:
                 self.errors.append(f"session {self.index}: stop() returned without Completed")
             tr.shutdown()
@@ -168,8 +171,33 @@ def run(
         sentence_ends={s.task_id: s.sentence_ends for s in states if s.task_id},
         send_lag=lag_summary([x for s in states for x in s.send_lag]),
         steady_cpu=steady,
-        extra={"threads_peak": peak_threads, "sdk": _sdk_version(nls)},
+        extra={
+            "threads_peak": peak_threads,
+            "sdk": _sdk_version(nls),
+            **_pacing_summary([s.pacing for s in states if s.pacing]),
+        },
     )
+
+
+def _pacing_summary(pacing: list[dict[str, float]]) -> dict[str, Any]:
+    if not pacing:
+        return {}
+    underruns = sorted(p["underruns"] for p in pacing)
+    return {
+        "client_underruns": sum(underruns),
+        "client_underruns_max": underruns[-1],
+        "client_worst_p99_ms": max(p["p99_ms"] for p in pacing),
+    }
+
+
+def _pacing(tr: Any) -> dict[str, float]:
+    """A compat session's own pacing figures (its underlying nlsstream session's
+    metrics); nothing for the official SDK, which has none."""
+    session = getattr(tr, "_session", None)
+    metrics = getattr(session, "metrics", None)
+    if metrics is None:
+        return {}
+    return {"underruns": metrics.underruns, "p99_ms": metrics.p99_lateness_ms}
 
 
 def _sdk_version(nls: Any) -> str:

@@ -33,6 +33,7 @@ from .errors import (
 )
 from .mic import Microphone, MicrophoneError
 from .realtime.events import EventStream
+from .realtime.live import AudioQueue
 from .realtime.pacing import Metrics, Pacer
 from .realtime.protocol import (
     Completed,
@@ -63,6 +64,7 @@ __all__ = [
     "STATUS_CODES",
     "AccessKeyTokenProvider",
     "AudioFormatError",
+    "AudioQueue",
     "AuthenticationError",
     "CallbackError",
     "Completed",

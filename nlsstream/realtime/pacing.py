@@ -613,6 +613,9 @@ class Pacer:
         self._deferred: deque[PacedStream] = deque()
         #: Producer wake-ups deferred to a later tick so far (a herd spread over ticks).
         self.deferred_wakes = 0
+        # Called first at every tick (with the tick's time): streams that take their
+        # audio from a queue at the tick rather than from a producer task.
+        self._taps: dict[Callable[[float], None], None] = {}
 
     @classmethod
     def for_loop(cls, loop: asyncio.AbstractEventLoop | None = None) -> Pacer:
@@ -643,15 +646,30 @@ class Pacer:
     def _register(self, stream: PacedStream) -> float:
         """Register ``stream``, whose first frame is ready now, and return when that
         frame is due: the first tick from now (now, if the pacer was idle)."""
+        now = self._busy()
+        self._streams[stream] = None
+        return self._tick_after(now)
+
+    def _busy(self) -> float:
+        """The clock's time; if the pacer was idle, a new grid of ticks starts now."""
         now = self.clock()
-        idle = self._timer is None if self.autorun else not self._streams
+        idle = self._timer is None if self.autorun else not (self._streams or self._taps)
         if idle:  # a new grid of ticks, its first tick now
             self._origin = now
             self._tick_index = 0
             if self.autorun:
                 self._arm()
-        self._streams[stream] = None
-        return self._tick_after(now)
+        return now
+
+    def add_tap(self, tap: Callable[[float], None]) -> None:
+        """Call ``tap(now)`` at the start of every tick until :meth:`remove_tap` (ticking
+        meanwhile, even with no stream open). It must not raise: it runs in the tick
+        that serves every session."""
+        self._busy()
+        self._taps[tap] = None
+
+    def remove_tap(self, tap: Callable[[float], None]) -> None:
+        self._taps.pop(tap, None)
 
     def _tick_after(self, when: float) -> float:
         """The first tick at or after ``when``."""
@@ -678,7 +696,7 @@ class Pacer:
         try:
             self.run_due(now, early=self.tolerance)
         finally:
-            if self._streams:
+            if self._streams or self._taps:
                 # Stay on the grid origin + k * tick (drift-free); if the loop was so
                 # busy that ticks were missed, skip them rather than fire in a burst.
                 k = self._tick_index + 1
@@ -705,6 +723,10 @@ class Pacer:
             # frames go out in catch-up batches, so a producer left waiting could
             # underrun. Wake every one whose buffer is low, as if there were no bound.
             wakes = len(streams) + len(deferred)
+        for tap in list(self._taps):
+            # Before _ran_until moves: audio a tap queues now for a frame due at this
+            # tick is on time, not an underrun.
+            tap(now)
         self._ran_until = horizon
         while deferred and wakes > 0:  # those that waited first
             deferred.popleft()._wake()

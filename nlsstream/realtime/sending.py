@@ -22,6 +22,7 @@ from .. import audio
 from ..audio import FRAME_BYTES, Framer
 from ..errors import AudioFormatError, InvalidStateError
 from .connection import Connection
+from .live import AudioQueue
 from .pacing import Metrics, PacedStream, Pacer
 from .resume import ReplayBuffer
 from .router import EventRouter
@@ -88,8 +89,8 @@ class AudioSender:
         self._router = router
         self._metrics = metrics
         self._pacer = pacer
-        self._sample_rate = sample_rate
-        self._max_ahead_bytes = max_ahead_bytes
+        self.sample_rate = sample_rate
+        self.max_ahead_bytes = max_ahead_bytes
         self._check = gate
         self._failed = failed
         self._keep = replay.add if replay is not None else None
@@ -154,7 +155,7 @@ class AudioSender:
 
     async def stream_source(
         self,
-        source: audio.AudioSource,
+        source: audio.AudioSource | AudioQueue,
         pace: float | None,
         sample_rate: float | None,
         *,
@@ -165,7 +166,18 @@ class AudioSender:
         ``limit`` (a whole source that does not fit is refused before anything is sent; a
         live one is cut there, and AudioFormatError raised once the rest was sent), with
         ``keepalive`` silence while a live source is quiet."""
-        rate = self._sample_rate
+        if isinstance(source, AudioQueue):
+            if not pace:
+                raise ValueError("an AudioQueue is sent at real time: give a pace (e.g. 1.0)")
+            if sample_rate is not None and sample_rate != self.sample_rate:
+                raise AudioFormatError("an AudioQueue holds PCM at the session's rate")
+            self.streaming = True
+            try:
+                await self._queued(source, pace, keepalive, limit)
+            finally:
+                self.streaming = False
+            return
+        rate = self.sample_rate
         cut: list[bool] = []
         if limit is None:
             chunks = audio.pcm_chunks(source, rate, sample_rate)
@@ -214,12 +226,12 @@ class AudioSender:
         per 100 ms is sent in its place. A timer armed only while waiting for the source:
         a few microseconds per chunk, no task."""
         loop = asyncio.get_running_loop()
-        piece = bytes(2 * self._sample_rate // _KEEPALIVE_PER_S)
+        piece = bytes(2 * self.sample_rate // _KEEPALIVE_PER_S)
         handle: asyncio.TimerHandle | None = None
 
         def quiet() -> None:
             nonlocal handle
-            self._send_silence(piece)
+            self.send_silence(piece)
             handle = loop.call_later(1 / _KEEPALIVE_PER_S, quiet)
 
         while True:
@@ -232,7 +244,7 @@ class AudioSender:
                 handle.cancel()
             yield chunk
 
-    def _send_silence(self, pcm: bytes) -> None:
+    def send_silence(self, pcm: bytes) -> None:
         """One piece of keepalive silence, in stream order (the producer is parked waiting
         for its source), counted in the metrics and kept for a replay."""
         paced = self._paced
@@ -268,16 +280,20 @@ class AudioSender:
             self._check()
             await self.send(tail)
 
-    async def _paced_stream(self, chunks: AsyncIterator[bytes], pace: float) -> None:
-        conn, router, keep = self.conn, self._router, self._keep
+    def _open_paced(self, pace: float) -> PacedStream:
         paced = self._pacer.open(
-            conn,
-            2 * self._sample_rate * pace,
+            self.conn,
+            2 * self.sample_rate * pace,
             self._metrics,
-            max_ahead_bytes=self._max_ahead_bytes,
+            max_ahead_bytes=self.max_ahead_bytes,
             frame_bytes=FRAME_BYTES,
         )
         self._paced = paced
+        return paced
+
+    async def _paced_stream(self, chunks: AsyncIterator[bytes], pace: float) -> None:
+        conn, router, keep = self.conn, self._router, self._keep
+        paced = self._open_paced(pace)
         try:
             # The task may have ended while the source was being opened; from now on
             # the end of the task interrupts the stream.
@@ -296,6 +312,118 @@ class AudioSender:
         finally:
             self.conn.attach(None)
             self._paced = None
+
+    async def _queued(
+        self, queue: AudioQueue, pace: float, keepalive: float | None, limit: AudioLimit | None
+    ) -> None:
+        """``queue`` paced at ``pace`` until it is closed and sent: a tap of the pacer
+        (:class:`QueueTap`) moves its audio into the paced stream at each tick."""
+        paced = self._open_paced(pace)
+        tap = QueueTap(queue, paced, self, keepalive, limit)
+        try:
+            self._check()
+            self.conn.attach(paced)
+            self._pacer.add_tap(tap)
+            await tap.drained
+            self._pacer.remove_tap(tap)
+            await paced.finish()
+        except BaseException as exc:
+            paced.abort(exc)
+            raise
+        finally:
+            self._pacer.remove_tap(tap)
+            self.conn.attach(None)
+            self._paced = None
+        if tap.cut:
+            assert limit is not None
+            raise AudioFormatError(
+                f"stream() stopped sending at {limit.text()}: the rest of the queued "
+                "audio was not sent; stop() returns what was recognised up to there"
+            )
+
+    def queued_audio(self, pcm: bytes, paced: PacedStream) -> None:
+        """Bookkeeping for audio a queue's tap put into ``paced``."""
+        if self._keep is not None:
+            self._keep(pcm)
+        if self._router.first_audio_at is None:
+            self._router.first_audio_at = paced.start_time
+
+
+class QueueTap:
+    """Called by the pacer at every tick while a queue is streamed: moves what is queued
+    into the paced stream (after the queue's cushion, at first), up to its bound and the
+    task's limit; keepalive silence while the queue is empty; sets :attr:`drained` once
+    the queue is closed and empty, or the stream ended."""
+
+    def __init__(
+        self,
+        queue: AudioQueue,
+        paced: PacedStream,
+        sender: AudioSender,
+        keepalive: float | None,
+        limit: AudioLimit | None,
+    ) -> None:
+        self.queue = queue
+        self.paced = paced
+        self.sender = sender
+        self.keepalive = keepalive
+        self.limit = limit
+        self.cut = False
+        self.drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        rate = 2 * sender.sample_rate
+        self._cushion_bytes = int(queue.cushion * rate) // 2 * 2
+        self._max_ahead = sender.max_ahead_bytes
+        self._first_seen: float | None = None  # when the first audio was seen, until sent
+        self._started = False
+        self._heard = 0.0  # when audio was last taken (for keepalive)
+        self._silence = bytes(rate // _KEEPALIVE_PER_S)
+
+    def __call__(self, now: float) -> None:
+        if self.drained.done():
+            return
+        try:
+            self._tick(now)
+        except BaseException as exc:  # never into the pacer's tick: fail this stream
+            self.paced.abort(exc)
+            self._done()
+
+    def _tick(self, now: float) -> None:
+        queue, paced = self.queue, self.paced
+        if paced.finished:
+            self._done()
+            return
+        if not self._started:
+            if not queue.queued_bytes:
+                return
+            if self._first_seen is None:
+                self._first_seen = now
+            waited = now - self._first_seen
+            if (
+                queue.queued_bytes < self._cushion_bytes
+                and waited < queue.cushion
+                and not queue.closed
+            ):
+                return
+            self._started = True
+        room = self._max_ahead - paced.buffered_bytes
+        if self.limit is not None:
+            left = self.limit.left() - paced.buffered_bytes
+            if queue.queued_bytes > left and left <= room:  # the rest goes over it
+                room, self.cut = left, True
+        pcm = queue.take(room)
+        if pcm:
+            paced.put_nowait(pcm)
+            self.sender.queued_audio(pcm, paced)
+            self._heard = now
+        elif self.keepalive is not None and now - self._heard >= self.keepalive:
+            self.sender.send_silence(self._silence)
+            self._heard = now - self.keepalive + 1 / _KEEPALIVE_PER_S
+        if self.cut or (queue.closed and not queue.queued_bytes):
+            self._done()  # nothing more to put: the stream sends what it holds
+
+    def _done(self) -> None:
+        if not self.drained.done():
+            self.drained.set_result(None)
 
 
 async def _up_to(

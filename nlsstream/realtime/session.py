@@ -45,6 +45,7 @@ from ..redaction import get_logger
 from .connection import ProxySetting
 from .events import EventHub, EventStream
 from .lifecycle import Lifecycle
+from .live import AudioQueue
 from .options import DEFAULT_EVENT_QUEUE_SIZE, SessionConfig
 from .pacing import Metrics, Pacer
 from .protocol import (
@@ -405,15 +406,17 @@ class Session(abc.ABC):
 
     async def stream(
         self,
-        source: audio.AudioSource,
+        source: audio.AudioSource | AudioQueue,
         pace: float | None = 1.0,
         *,
         sample_rate: float | None = None,
     ) -> None:
-        """Send ``source`` (anything :func:`nlsstream.audio.pcm_chunks` accepts) as
-        640-byte PCM frames, paced at ``pace`` times real time; ``pace=None`` or ``0``
-        sends as fast as the socket takes it. Returns once the last frame is written;
-        does not send Stop. The last frame may be shorter and is never dropped.
+        """Send ``source`` (anything :func:`nlsstream.audio.pcm_chunks` accepts, or an
+        :class:`~nlsstream.AudioQueue` that other threads fill) as 640-byte PCM frames,
+        paced at ``pace`` times real time; ``pace=None`` or ``0`` sends as fast as the
+        socket takes it. Returns once the last frame is written (for a queue: once it is
+        closed and sent); does not send Stop. The last frame may be shorter and is never
+        dropped.
 
         ``sample_rate``: the rate of a numpy array or PCM bytes when it is not the
         session's (they are resampled); without it they are taken to be at the
