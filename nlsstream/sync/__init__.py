@@ -23,7 +23,7 @@ audio's or the gateway's progress (``stream()``, iterating events, ``stop()`` an
 
 **send_audio() queues.** It appends the audio to the session's queue and returns at
 once, with no lock and no wake-up of the loop thread per call; the loop streams what is
-queued at real time (:mod:`nlsstream.sync._feed`: about 80-100 ms behind the caller, which
+queued at real time (:mod:`nlsstream.sync._feed`: 60-80 ms behind the caller, which
 absorbs a sending thread's jitter), in order, before a later ``stream()``, ``ctrl()`` or
 ``stop()``. Audio sent faster than real time waits in the queue (up to 1 MiB, then
 ``send_audio()`` waits).

@@ -163,7 +163,7 @@ class BlockingSession(BlockingFacade[S]):
         """Queue ``data`` for the task and return at once (no waiting on the loop thread).
 
         The loop streams the queued audio at real time (PCM: 640-byte frames on the
-        pacer's ticks, about 80-100 ms behind the caller; other formats: one message per
+        pacer's ticks, 60-80 ms behind the caller; other formats: one message per
         call), in order, before a later ``stream()``, ``ctrl()`` or ``stop()``. Raises
         InvalidStateError before Started or once the task stopped, the task's error if it
         failed, AudioFormatError for an odd number of PCM bytes or past a Recognizer's

@@ -22,7 +22,7 @@ swallows (HTTP 403, a refused or lost connection, a gateway that stops answering
 reach ``on_error`` as a TaskFailed-shaped JSON message; ``start()``, ``stop()``,
 ``send_audio()`` and ``ctrl()`` return ``True`` on success and ``False`` where the
 official SDK silently returns ``None``; ``send_audio()`` queues the audio and returns
-(the loop streams it at real time, about 80-100 ms behind the caller, in order, before a
+(the loop streams it at real time, 60-80 ms behind the caller, in order, before a
 later ``ctrl()`` or ``stop()``); sample rates other than 8000/16000 and odd-length PCM
 are refused at once.
 """
