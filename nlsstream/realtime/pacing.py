@@ -380,6 +380,18 @@ class PacedStream:
         if block:
             self._append(self._encode(block, self._frame_bytes))
 
+    def put_batched(self, pcm: bytes | bytearray | memoryview) -> None:
+        """:meth:`put_nowait`, for a pacer tap (:meth:`Pacer.add_tap`): the frames are
+        encoded once every tap of this tick has run, with all the others' frames in one
+        vectorised pass (a live source gives a frame or two per tick: encoded alone,
+        each would cost a pass of its own)."""
+        self._check()
+        if self._closed:
+            raise RuntimeError("put() after finish()")
+        block = self._framer.take(pcm)
+        if block:
+            self._pacer._batch.append((self, block))
+
     def _append(self, frames: list[bytes]) -> None:
         buf = self._buf
         if not buf:
@@ -616,6 +628,8 @@ class Pacer:
         # Called first at every tick (with the tick's time): streams that take their
         # audio from a queue at the tick rather than from a producer task.
         self._taps: dict[Callable[[float], None], None] = {}
+        # What the taps put this tick, encoded together once they have all run.
+        self._batch: list[tuple[PacedStream, bytes]] = []
 
     @classmethod
     def for_loop(cls, loop: asyncio.AbstractEventLoop | None = None) -> Pacer:
@@ -681,6 +695,24 @@ class Pacer:
         k = math.floor((when - self._origin) / self.tick + _GRID_EPS)
         return self._origin + k * self.tick
 
+    def _encode_batch(self) -> None:
+        """Encode the frames the taps put this tick (:meth:`PacedStream.put_batched`):
+        one pass per encoder and frame size, instead of one per stream."""
+        batch, self._batch = self._batch, []
+        groups: dict[
+            tuple[Callable[[bytes, int], list[bytes]], int], list[tuple[PacedStream, bytes]]
+        ] = {}
+        for stream, block in batch:
+            groups.setdefault((stream._encode, stream._frame_bytes), []).append((stream, block))
+        for (encode, size), puts in groups.items():
+            frames = encode(b"".join(block for _, block in puts), size)
+            i = 0
+            for stream, block in puts:
+                n = len(block) // size
+                if not stream.finished:
+                    stream._append(frames[i : i + n])
+                i += n
+
     def _detach(self, stream: PacedStream) -> None:
         self._streams.pop(stream, None)
 
@@ -723,10 +755,12 @@ class Pacer:
             # frames go out in catch-up batches, so a producer left waiting could
             # underrun. Wake every one whose buffer is low, as if there were no bound.
             wakes = len(streams) + len(deferred)
-        for tap in list(self._taps):
+        if self._taps:
             # Before _ran_until moves: audio a tap queues now for a frame due at this
             # tick is on time, not an underrun.
-            tap(now)
+            for tap in list(self._taps):
+                tap(now)
+            self._encode_batch()
         self._ran_until = horizon
         while deferred and wakes > 0:  # those that waited first
             deferred.popleft()._wake()

@@ -326,6 +326,8 @@ class AudioSender:
             self._pacer.add_tap(tap)
             await tap.drained
             self._pacer.remove_tap(tap)
+            if self._router.first_audio_at is None:  # known once the tick encoded it
+                self._router.first_audio_at = paced.start_time
             await paced.finish()
         except BaseException as exc:
             paced.abort(exc)
@@ -412,7 +414,7 @@ class QueueTap:
                 room, self.cut = left, True
         pcm = queue.take(room)
         if pcm:
-            paced.put_nowait(pcm)
+            paced.put_batched(pcm)
             self.sender.queued_audio(pcm, paced)
             self._heard = now
         elif self.keepalive is not None and now - self._heard >= self.keepalive:
