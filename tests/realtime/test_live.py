@@ -64,6 +64,30 @@ async def test_a_thread_fills_the_queue_and_the_stream_sends_it_in_order() -> No
     assert r.metrics.paced_frames == -(-len(pcm) // FRAME)
 
 
+async def test_queues_of_several_sessions_are_encoded_together_and_each_arrives_whole() -> None:
+    """The frames every queue gives in one tick are masked in one pass, then split again:
+    each session must get exactly its own audio (recognised, so in order and intact)."""
+    pytest.importorskip("pocketsphinx")
+    names = ["hello.wav", "weather.wav", "hello.wav", "weather.wav"]
+    pcms = [soundfile.read(str(FIXTURES / n), dtype="int16")[0].tobytes() for n in names]
+    async with Gateway(tokens=["tok"], appkeys=["app"], recognizer="sphinx") as gw:
+
+        async def one(pcm: bytes, chunk: int) -> str:
+            queue = AudioQueue()
+            async with Recognizer("app", "tok", url=gw.url) as r:
+                producer = threading.Thread(target=produce, args=(queue, pcm, chunk))
+                producer.start()
+                try:
+                    await asyncio.wait_for(r.stream(queue), 60)
+                finally:
+                    producer.join()
+                return (await r.stop()).text
+
+        # Chunk sizes that are not whole frames: the framers carry the rest across ticks.
+        texts = await asyncio.gather(*(one(p, 640 + 2 * k) for k, p in enumerate(pcms)))
+    assert texts == [TRANSCRIPTS[n][0] for n in names]
+
+
 async def test_the_stream_holds_back_a_cushion_then_keeps_pace(gw: Gateway) -> None:
     pcm = bytes(32000)  # 1 s
     queue = AudioQueue(cushion=0.1)
