@@ -275,12 +275,8 @@ async def _flash(
                 if phases is not None:
                     phases.enter("recognising")  # the service downloads the URL
                 return await f.recognize(audio_address=source, **params)
-            on_progress = None
-            if phases is not None:
-                phases.enter("preparing")
-                on_progress = phases.upload
             return await f.recognize(
-                source, sample_rate=args.sample_rate, on_progress=on_progress, **params
+                source, sample_rate=args.sample_rate, on_progress=_uploading(phases), **params
             )
         except (TaskFailedError, AuthenticationError):
             if services.http_url is None:
@@ -300,13 +296,17 @@ async def _rest(
     async with RestRecognizer(
         services.appkey, services.token, url, timeout=timeout, proxy=_proxy(args, services)
     ) as r:
-        on_progress = None
-        if phases is not None:
-            phases.enter("preparing")
-            on_progress = phases.upload
         return await r.recognize(
-            source, sample_rate=args.sample_rate, on_progress=on_progress, **params
+            source, sample_rate=args.sample_rate, on_progress=_uploading(phases), **params
         )
+
+
+def _uploading(phases: Phases | None) -> Callable[[int, int], None] | None:
+    """The upload's progress callback (the phases enter "preparing"), if shown."""
+    if phases is None:
+        return None
+    phases.enter("preparing")
+    return phases.upload
 
 
 def _proxy(args: argparse.Namespace, services: Services) -> str | Literal[True] | None:
