@@ -57,9 +57,11 @@ class Tokens:
         return token
 
     def invalidate(self) -> None:
-        if isinstance(self.provider, RefreshableTokenProvider):
+        """Drop the current token, so that the next connection asks for a new one."""
+        provider = self.provider
+        if isinstance(provider, RefreshableTokenProvider):  # what `refreshable` says
             try:
-                self.provider.invalidate(self.current)
+                provider.invalidate(self.current)
             except Exception:
                 logger.exception("token provider's invalidate() failed")
 
