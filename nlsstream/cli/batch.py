@@ -220,7 +220,9 @@ async def run_batch(
                     expected = isinstance(exc, (NlsError, OSError, ValueError, TimeoutError))
                     shown = exc if expected else RuntimeError(f"{type(exc).__name__}: {exc}")
                     message = one_line(shown, secrets, token=token_given(args))
-                    say(f"nlsstream: error: {source}: {message}")
+                    # Name the input once: many errors already name their file.
+                    named = message if source in message else f"{source}: {message}"
+                    say(f"nlsstream: error: {named}")
                     return
                 tally.done += 1
                 refresh()

@@ -145,10 +145,12 @@ def test_a_batch_keeps_every_good_output_when_inputs_fail(
             TRANSCRIPTS[key]
         )
     lines = err.splitlines()
-    assert any(
-        re.fullmatch(r"nlsstream: error: .*bad\.wav: .*could not be decoded: .+", x) for x in lines
-    )
-    assert any(re.fullmatch(r"nlsstream: error: .*missing\.wav: .*not found.*", x) for x in lines)
+    bad = [x for x in lines if "bad.wav" in x]
+    assert len(bad) == 1 and re.fullmatch(r"nlsstream: error: .*could not be decoded: .+", bad[0])
+    assert bad[0].count("bad.wav") == 1, bad[0]  # the input is named once
+    missing = [x for x in lines if "missing.wav" in x]
+    assert len(missing) == 1 and re.fullmatch(r"nlsstream: error: .*not found.*", missing[0])
+    assert missing[0].count("missing.wav") == 1, missing[0]
     assert lines[-1] == "nlsstream: 3 of 5 done, 2 failed"
     assert "Traceback" not in err
 
