@@ -2,10 +2,13 @@
 
 :class:`PopGuard` checks one request's common parameters: all present, the AccessKey
 known and the signature right (when the gateway has AccessKeys), the ``Timestamp``
-well formed and within :data:`TIMESTAMP_WINDOW` of now, and the ``SignatureNonce``
-not seen before within that window (a replayed request is refused; the nonces kept
-are bounded by :data:`MAX_NONCES`: beyond it, requests are throttled rather than
-remembered without bound). Every refusal is the generic POP error envelope with the
+well formed and within :data:`TIMESTAMP_WINDOW` of now, and, when requests are signed,
+the ``SignatureNonce`` not seen before within that window (a replayed request is
+refused; the nonces kept are bounded by :data:`MAX_NONCES`: beyond it, requests are
+throttled rather than remembered without bound). A gateway without AccessKeys takes
+any request unsigned: anyone may make a new one, so refusing a replayed one would
+protect nothing, and remembering nonces would let anyone fill the memory and throttle
+everyone; it remembers none. Every refusal is the generic POP error envelope with the
 cloud's code and HTTP 4xx.
 """
 
@@ -89,7 +92,8 @@ class PopGuard:
         stamp = parse_timestamp(params["Timestamp"])
         if abs(stamp - now) > TIMESTAMP_WINDOW:
             raise PopRefusal("InvalidTimeStamp.Expired")
-        self._use_nonce((key_id, params["SignatureNonce"]), now)
+        if self.access_keys is not None:
+            self._use_nonce((key_id, params["SignatureNonce"]), now)
         return key_id
 
     def _use_nonce(self, nonce: tuple[str, str], now: float) -> None:

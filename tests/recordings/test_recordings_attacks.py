@@ -32,6 +32,7 @@ from yarl import URL
 from nlsstream import FileTranscriber, FlashRecognizer, RestRecognizer, TaskFailedError, auth
 from nlsstream.errors import TokenError
 from nlsstream.gateway import Gateway, HttpLimits
+from nlsstream.gateway.pop import PopGuard, PopRefusal
 
 AK_B, SECRET_B = "LTAI5tTenantB000002", "another-secret"
 QUICK = HttpLimits(header_timeout=0.5, body_timeout=1.5, log_interval=60.0)
@@ -173,6 +174,22 @@ async def test_a_nonce_is_single_use_and_the_timestamp_must_be_now(gw: Gateway) 
     garbage = resign({**signed("GetTaskResult", TaskId="x"), "Timestamp": "garbage"})
     status, body = await pop_get(gw, garbage)
     assert (status, body["Code"]) == (400, "InvalidTimeStamp.Format")
+
+
+def test_without_access_keys_no_nonce_is_kept_so_nobody_can_throttle_everyone() -> None:
+    """Unsigned requests (no AccessKeys configured) can be forged at will: nonces of
+    those would protect nothing, and filling their memory would throttle every client."""
+    guard = PopGuard(None, max_nonces=3)
+    params = {k: v for k, v in signed("GetTaskResult", TaskId="x").items()}
+    for n in range(10):
+        assert guard.check("GET", {**params, "SignatureNonce": f"n{n}"}) == AK_ID
+    assert guard.check("GET", params) == guard.check("GET", params) == AK_ID
+    signed_guard = PopGuard({AK_ID: AK_SECRET}, max_nonces=3)
+    for n in range(3):
+        signed_guard.check("GET", resign({**params, "SignatureNonce": f"n{n}"}))
+    with pytest.raises(PopRefusal) as caught:
+        signed_guard.check("GET", resign({**params, "SignatureNonce": "n3"}))
+    assert caught.value.code == "Throttling.User"
 
 
 async def test_a_replayed_submit_makes_one_task(gw: Gateway) -> None:
