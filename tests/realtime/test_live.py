@@ -70,11 +70,14 @@ async def test_queues_of_several_sessions_are_encoded_together_and_each_arrives_
     pytest.importorskip("pocketsphinx")
     names = ["hello.wav", "weather.wav", "hello.wav", "weather.wav"]
     pcms = [soundfile.read(str(FIXTURES / n), dtype="int16")[0].tobytes() for n in names]
-    async with Gateway(tokens=["tok"], appkeys=["app"], recognizer="sphinx") as gw:
+    # Four recognitions at once on a possibly loaded machine: room to decode them all.
+    async with Gateway(
+        tokens=["tok"], appkeys=["app"], recognizer="sphinx", decoder_wait=60.0
+    ) as gw:
 
         async def one(pcm: bytes, chunk: int) -> str:
             queue = AudioQueue()
-            async with Recognizer("app", "tok", url=gw.url) as r:
+            async with Recognizer("app", "tok", url=gw.url, stop_timeout=60) as r:
                 producer = threading.Thread(target=produce, args=(queue, pcm, chunk))
                 producer.start()
                 try:
