@@ -92,7 +92,11 @@ async def files() -> AsyncIterator[Files]:
 @pytest.fixture
 async def gw() -> AsyncIterator[Gateway]:
     async with Gateway(
-        tokens=[TOKEN], appkeys=[APPKEY], access_keys={AK_ID: AK_SECRET}, max_decoders=4
+        tokens=[TOKEN],
+        appkeys=[APPKEY],
+        access_keys={AK_ID: AK_SECRET},
+        max_decoders=4,
+        decoder_wait=60.0,
     ) as g:
         yield g
 
