@@ -301,6 +301,7 @@ class SphinxRecognizer:
             from pocketsphinx import Decoder
 
             decoder = Decoder(samprate=16000, **self.config)
+            decoder.add_jsgf_string(_PRIME_SEARCH, _PRIME_GRAMMAR)
         except BaseException:
             with self._lock:
                 self._borrowed -= 1
@@ -332,6 +333,13 @@ class SphinxRecognizer:
         """A segment's decoder; ``adaptation`` is its session's (a fresh one if omitted:
         the segment is then normalised on its own)."""
         return _SphinxDecoder(self, self._acquire(), sample_rate, adaptation or Adaptation())
+
+
+#: A one-word grammar the mean-setting pass runs under: ``end_utt`` always searches the
+#: audio it was given, and with the language model that search cost as much as the
+#: decode itself (0.16 CPU s per audio s); with this grammar it costs ~0.004.
+_PRIME_SEARCH = "_prime"
+_PRIME_GRAMMAR = b"#JSGF V1.0;\ngrammar prime;\npublic <s> = a;\n"
 
 
 class _SphinxDecoder:
@@ -380,6 +388,7 @@ class _SphinxDecoder:
         # A pooled decoder's feature extraction keeps running sums (CMN, noise) from
         # the segments it decoded before, and set_cmn() alone does not clear them:
         # reinitialise it (0.1 ms), so nothing of another session is left.
+        self.decoder.activate_search()  # the language model (not _PRIME_SEARCH)
         self.decoder.reinit_feat()
         if self.adaptation.cmn is not None:
             self.decoder.set_cmn(self.adaptation.cmn)
@@ -393,9 +402,11 @@ class _SphinxDecoder:
             self.provisional = False
         self._reset()
         if audio:
+            decoder.activate_search(_PRIME_SEARCH)
             decoder.start_utt()
             decoder.process_raw(audio, True, True)
-            decoder.end_utt()
+            decoder.end_utt()  # a search under the one-word grammar: nearly free
+            decoder.activate_search()
             decoder.set_cmn(decoder.get_cmn(False))
         decoder.start_utt()
         self.started = True
