@@ -80,11 +80,17 @@ NARROWBAND_NOISE = 8.0
 #: more; on the held-out phrases it took the WER from 11.4 to 10.3 % (real-time) and
 #: from 10.6 to 9.4 % (recordings); see benchmarks/RESULTS-accuracy.md.
 LANGUAGE_WEIGHT = 5.5
+#: PocketSphinx's word insertion penalty (``wip``, the model's 0.65): fewer spurious short
+#: words ("milk and the goods"). Held-out WER at 16 kHz (recordings / real-time, with
+#: PRIME_MS = 2000): 9.4 / 9.7 % at 0.65, 8.6 / 8.3 % at 0.01; recordings 9.2 % at 0.001,
+#: 8.6 % at 0.003, 8.9 % at 0.03, 9.4 % at 0.1 and 0.2: a broad minimum.
+WORD_INSERTION_PENALTY = 0.01
 #: Audio of a real-time sentence that sets its cepstral mean (see SphinxRecognizer); it is
 #: decoded twice, provisionally for partial results, then with that mean. Held-out WER
-#: (16 kHz, real-time): 13.1 % at 700 ms, 10.3 % at 1000 and 1500, 9.7 % at 2000; but
-#: the gateway's CPU per audio second was 0.35 s at 1000 and 0.57 s at 2000.
-PRIME_MS = 1000
+#: (16 kHz, real-time, WORD_INSERTION_PENALTY = 0.01): 9.2 % at 1000 ms, 8.6 % at 1500,
+#: 8.3 % at 2000, 8.6 % at 2500. Setting the mean costs little (see _PRIME_SEARCH): the
+#: price of a longer prime is the provisional decode of that much audio.
+PRIME_MS = 2000
 
 
 # --------------------------------------------------------------------------- recognisers
@@ -277,7 +283,12 @@ class SphinxRecognizer:
             raise ValueError(f"need 0 <= keep_idle <= max_idle, got {keep_idle}, {max_idle}")
         self.max_idle = max_idle
         self.keep_idle = keep_idle
-        self.config = {"loglevel": "FATAL", "lw": LANGUAGE_WEIGHT, **config}
+        self.config = {
+            "loglevel": "FATAL",
+            "lw": LANGUAGE_WEIGHT,
+            "wip": WORD_INSERTION_PENALTY,
+            **config,
+        }
         self._idle: list[Any] = []
         self._borrowed = 0
         self._lock = threading.Lock()
