@@ -722,7 +722,8 @@ class Pacer:
         self._timer = self.loop.call_at(loop_when, self._on_timer)
 
     def _on_timer(self) -> None:
-        self._timer = None
+        # self._timer stays set while the tick runs: a stream that a tap registers now
+        # must find the pacer busy (not start a new grid and a second timer).
         self.ticks += 1
         now = self.clock()
         try:
@@ -736,6 +737,8 @@ class Pacer:
                     k = math.floor((now - self._origin) / self.tick + _GRID_EPS) + 1
                 self._tick_index = k
                 self._arm()
+            else:
+                self._timer = None
 
     def run_due(self, now: float | None = None, *, early: float = 0.0) -> int:
         """Write every frame due at ``now`` (default: the clock) for every stream, and

@@ -16,6 +16,7 @@ from helpers import wait_until
 
 from nlsstream import AudioFormatError, AudioQueue, InvalidStateError, Recognizer, Transcriber
 from nlsstream.gateway import Gateway
+from nlsstream.realtime.pacing import Metrics, PacedStream, Pacer
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TRANSCRIPTS: dict[str, list[str]] = json.loads((FIXTURES / "transcripts.json").read_text())
@@ -190,3 +191,40 @@ def test_take_splits_a_chunk_and_keeps_the_rest_first() -> None:
     assert queue.take(100) == b"cd"
     assert queue.take(100) == b""
     assert (queue.put_bytes, queue.taken_bytes, queue.queued_bytes) == (8, 8, 0)
+
+
+class _NullSink:
+    written = 0
+
+    def write_frames(self, data: bytes) -> None:
+        self.written += len(data)
+
+    @staticmethod
+    def encode_frames(pcm: bytes, frame_bytes: int) -> list[bytes]:
+        return [pcm[i : i + frame_bytes] for i in range(0, len(pcm), frame_bytes)]
+
+
+async def test_streams_a_tap_registers_during_a_tick_keep_one_timer_on_one_grid() -> None:
+    """A stream whose first frame a tap puts registers inside the pacer's tick: the
+    pacer is busy then, so it must not start a new grid and a second timer (once it did:
+    every such stream added a timer chain, and the sessions' frames left a tick late)."""
+    pacer = Pacer(asyncio.get_running_loop())
+    sink = _NullSink()
+    streams: list[PacedStream] = []
+
+    def tap(now: float) -> None:
+        if len(streams) < 10:
+            stream = pacer.open(sink, 32000, Metrics(), max_ahead_bytes=64000)
+            stream.put_batched(bytes(640 * 100))
+            streams.append(stream)
+
+    pacer.add_tap(tap)
+    started = time.monotonic()
+    await wait_until(lambda: len(streams) == 10 and pacer.ticks >= 20)
+    elapsed = time.monotonic() - started
+    pacer.remove_tap(tap)
+    for stream in streams:
+        stream.abort(RuntimeError("test over"))
+    # A busy machine delays ticks, it never adds any: at most one per 20 ms, plus the first.
+    assert pacer.ticks <= elapsed / 0.02 + 2, (pacer.ticks, elapsed)
+    assert sink.written > 0
