@@ -259,12 +259,18 @@ class Microphone:
                     "start the microphone first: 'async with Microphone() as mic: ...'"
                 )
             self._wakeup.clear()
+            # Not asyncio.wait_for: before Python 3.12 it returns the result, swallowing
+            # a cancellation, when the wake-up lands in the same loop iteration as the
+            # cancel; a cancelled stream() then kept reading the device for ever.
+            woken = asyncio.ensure_future(self._wakeup.wait())
             try:
-                await asyncio.wait_for(self._wakeup.wait(), self.read_timeout)
-            except (asyncio.TimeoutError, TimeoutError):
+                done, _ = await asyncio.wait({woken}, timeout=self.read_timeout)
+            finally:
+                woken.cancel()
+            if not done:
                 raise MicrophoneError(
                     f"the audio input device delivered nothing for {self.read_timeout} s"
-                ) from None
+                )
         return self._chunks.popleft()
 
     def _on_audio_thread(self, data: bytes) -> None:

@@ -196,6 +196,22 @@ async def test_close_ends_a_waiting_consumer() -> None:
     assert not fake_threads_alive()
 
 
+async def test_a_cancel_that_lands_with_a_chunk_is_not_lost() -> None:
+    """The reader is cancelled in the very loop iteration a chunk wakes it: it must end
+    cancelled (asyncio.wait_for before 3.12 returned the chunk instead, and a cancelled
+    stream() read a live device for ever)."""
+    backend = FakeBackend(chunks=0)
+    async with Microphone(backend=backend, read_timeout=5) as mic:
+        for _ in range(20):  # the race is exact: every round makes it
+            reader = asyncio.ensure_future(mic.__anext__())
+            await asyncio.sleep(0)  # the reader now waits for a wake-up
+            mic._push(b"\x00\x00" * 160)  # a chunk wakes it...
+            reader.cancel()  # ... and the cancel lands in the same iteration
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+            mic._chunks.clear()
+
+
 async def test_callback_after_close_is_ignored() -> None:
     backend = FakeBackend(chunks=0)
     async with Microphone(backend=backend) as mic:
