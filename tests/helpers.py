@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import os
 import re
@@ -346,10 +347,28 @@ def parse_subtitles(text: str, fmt: str) -> list[tuple[int, int, str]]:
 
 
 def readline_within(stream: IO[AnyStr], timeout: float) -> AnyStr:
-    """The next line of a subprocess's pipe; fails if nothing comes within ``timeout``."""
-    if not select.select([stream], [], [], timeout)[0]:
-        raise AssertionError(f"no output within {timeout} s")
-    return stream.readline()
+    """The next line of a subprocess's pipe; fails if nothing comes within ``timeout``.
+
+    Reads the pipe's descriptor a byte at a time: ``stream.readline()`` would buffer
+    what follows the line inside ``stream``, where a later ``communicate()`` (which
+    reads the descriptor) never sees it, and a test would miss output that came.
+    """
+    fd = stream.fileno()
+    deadline = time.monotonic() + timeout
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if line:
+                break
+            raise AssertionError(f"no output within {timeout} s")
+        byte = os.read(fd, 1)
+        if not byte:  # end of the pipe
+            break
+        line += byte
+    if isinstance(stream, io.TextIOBase):
+        return line.decode()  # type: ignore[return-value]
+    return bytes(line)  # type: ignore[return-value]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
