@@ -15,8 +15,15 @@ and says how much audio was not sent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+)
+from contextlib import aclosing, contextmanager
 
 from .. import audio
 from ..audio import FRAME_BYTES, Framer
@@ -292,13 +299,9 @@ class AudioSender:
         return paced
 
     async def _paced_stream(self, chunks: AsyncIterator[bytes], pace: float) -> None:
-        conn, router, keep = self.conn, self._router, self._keep
+        router, keep = self._router, self._keep
         paced = self._open_paced(pace)
-        try:
-            # The task may have ended while the source was being opened; from now on
-            # the end of the task interrupts the stream.
-            self._check()
-            conn.attach(paced)  # the connection holds the stream while it cannot write
+        with self._running(paced):
             async for chunk in chunks:
                 await paced.put(chunk)
                 if keep is not None:
@@ -306,6 +309,16 @@ class AudioSender:
                 if router.first_audio_at is None:
                     router.first_audio_at = paced.start_time
             await paced.finish()
+
+    @contextmanager
+    def _running(self, paced: PacedStream) -> Iterator[None]:
+        """``paced`` running on the connection: checked first (the task may have ended
+        while the source was being opened), held by the connection while it cannot
+        write, aborted by any exception (its buffered audio discarded, waiters told)."""
+        try:
+            self._check()
+            self.conn.attach(paced)
+            yield
         except BaseException as exc:
             paced.abort(exc)
             raise
@@ -320,22 +333,15 @@ class AudioSender:
         (:class:`QueueTap`) moves its audio into the paced stream at each tick."""
         paced = self._open_paced(pace)
         tap = QueueTap(queue, paced, self, keepalive, limit)
-        try:
-            self._check()
-            self.conn.attach(paced)
+        with self._running(paced):
             self._pacer.add_tap(tap)
-            await tap.drained
-            self._pacer.remove_tap(tap)
+            try:
+                await tap.drained
+            finally:
+                self._pacer.remove_tap(tap)
             if self._router.first_audio_at is None:  # known once the tick encoded it
                 self._router.first_audio_at = paced.start_time
             await paced.finish()
-        except BaseException as exc:
-            paced.abort(exc)
-            raise
-        finally:
-            self._pacer.remove_tap(tap)
-            self.conn.attach(None)
-            self._paced = None
         if tap.cut:
             assert limit is not None
             raise AudioFormatError(
