@@ -60,16 +60,24 @@ class SendLog:
     def sent_at(self, offset: int) -> float | None:
         """When the byte before stream offset ``offset`` went out (the first write that
         reached it); ``None`` if it did not yet, or too long ago to be remembered."""
-        size = len(self._ends)
-        n = min(self._count, size)
-        if n == 0:
+        ends, count = self._ends, self._count
+        size = len(ends)
+        if count == 0:
             return None
-        first = self._count - n  # the oldest write still remembered
-        ends = [self._ends[(first + k) % size] for k in range(n)]
-        k = bisect_left(ends, offset)
-        if k == n or (k == 0 and first > 0):
+        # A binary search of the ring in place (it runs once per sentence event, for
+        # every session): its oldest writes are at [next slot, size), the newest at
+        # [0, next slot); offsets grow across the two.
+        if count <= size:
+            k = bisect_left(ends, offset, 0, count)
+            return self._times[k] if k < count else None
+        oldest = count % size
+        if oldest and offset > ends[size - 1]:  # in the newer part, or beyond it
+            k = bisect_left(ends, offset, 0, oldest)
+            return self._times[k] if k < oldest else None
+        k = bisect_left(ends, offset, oldest, size)
+        if k in (oldest, size):  # before the oldest write remembered, or not sent
             return None
-        return self._times[(first + k) % size]
+        return self._times[k]
 
 
 class LatencyHistogram:

@@ -462,9 +462,10 @@ class PacedStream:
         called by the :class:`Pacer` at each tick.
 
         At 1,000 sessions this runs 50,000 times a second, so the common case (one frame
-        due, on time) is inlined here and touches only the buffer, the metrics and the
-        transport; late frames and backlogs go to :meth:`_catch_up`, the producer's
-        wake-up and the end of the stream to :meth:`_drained`.
+        due, on time or in a tick that runs a little late) is inlined here and touches
+        only the buffer, the metrics and the transport; backlogs and late (re)starts of
+        the schedule go to :meth:`_catch_up`, the producer's wake-up and the end of the
+        stream to :meth:`_drained`.
         """
         due = self._next_due
         if due > horizon:
@@ -474,8 +475,10 @@ class PacedStream:
             return
         index = self._index + 1
         next_due = self._t0 + index * self._period
-        if next_due <= horizon or now - due >= 0.001:
-            self._catch_up(now, horizon)  # late, or more than one frame due
+        late = now - due
+        if next_due <= horizon or (late >= 0.001 and self._index == self._restart):
+            # More than one frame due, or a late frame that (re)starts the schedule.
+            self._catch_up(now, horizon)
             return
         buf = self._buf
         try:
@@ -489,6 +492,8 @@ class PacedStream:
         metrics.frames_sent += 1
         metrics.bytes_sent += self._frame_bytes
         metrics._paced_frames += 1
+        if late >= 0.001:  # a tick a little late (timers fire up to 1 ms late)
+            metrics._record_late(late * 1000.0)
         metrics.send_log.mark(metrics.bytes_sent, now)
         if len(buf) <= self._low_water:
             self._drained()

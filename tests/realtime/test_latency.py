@@ -3,6 +3,7 @@ percentiles (in the metrics), measured against when the audio went out."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,24 @@ def test_send_log_says_when_an_offset_went_out_while_it_remembers() -> None:
     assert log.sent_at(640 * 4) == 4.0
     assert log.sent_at(640 * 3) is None  # the oldest remembered: earlier writes forgotten
     assert log.sent_at(640 * 7) is None  # not sent yet
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
+def test_send_log_agrees_with_the_full_history_wherever_the_ring_wraps(size: int) -> None:
+    # The ring is searched in place: check it against every write kept in a list, for
+    # every offset, after every write (the ring's seam moves through each position).
+    rng = random.Random(size)
+    log, history, end = SendLog(size=size), [], 0
+    for t in range(3 * size + 4):
+        end += rng.choice([1, 640, 640, 1280])
+        log.mark(end, float(t))
+        history.append((end, float(t)))
+        kept = history[-size:]
+        forgotten = len(history) > size
+        for offset in range(0, end + 700, 97):
+            first = next((i for i, (e, _) in enumerate(kept) if e >= offset), None)
+            expected = None if first is None or (first == 0 and forgotten) else kept[first][1]
+            assert log.sent_at(offset) == expected, (t, offset)
 
 
 def test_latency_histogram_percentiles() -> None:
