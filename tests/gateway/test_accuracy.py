@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 from helpers import AK_ID, AK_SECRET, FIXTURES, TRANSCRIPTS, read_pcm
 
-from nlsstream.gateway.engine import SphinxRecognizer, release_memory, sphinx_available
+from nlsstream.gateway.engine import (
+    PARTIAL_MS,
+    PRIME_MS,
+    Adaptation,
+    SphinxRecognizer,
+    release_memory,
+    sphinx_available,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -110,6 +117,44 @@ async def test_the_same_audio_gives_the_same_text_whatever_ran_before() -> None:
         for other in others:
             await engine_text(other.pcm(16000), 16000, batch=batch, recognizer=recognizer)
         assert await engine_text(pcm, 16000, batch=batch, recognizer=recognizer) == alone
+
+
+def test_a_sentence_is_decoded_provisionally_only_for_partial_results() -> None:
+    # Before a real-time sentence's first PRIME_MS have set its mean, its audio is
+    # decoded provisionally only to give partial results; without them it is searched
+    # once, after, and the final words and times are the same.
+    recognizer = SphinxRecognizer(max_idle=1)
+    pcm = SUBSET[0].pcm(16000)
+    assert len(pcm) > PRIME_MS * 32  # the mean is set mid-sentence, not at its end
+    step = PARTIAL_MS * 32
+    decoded = {}
+    for partials in (False, True):
+        before = recognizer.searched_ms
+        segment = recognizer.open(16000, 0, Adaptation(partials=partials))
+        hyps = [segment.feed(pcm[i : i + step]) for i in range(0, len(pcm), step)]
+        decoded[partials] = (hyps, segment.finish(), recognizer.searched_ms - before)
+    (plain, final, searched), (with_partials, final_p, searched_p) = decoded[False], decoded[True]
+    assert final == final_p and final.words  # the same words, at the same times
+    primed = PRIME_MS // PARTIAL_MS - 1  # the chunks before the one that sets the mean
+    assert not any(plain[:primed]) and any(with_partials[:primed])
+    assert searched == len(pcm) // 32  # every ms of the audio once
+    assert searched_p > searched  # and some twice
+
+
+async def test_a_session_pays_for_partial_results_only_if_it_asks(
+    recognizer: SphinxRecognizer,
+) -> None:
+    pcm, rate = read_pcm("hello.wav")
+    searched, texts = {}, {}
+    for partials in (False, True):
+        before = recognizer.searched_ms
+        texts[partials] = await engine_text(
+            pcm, rate, batch=False, recognizer=recognizer, partials=partials
+        )
+        searched[partials] = recognizer.searched_ms - before
+    assert texts[False] == texts[True] == "hello world"
+    audio_ms = len(pcm) * 1000 // (2 * rate)
+    assert searched[False] <= audio_ms < searched[True]  # once, twice
 
 
 def test_an_idle_pool_keeps_one_decoder_and_returns_memory() -> None:
