@@ -43,11 +43,16 @@ pytestmark = pytest.mark.skipif(not sphinx_available(), reason="pocketsphinx not
 SUBSET = load_phrases()[::3]
 
 
+#: Sessions decoded at once (as a gateway's decoder threads do: PocketSphinx releases the
+#: GIL), so that a phrase set takes the wall time of half of it on two cores.
+CONCURRENCY = 2
+
+
 @pytest.fixture(scope="module")
 def recognizer() -> SphinxRecognizer:
     # One pool for the module, as a gateway has: each phrase may get a decoder that
     # decoded other phrases before.
-    return SphinxRecognizer(max_idle=1)
+    return SphinxRecognizer(max_idle=CONCURRENCY)
 
 
 def test_the_subset_covers_every_voice() -> None:
@@ -61,13 +66,17 @@ Pairs = list[tuple[str, str]]
 @pytest.fixture(scope="module")
 def live(recognizer: SphinxRecognizer) -> Pairs:
     """The subset as real-time sessions (each phrase one session)."""
-    return asyncio.run(engine_pairs(SUBSET, 16000, batch=False, recognizer=recognizer))
+    return asyncio.run(
+        engine_pairs(SUBSET, 16000, batch=False, recognizer=recognizer, concurrency=CONCURRENCY)
+    )
 
 
 @pytest.fixture(scope="module")
 def batch(recognizer: SphinxRecognizer) -> Pairs:
     """The subset as recordings (Flash, FileTrans, REST)."""
-    return asyncio.run(engine_pairs(SUBSET, 16000, batch=True, recognizer=recognizer))
+    return asyncio.run(
+        engine_pairs(SUBSET, 16000, batch=True, recognizer=recognizer, concurrency=CONCURRENCY)
+    )
 
 
 def _errors(pairs: Pairs) -> list[tuple[str, str]]:
@@ -89,20 +98,22 @@ def _word_errors(pairs: Pairs) -> int:
     return sum(word_errors(ref, hyp) for ref, hyp in pairs)
 
 
-def test_the_cepstral_mean_regression_is_caught(live: Pairs) -> None:
-    # 6b2b20c's regression: between the two figures above.
-    assert wer(live) <= 0.15, _errors(live)
-
-
 @pytest.mark.parametrize("service", ["live", "batch"])
-def test_word_error_rate_at_16_khz_meets_the_bar(service: str, live: Pairs, batch: Pairs) -> None:
-    pairs = live if service == "live" else batch
+def test_word_error_rate_at_16_khz_meets_the_bar(
+    service: str, request: pytest.FixtureRequest
+) -> None:
+    # Each service decodes its phrases in the one test that checks them: with xdist a
+    # module fixture is built on every worker that runs a test asking for it. The 10 %
+    # bar also catches 6b2b20c's cepstral mean regression (20.0 % real-time, above).
+    pairs: Pairs = request.getfixturevalue(service)
     assert wer(pairs) <= 0.10, _errors(pairs)
     assert _word_errors(pairs) <= MAX_ERRORS[service], _errors(pairs)
 
 
 async def test_word_error_rate_at_8_khz(recognizer: SphinxRecognizer) -> None:
-    pairs = await engine_pairs(SUBSET[:6], 8000, batch=False, recognizer=recognizer)
+    pairs = await engine_pairs(
+        SUBSET[:6], 8000, batch=False, recognizer=recognizer, concurrency=CONCURRENCY
+    )
     assert _word_errors(pairs) <= MAX_ERRORS_8K, _errors(pairs)
 
 
