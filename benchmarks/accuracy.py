@@ -134,20 +134,17 @@ async def engine_pairs(
     batch: bool,
     recognizer: Any = None,
     partials: bool = False,
-    concurrency: int = 1,
 ) -> list[tuple[str, str]]:
-    """(reference, hypothesis) of each phrase through :func:`engine_text`, in order;
-    ``concurrency`` sessions at once, as a gateway's decoder threads run them."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(p: Phrase) -> tuple[str, str]:
-        async with gate:
-            text = await engine_text(
+    """(reference, hypothesis) of each phrase through :func:`engine_text`."""
+    return [
+        (
+            p.text,
+            await engine_text(
                 p.pcm(rate), rate, batch=batch, recognizer=recognizer, partials=partials
-            )
-        return p.text, text
-
-    return list(await asyncio.gather(*(one(p) for p in phrases)))
+            ),
+        )
+        for p in phrases
+    ]
 
 
 # --------------------------------------------------------------------------- services

@@ -43,16 +43,11 @@ pytestmark = pytest.mark.skipif(not sphinx_available(), reason="pocketsphinx not
 SUBSET = load_phrases()[::3]
 
 
-#: Sessions decoded at once (as a gateway's decoder threads do: PocketSphinx releases the
-#: GIL), so that a phrase set takes the wall time of half of it on two cores.
-CONCURRENCY = 2
-
-
 @pytest.fixture(scope="module")
 def recognizer() -> SphinxRecognizer:
     # One pool for the module, as a gateway has: each phrase may get a decoder that
     # decoded other phrases before.
-    return SphinxRecognizer(max_idle=CONCURRENCY)
+    return SphinxRecognizer(max_idle=1)
 
 
 def test_the_subset_covers_every_voice() -> None:
@@ -66,17 +61,13 @@ Pairs = list[tuple[str, str]]
 @pytest.fixture(scope="module")
 def live(recognizer: SphinxRecognizer) -> Pairs:
     """The subset as real-time sessions (each phrase one session)."""
-    return asyncio.run(
-        engine_pairs(SUBSET, 16000, batch=False, recognizer=recognizer, concurrency=CONCURRENCY)
-    )
+    return asyncio.run(engine_pairs(SUBSET, 16000, batch=False, recognizer=recognizer))
 
 
 @pytest.fixture(scope="module")
 def batch(recognizer: SphinxRecognizer) -> Pairs:
     """The subset as recordings (Flash, FileTrans, REST)."""
-    return asyncio.run(
-        engine_pairs(SUBSET, 16000, batch=True, recognizer=recognizer, concurrency=CONCURRENCY)
-    )
+    return asyncio.run(engine_pairs(SUBSET, 16000, batch=True, recognizer=recognizer))
 
 
 def _errors(pairs: Pairs) -> list[tuple[str, str]]:
@@ -111,9 +102,7 @@ def test_word_error_rate_at_16_khz_meets_the_bar(
 
 
 async def test_word_error_rate_at_8_khz(recognizer: SphinxRecognizer) -> None:
-    pairs = await engine_pairs(
-        SUBSET[:6], 8000, batch=False, recognizer=recognizer, concurrency=CONCURRENCY
-    )
+    pairs = await engine_pairs(SUBSET[:6], 8000, batch=False, recognizer=recognizer)
     assert _word_errors(pairs) <= MAX_ERRORS_8K, _errors(pairs)
 
 
