@@ -5,14 +5,17 @@ voices, 16 kHz and 8 kHz; ``make_phrases.sh`` made them), each phrase one sessio
 
 * ``engine-live`` / ``engine-batch``: the gateway's recognition engine called directly
   (a real-time task / a recording's channel), no network: what ``tests/gateway/test_accuracy.py``
-  guards;
+  guards; ``engine-partials``: ``engine-live`` with partial results asked for
+  (``enable_intermediate_result``), which costs a provisional decode of each sentence's
+  start (the same words: the CPU columns of the two rows compare them);
 * ``realtime-pace0`` / ``realtime-pace1``: ``nlsstream.Transcriber`` against a
   ``nlsstream serve`` process, as fast as possible / at real time;
 * ``flash``, ``filetrans`` (a ``file://`` link), ``rest``: the recording services.
 
 For each: WER (word-level edit distance over all reference words), how many times
 faster than real time the phrases were recognised (audio seconds / wall seconds, with
-``--concurrency`` sessions at once) and the gateway's CPU seconds per audio second.
+``--concurrency`` sessions at once) and the gateway's CPU seconds per audio second (for
+the engine rows: this process's, which runs the engine).
 Writes ``benchmarks/RESULTS-accuracy.md`` (``--out``). One command::
 
     python -m benchmarks.accuracy            # everything, ~10 min on 2 busy cores
@@ -38,6 +41,7 @@ PHRASES = ROOT / "tests" / "fixtures" / "phrases"
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS-accuracy.md"
 SERVICES = (
     "engine-live",
+    "engine-partials",
     "engine-batch",
     "realtime-pace0",
     "realtime-pace1",
@@ -90,9 +94,12 @@ def wer(pairs: list[tuple[str, str]]) -> float:
 # --------------------------------------------------------------------------- the engine
 
 
-async def engine_text(pcm: bytes, rate: int, *, batch: bool, recognizer: Any = None) -> str:
+async def engine_text(
+    pcm: bytes, rate: int, *, batch: bool, recognizer: Any = None, partials: bool = False
+) -> str:
     """One session's text from the gateway's engine directly: a transcriber task fed the
-    audio, as the real-time path (``batch=False``) or the recordings path do."""
+    audio, as the real-time path (``batch=False``) or the recordings path do; ``partials``:
+    the session asks for partial results (``enable_intermediate_result``)."""
     from nlsstream.gateway.engine import DecoderSlots, TranscriberTask, shared_sphinx
     from nlsstream.realtime.protocol import TRANSCRIBER, StartParams
 
@@ -105,7 +112,7 @@ async def engine_text(pcm: bytes, rate: int, *, batch: bool, recognizer: Any = N
     async def run(fn: Callable[..., Any], /, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
 
-    params = StartParams(TRANSCRIBER.name, sample_rate=rate)
+    params = StartParams(TRANSCRIBER.name, sample_rate=rate, enable_intermediate_result=partials)
     # (batch= only when asked: the same call then runs on engines before it existed)
     more = {"batch": True} if batch else {}
     engine = recognizer or shared_sphinx()
@@ -121,11 +128,21 @@ async def engine_text(pcm: bytes, rate: int, *, batch: bool, recognizer: Any = N
 
 
 async def engine_pairs(
-    phrases: list[Phrase], rate: int, *, batch: bool, recognizer: Any = None
+    phrases: list[Phrase],
+    rate: int,
+    *,
+    batch: bool,
+    recognizer: Any = None,
+    partials: bool = False,
 ) -> list[tuple[str, str]]:
     """(reference, hypothesis) of each phrase through :func:`engine_text`."""
     return [
-        (p.text, await engine_text(p.pcm(rate), rate, batch=batch, recognizer=recognizer))
+        (
+            p.text,
+            await engine_text(
+                p.pcm(rate), rate, batch=batch, recognizer=recognizer, partials=partials
+            ),
+        )
         for p in phrases
     ]
 
@@ -267,6 +284,10 @@ def measure(
     from benchmarks.recordings import start_gateway, stop_gateway
 
     rows = []
+    if any(s.startswith("engine") for s in services):
+        from nlsstream.gateway.engine import shared_sphinx
+
+        shared_sphinx().warm_up()  # the first engine row does not pay for the decoder
     gw = start_gateway() if any(not s.startswith("engine") for s in services) else None
     try:
         for rate in rates:
@@ -274,9 +295,10 @@ def measure(
             for service in services:
                 t0 = time.monotonic()
                 if service.startswith("engine"):
-                    batch = service == "engine-batch"
-                    pairs = asyncio.run(engine_pairs(phrases, rate, batch=batch))
-                    cpu = None
+                    batch, partials = service == "engine-batch", service == "engine-partials"
+                    cpu0 = time.process_time()  # the engine runs in this process
+                    pairs = asyncio.run(engine_pairs(phrases, rate, batch=batch, partials=partials))
+                    cpu = time.process_time() - cpu0
                 else:
                     assert gw is not None
                     cpu0 = gw.cpu()
@@ -319,7 +341,8 @@ def render(
         f"Machine: {platform.platform()}, Python {platform.python_version()}  ",
         f"Phrase set: tests/fixtures/phrases ({rows[0]['phrases']} phrases, voices slt, "
         "kal16, awb, rms), each phrase one session; "
-        f"{concurrency} sessions at once through the gateway.",
+        f"{concurrency} sessions at once through the gateway; the engine rows' CPU is the "
+        "benchmark process's, which runs the engine.",
         "",
         "| service | rate | WER | words | speed (x real time) | gateway CPU s / audio s |",
         "|---|---|---|---|---|---|",

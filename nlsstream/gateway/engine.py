@@ -86,10 +86,10 @@ LANGUAGE_WEIGHT = 5.5
 #: 8.6 % at 0.003, 8.9 % at 0.03, 9.4 % at 0.1 and 0.2: a broad minimum.
 WORD_INSERTION_PENALTY = 0.01
 #: Audio of a real-time sentence that sets its cepstral mean (see SphinxRecognizer); it is
-#: decoded twice, provisionally for partial results, then with that mean. Held-out WER
-#: (16 kHz, real-time, WORD_INSERTION_PENALTY = 0.01): 9.2 % at 1000 ms, 8.6 % at 1500,
-#: 8.3 % at 2000, 8.6 % at 2500. Setting the mean costs little (see _PRIME_SEARCH): the
-#: price of a longer prime is the provisional decode of that much audio.
+#: decoded with that mean, and before, provisionally, if the session wants partial results.
+#: Held-out WER (16 kHz, real-time, WORD_INSERTION_PENALTY = 0.01): 9.2 % at 1000 ms, 8.6 %
+#: at 1500, 8.3 % at 2000, 8.6 % at 2500. Setting the mean costs little (see _PRIME_SEARCH):
+#: the price of a longer prime is the provisional decode of that much audio (partials).
 PRIME_MS = 2000
 
 
@@ -229,10 +229,15 @@ class Adaptation:
             the segment is decoded in one pass, with the cepstral mean of all of it.
         cmn: the session's cepstral mean so far (PocketSphinx's comma-separated form),
             carried from sentence to sentence; ``None`` before the first sentence.
+        partials: the session wants partial results (``enable_intermediate_result``).
+            Only then is a real-time sentence's start decoded provisionally, until its
+            mean is set; without, that audio is decoded once, after, and ``feed()``
+            returns ``""`` until then. The final texts are the same either way.
     """
 
     batch: bool = False
     cmn: str | None = None
+    partials: bool = True
 
 
 def release_memory() -> bool:
@@ -267,7 +272,8 @@ class SphinxRecognizer:
     whichever session used a pooled decoder before: a real-time sentence is decoded once
     its first ``PRIME_MS`` of audio (or all of it, if shorter) have set the mean, starting
     from the session's previous sentence or, for the first, from the model's (until then
-    a provisional decode gives the partial results); a recording's sentence
+    a provisional decode gives the partial results, if the session wants them:
+    ``Adaptation.partials``); a recording's sentence
     (``Adaptation.batch``) is decoded with the mean of all of it.
 
     All decoders run at 16 kHz: the en-us model is trained on wide-band audio and fails
@@ -291,6 +297,7 @@ class SphinxRecognizer:
         }
         self._idle: list[Any] = []
         self._borrowed = 0
+        self._searched = 0  # bytes of 16 kHz PCM16
         self._lock = threading.Lock()
 
     @property
@@ -302,6 +309,13 @@ class SphinxRecognizer:
     def borrowed(self) -> int:
         """Decoders in use by open segments now."""
         return self._borrowed
+
+    @property
+    def searched_ms(self) -> int:
+        """Audio (ms) the segments that ended so far ran through the language-model
+        search, the costly part of decoding: audio decoded twice (a provisional decode
+        for partial results) counts twice, the pass that only sets a mean not at all."""
+        return self._searched // 32
 
     def _acquire(self) -> Any:
         with self._lock:
@@ -319,10 +333,11 @@ class SphinxRecognizer:
             raise
         return decoder
 
-    def _release(self, decoder: Any) -> None:
+    def _release(self, decoder: Any, searched: int = 0) -> None:
         surplus: list[Any] = []
         with self._lock:
             self._borrowed -= 1
+            self._searched += searched
             if len(self._idle) < self.max_idle:
                 self._idle.append(decoder)
             else:
@@ -365,6 +380,7 @@ class _SphinxDecoder:
         self.started = False  # the utterance is being decoded (its mean is set)
         self.provisional = False  # a provisional decode runs until then (partials)
         self.held = bytearray()  # 16 kHz audio waiting for its mean to be known
+        self.searched = 0  # bytes given to the language-model search (searched_ms)
         self.resampler: Any = None
         if sample_rate != 16000:
             import soxr
@@ -381,19 +397,24 @@ class _SphinxDecoder:
             pcm = np.clip(up, -32768, 32767).astype("<i2").tobytes()
         if self.started:
             if pcm:
-                self.decoder.process_raw(pcm, False, False)
+                self._search(pcm)
             return
         self.held += pcm
         if last or (not self.adaptation.batch and len(self.held) >= PRIME_MS * 32):
             self._start()
-        elif not self.adaptation.batch and pcm:
+        elif self.adaptation.partials and not self.adaptation.batch and pcm:
             # Until the mean is known, a provisional decode (from the session's mean so
-            # far) gives the partial results; _start() decodes this audio again.
+            # far) gives the partial results; _start() decodes this audio again. Without
+            # partials nobody would see it: the audio waits for _start() alone.
             if not self.provisional:
                 self._reset()
                 self.decoder.start_utt()
                 self.provisional = True
-            self.decoder.process_raw(pcm, False, False)
+            self._search(pcm)
+
+    def _search(self, pcm: bytes, full_utt: bool = False) -> None:
+        self.searched += len(pcm)
+        self.decoder.process_raw(pcm, False, full_utt)
 
     def _reset(self) -> None:
         # A pooled decoder's feature extraction keeps running sums (CMN, noise) from
@@ -418,7 +439,7 @@ class _SphinxDecoder:
             # decoded live from that mean instead.
             decoder.start_utt()
             self.started = True
-            decoder.process_raw(audio, False, True)
+            self._search(audio, full_utt=True)
             return
         if audio:
             decoder.activate_search(_PRIME_SEARCH)
@@ -430,7 +451,7 @@ class _SphinxDecoder:
         decoder.start_utt()
         self.started = True
         if audio:
-            decoder.process_raw(audio, False, False)
+            self._search(audio)
 
     def feed(self, pcm: bytes) -> str:
         if self.decoder is None:
@@ -463,7 +484,7 @@ class _SphinxDecoder:
             )
             probs.append(float(seg.prob))
         self.decoder = None
-        self.owner._release(decoder)
+        self.owner._release(decoder, self.searched)
         text = str(hyp.hypstr) if hyp is not None else ""
         confidence = round(sum(probs) / len(probs), 3) if probs else 0.0
         return Transcript(text, tuple(words), confidence)
@@ -473,7 +494,7 @@ class _SphinxDecoder:
         if decoder is not None:
             if self.started or self.provisional:
                 decoder.end_utt()
-            self.owner._release(decoder)
+            self.owner._release(decoder, self.searched)
 
 
 _shared_sphinx: SphinxRecognizer | None = None
@@ -576,7 +597,7 @@ class _Base:
         self.params = params
         #: The session's acoustic adaptation (PocketSphinx); ``batch`` when the whole
         #: recording is known, so a sentence need not be decoded as it comes.
-        self.adaptation = Adaptation(batch=batch)
+        self.adaptation = Adaptation(batch=batch, partials=params.enable_intermediate_result)
         self.recognizer = recognizer
         self.run = run
         self.emit = emit

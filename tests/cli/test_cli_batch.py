@@ -1,10 +1,10 @@
 """``nlsstream transcribe`` with each recording service and with many inputs, run as real
 subprocesses over loopback.
 
-Runs that check recognised words use the embedded local gateway (PocketSphinx): they are
-started together by one module fixture, with timeouts scaled to the audio as in
-``test_cli.py``. Runs that check batch mechanics (skipping, --force, progress) use a
-gateway with the fast ``span`` recogniser through ``--url``.
+Runs that check recognised words use the embedded local gateway (PocketSphinx): each
+test starts its own, with timeouts scaled to the audio as in ``test_cli.py``. Runs that
+check batch mechanics (skipping, --force, progress) use a gateway with the fast ``span``
+recogniser through ``--url``.
 """
 
 from __future__ import annotations
@@ -53,70 +53,28 @@ NOTICE = re.compile(
 Run = tuple[int, str, str]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Run], Path]]:
-    """The PocketSphinx runs, all at once: ``({name: (status, stdout, stderr)}, tmp)``."""
-    tmp = tmp_path_factory.mktemp("batch")
-    bad = tmp / "bad.wav"
-    bad.write_text("this is not audio")
-    timeout = str(sphinx_timeout(THREE))
-    commands = {
-        "flash": ["transcribe", HELLO, "--service", "flash"],
-        "filetrans": ["transcribe", THREE, "--service", "filetrans", "--words", "--jsonl"],
-        "rest": ["transcribe", HELLO, "--service", "rest"],
-        # the default service (flash), three good inputs, two bad ones, three at once
-        "batch": [
-            "transcribe",
-            HELLO,
-            WEATHER,
-            str(bad),
-            TWO,
-            str(tmp / "missing.wav"),
-            "--output-dir",
-            str(tmp / "batch"),
-            "--srt",
-            "-j",
-            "3",
-        ],
-        "filetrans_channels": [
-            "transcribe",
-            TWO,
-            "--service",
-            "filetrans",
-            "--output-dir",
-            str(tmp / "filetrans"),
-        ],
-        "realtime_batch": [
-            "transcribe",
-            HELLO,
-            WEATHER,
-            "--service",
-            "realtime",
-            "--pace",
-            "0",
-            "--timeout",
-            timeout,
-            "--output-dir",
-            str(tmp / "realtime"),
-            "--vtt",
-        ],
-    }
-    results = run_together(commands, BOUND)
-    yield results, tmp
+def run_sphinx(**commands: list[str]) -> dict[str, Run]:
+    """CLI runs on the embedded PocketSphinx gateway, at once: ``{name: (status, stdout,
+    stderr)}``. Each test starts the runs it checks: a module fixture would be built again
+    on every xdist worker that runs one of its tests."""
+    return run_together(commands, BOUND)
 
 
-def test_each_recording_service_recognises_a_file(runs: tuple[dict[str, Run], Path]) -> None:
-    results, _ = runs
+def test_each_recording_service_recognises_a_file() -> None:
+    results = run_sphinx(
+        flash=["transcribe", HELLO, "--service", "flash"],
+        rest=["transcribe", HELLO, "--service", "rest"],
+    )
     for name in ("flash", "rest"):
         code, out, err = results[name]
         assert (code, out) == (0, "hello world\n"), err
         assert NOTICE.fullmatch(err.strip()), err
 
 
-def test_filetrans_gives_a_local_file_to_the_embedded_gateway(
-    runs: tuple[dict[str, Run], Path],
-) -> None:
-    code, out, err = runs[0]["filetrans"]
+def test_filetrans_gives_a_local_file_to_the_embedded_gateway() -> None:
+    code, out, err = run_sphinx(
+        filetrans=["transcribe", THREE, "--service", "filetrans", "--words", "--jsonl"]
+    )["filetrans"]
     assert code == 0, err
     events = [json.loads(line) for line in out.splitlines()]
     assert [e["text"] for e in events] == TRANSCRIPTS["three_sentences.wav"]
@@ -127,11 +85,35 @@ def test_filetrans_gives_a_local_file_to_the_embedded_gateway(
     assert " ".join(words) == " ".join(TRANSCRIPTS["three_sentences.wav"])
 
 
-def test_a_batch_keeps_every_good_output_when_inputs_fail(
-    runs: tuple[dict[str, Run], Path],
-) -> None:
-    code, out, err = runs[0]["batch"]
-    folder = runs[1] / "batch"
+def check_channels(folder: Path, ext: str) -> None:
+    """One output per channel of two_channel.flac, each with its own phrase."""
+    expected = TRANSCRIPTS["two_channel.flac"]
+    for channel, phrase in enumerate(expected):
+        text = (folder / f"two_channel.ch{channel}.{ext}").read_text()
+        cues = parse_subtitles(text, "srt") if ext == "srt" else []
+        assert ([c[2] for c in cues] if cues else text.splitlines()) == [phrase]
+
+
+def test_a_batch_keeps_every_good_output_when_inputs_fail(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_text("this is not audio")
+    folder = tmp_path / "batch"
+    # the default service (flash), three good inputs, two bad ones, three at once
+    code, out, err = run_sphinx(
+        batch=[
+            "transcribe",
+            HELLO,
+            WEATHER,
+            str(bad),
+            TWO,
+            str(tmp_path / "missing.wav"),
+            "--output-dir",
+            str(folder),
+            "--srt",
+            "-j",
+            "3",
+        ]
+    )["batch"]
     assert code == 1, err  # not every input succeeded
     assert out == ""
     assert sorted(os.listdir(folder)) == [
@@ -144,10 +126,12 @@ def test_a_batch_keeps_every_good_output_when_inputs_fail(
         assert [c[2] for c in parse_subtitles((folder / name).read_text(), "srt")] == (
             TRANSCRIPTS[key]
         )
+    check_channels(folder, "srt")  # a two-channel file by flash: one output per channel
     lines = err.splitlines()
-    bad = [x for x in lines if "bad.wav" in x]
-    assert len(bad) == 1 and re.fullmatch(r"nlsstream: error: .*could not be decoded: .+", bad[0])
-    assert bad[0].count("bad.wav") == 1, bad[0]  # the input is named once
+    bad_lines = [x for x in lines if "bad.wav" in x]
+    assert len(bad_lines) == 1
+    assert re.fullmatch(r"nlsstream: error: .*could not be decoded: .+", bad_lines[0])
+    assert bad_lines[0].count("bad.wav") == 1, bad_lines[0]  # the input is named once
     missing = [x for x in lines if "missing.wav" in x]
     assert len(missing) == 1 and re.fullmatch(r"nlsstream: error: .*not found.*", missing[0])
     assert missing[0].count("missing.wav") == 1, missing[0]
@@ -155,32 +139,43 @@ def test_a_batch_keeps_every_good_output_when_inputs_fail(
     assert "Traceback" not in err
 
 
-def check_channels(folder: Path, ext: str) -> None:
-    """One output per channel of two_channel.flac, each with its own phrase."""
-    expected = TRANSCRIPTS["two_channel.flac"]
-    for channel, phrase in enumerate(expected):
-        text = (folder / f"two_channel.ch{channel}.{ext}").read_text()
-        cues = parse_subtitles(text, "srt") if ext == "srt" else []
-        assert ([c[2] for c in cues] if cues else text.splitlines()) == [phrase]
-
-
-def test_a_two_channel_file_gives_one_output_per_channel(
-    runs: tuple[dict[str, Run], Path],
-) -> None:
-    check_channels(runs[1] / "batch", "srt")  # flash
-    code, _, err = runs[0]["filetrans_channels"]
+def test_a_two_channel_file_gives_one_output_per_channel(tmp_path: Path) -> None:
+    # (flash's outputs per channel are checked with the batch above)
+    folder = tmp_path / "filetrans"
+    code, _, err = run_sphinx(
+        filetrans_channels=[
+            "transcribe",
+            TWO,
+            "--service",
+            "filetrans",
+            "--output-dir",
+            str(folder),
+        ]
+    )["filetrans_channels"]
     assert code == 0, err
-    assert sorted(os.listdir(runs[1] / "filetrans")) == [
-        "two_channel.ch0.txt",
-        "two_channel.ch1.txt",
-    ]
-    check_channels(runs[1] / "filetrans", "txt")
+    assert sorted(os.listdir(folder)) == ["two_channel.ch0.txt", "two_channel.ch1.txt"]
+    check_channels(folder, "txt")
 
 
-def test_realtime_batch(runs: tuple[dict[str, Run], Path]) -> None:
-    code, _, err = runs[0]["realtime_batch"]
+def test_realtime_batch(tmp_path: Path) -> None:
+    folder = tmp_path / "realtime"
+    code, _, err = run_sphinx(
+        realtime_batch=[
+            "transcribe",
+            HELLO,
+            WEATHER,
+            "--service",
+            "realtime",
+            "--pace",
+            "0",
+            "--timeout",
+            str(sphinx_timeout(THREE)),
+            "--output-dir",
+            str(folder),
+            "--vtt",
+        ]
+    )["realtime_batch"]
     assert code == 0, err
-    folder = runs[1] / "realtime"
     assert sorted(os.listdir(folder)) == ["hello.vtt", "weather.vtt"]
     cues = parse_subtitles((folder / "weather.vtt").read_text(), "vtt")
     assert [c[2] for c in cues] == TRANSCRIPTS["weather.wav"]

@@ -9,15 +9,25 @@ four voices) runs through the gateway's engine directly, to stay fast in CI.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import AK_ID, AK_SECRET, FIXTURES, TRANSCRIPTS, read_pcm
 
-from nlsstream.gateway.engine import SphinxRecognizer, release_memory, sphinx_available
+from nlsstream.gateway.engine import (
+    PARTIAL_MS,
+    PRIME_MS,
+    Adaptation,
+    SphinxRecognizer,
+    release_memory,
+    sphinx_available,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -49,18 +59,65 @@ def test_the_subset_covers_every_voice() -> None:
 
 
 Pairs = list[tuple[str, str]]
+VOICES = sorted({p.voice for p in SUBSET})
+SERVICES = ("live", "batch")  # real-time sessions, recordings; each phrase one session
+
+
+class Decoded:
+    """The subset's 16 kHz (reference, hypothesis) pairs per service and voice, decoded
+    once in a test run: each voice's by a test of its own (a quarter of the cost each),
+    kept in ``folder`` for the bar over the whole subset, which may run on another xdist
+    worker (a module fixture would decode everything again on each worker).
+
+    A voice is decoded by whichever test asks for it first, in any worker: it claims the
+    voice (a file created exclusively) and writes the pairs; a test that finds the voice
+    claimed waits for them (bounded), one that finds it unclaimed decodes it itself (the
+    bar, when a voice's test was deselected or is yet to run). No voice is decoded twice."""
+
+    WAIT = 300.0  # a claimed voice's decode on a loaded machine (~2 CPU s at rest)
+
+    def __init__(self, recognizer: SphinxRecognizer, folder: Path) -> None:
+        self.recognizer = recognizer
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def voice(self, service: str, voice: str) -> Pairs:
+        path = self.folder / f"{service}-{voice}.json"
+        claim = path.with_suffix(".claim")
+        deadline = time.monotonic() + self.WAIT
+        while not path.exists():
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                assert time.monotonic() < deadline, f"{claim} was not decoded in {self.WAIT} s"
+                time.sleep(0.05)  # another process decodes it: a cross-process condition
+                continue
+            try:
+                pairs = self._decode(service, voice)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}")  # whole, or not there
+                tmp.write_text(json.dumps(pairs))
+                tmp.replace(path)
+                return pairs
+            finally:
+                claim.unlink()  # after the pairs are there; if they are not, others retry
+        return [(ref, hyp) for ref, hyp in json.loads(path.read_text())]
+
+    def _decode(self, service: str, voice: str) -> Pairs:
+        phrases = [p for p in SUBSET if p.voice == voice]
+        batch = service == "batch"
+        return asyncio.run(engine_pairs(phrases, 16000, batch=batch, recognizer=self.recognizer))
+
+    def subset(self, service: str) -> Pairs:
+        return [pair for voice in VOICES for pair in self.voice(service, voice)]
 
 
 @pytest.fixture(scope="module")
-def live(recognizer: SphinxRecognizer) -> Pairs:
-    """The subset as real-time sessions (each phrase one session)."""
-    return asyncio.run(engine_pairs(SUBSET, 16000, batch=False, recognizer=recognizer))
-
-
-@pytest.fixture(scope="module")
-def batch(recognizer: SphinxRecognizer) -> Pairs:
-    """The subset as recordings (Flash, FileTrans, REST)."""
-    return asyncio.run(engine_pairs(SUBSET, 16000, batch=True, recognizer=recognizer))
+def decoded(
+    recognizer: SphinxRecognizer, tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> Decoded:
+    # The run's base directory, shared by its xdist workers (pytest-xdist's recipe).
+    base = tmp_path_factory.getbasetemp()
+    return Decoded(recognizer, (base if worker_id == "master" else base.parent) / "accuracy")
 
 
 def _errors(pairs: Pairs) -> list[tuple[str, str]]:
@@ -82,15 +139,11 @@ def _word_errors(pairs: Pairs) -> int:
     return sum(word_errors(ref, hyp) for ref, hyp in pairs)
 
 
-def test_the_cepstral_mean_regression_is_caught(live: Pairs) -> None:
-    # 6b2b20c's regression: between the two figures above.
-    assert wer(live) <= 0.15, _errors(live)
-
-
-@pytest.mark.parametrize("service", ["live", "batch"])
-def test_word_error_rate_at_16_khz_meets_the_bar(service: str, live: Pairs, batch: Pairs) -> None:
-    pairs = live if service == "live" else batch
-    assert wer(pairs) <= 0.10, _errors(pairs)
+@pytest.mark.parametrize(("service", "voice"), [(s, v) for s in SERVICES for v in VOICES])
+def test_no_voice_alone_exceeds_the_word_errors_of_the_whole_subset(
+    service: str, voice: str, decoded: Decoded
+) -> None:
+    pairs = decoded.voice(service, voice)
     assert _word_errors(pairs) <= MAX_ERRORS[service], _errors(pairs)
 
 
@@ -110,6 +163,44 @@ async def test_the_same_audio_gives_the_same_text_whatever_ran_before() -> None:
         for other in others:
             await engine_text(other.pcm(16000), 16000, batch=batch, recognizer=recognizer)
         assert await engine_text(pcm, 16000, batch=batch, recognizer=recognizer) == alone
+
+
+def test_a_sentence_is_decoded_provisionally_only_for_partial_results() -> None:
+    # Before a real-time sentence's first PRIME_MS have set its mean, its audio is
+    # decoded provisionally only to give partial results; without them it is searched
+    # once, after, and the final words and times are the same.
+    recognizer = SphinxRecognizer(max_idle=1)
+    pcm = SUBSET[0].pcm(16000)
+    assert len(pcm) > PRIME_MS * 32  # the mean is set mid-sentence, not at its end
+    step = PARTIAL_MS * 32
+    decoded = {}
+    for partials in (False, True):
+        before = recognizer.searched_ms
+        segment = recognizer.open(16000, 0, Adaptation(partials=partials))
+        hyps = [segment.feed(pcm[i : i + step]) for i in range(0, len(pcm), step)]
+        decoded[partials] = (hyps, segment.finish(), recognizer.searched_ms - before)
+    (plain, final, searched), (with_partials, final_p, searched_p) = decoded[False], decoded[True]
+    assert final == final_p and final.words  # the same words, at the same times
+    primed = PRIME_MS // PARTIAL_MS - 1  # the chunks before the one that sets the mean
+    assert not any(plain[:primed]) and any(with_partials[:primed])
+    assert searched == len(pcm) // 32  # every ms of the audio once
+    assert searched_p > searched  # and some twice
+
+
+async def test_a_session_pays_for_partial_results_only_if_it_asks(
+    recognizer: SphinxRecognizer,
+) -> None:
+    pcm, rate = read_pcm("hello.wav")
+    searched, texts = {}, {}
+    for partials in (False, True):
+        before = recognizer.searched_ms
+        texts[partials] = await engine_text(
+            pcm, rate, batch=False, recognizer=recognizer, partials=partials
+        )
+        searched[partials] = recognizer.searched_ms - before
+    assert texts[False] == texts[True] == "hello world"
+    audio_ms = len(pcm) * 1000 // (2 * rate)
+    assert searched[False] <= audio_ms < searched[True]  # once, twice
 
 
 def test_an_idle_pool_keeps_one_decoder_and_returns_memory() -> None:
@@ -173,3 +264,18 @@ async def test_sentence_times_enclose_their_words_and_agree_across_services() ->
         assert [w[0] for w in words] == [w[0] for w in expected]
         for (_, b, e), (_, rb, re_) in zip(words, expected, strict=True):
             assert abs(b - rb) <= 10 and abs(e - re_) <= 10, (words, expected)
+
+
+# ---------------------------------------------------------------- the bar over the subset
+# Last in the module: by then the voices' tests, here or on other workers, have decoded
+# much of what it checks (see Decoded).
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_word_error_rate_at_16_khz_meets_the_bar(service: str, decoded: Decoded) -> None:
+    # Over the whole subset. The 10 % bar also catches 6b2b20c's cepstral mean regression
+    # (20.0 % real-time, above).
+    pairs = decoded.subset(service)
+    assert sorted(ref for ref, _ in pairs) == sorted(p.text for p in SUBSET)
+    assert wer(pairs) <= 0.10, _errors(pairs)
+    assert _word_errors(pairs) <= MAX_ERRORS[service], _errors(pairs)
