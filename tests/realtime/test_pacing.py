@@ -620,3 +620,52 @@ async def test_a_late_tick_wakes_every_deferred_producer(pacer: Pacer, clock: Fa
         await tick(t0 + k * 0.02)
     await asyncio.wait_for(asyncio.gather(*producers), 1)
     assert all(m.underruns == 0 and m.paced_frames == 300 for m in metrics)
+
+
+class _QueueSender:
+    """What a queue's tap needs of its session's sender (a 16 kHz session)."""
+
+    sample_rate = 16000
+    max_ahead_bytes = 50 * FRAME
+
+    def queued_audio(self, pcm: bytes, paced: object) -> None:
+        pass
+
+    def send_silence(self, pcm: bytes) -> None:  # pragma: no cover - no keepalive here
+        raise AssertionError("no keepalive in this test")
+
+
+async def test_a_queue_tap_takes_what_a_late_tick_writes(pacer: Pacer, clock: FakeClock) -> None:
+    # A live sender puts a frame every 20 ms; the tap moves audio into the paced stream
+    # only when the stream runs short, a few frames at a time. A tick that runs 50 ms
+    # late writes three frames at once: the tap must take them all first, or the third
+    # is missing at its tick (an underrun, and the schedule restarts late).
+    from nlsstream.realtime.live import AudioQueue
+    from nlsstream.realtime.sending import QueueTap
+
+    sink, metrics = Sink(clock), Metrics()
+    stream = pacer.open(sink, BPS_16K, metrics, max_ahead_bytes=50 * FRAME)
+    queue = AudioQueue(cushion=0.04)
+    tap = QueueTap(queue, stream, _QueueSender(), None, None)  # type: ignore[arg-type]
+    pacer.add_tap(tap)
+    items = frames(40)
+    queue.put(items[0])
+    queue.put(items[1])  # the cushion: two frames
+    t0, n, k = clock.now, 2, 0
+    while n < 40:
+        k += 1
+        late = 0.05 if k == 10 else 0.0
+        while n < 40 and t0 + (n - 1) * 0.02 <= t0 + k * 0.02 + late:
+            queue.put(items[n])  # the sender is on time
+            n += 1
+        clock.now = t0 + k * 0.02 + late
+        pacer.run_due(early=EARLY)
+        if late:
+            k += 2  # the ticks this one stood for
+    for j in range(k + 1, k + 6):
+        clock.now = t0 + j * 0.02
+        pacer.run_due(early=EARLY)
+    assert metrics.underruns == 0
+    assert [frame for _, frame in sink.sent] == items[: len(sink.sent)]
+    assert len(sink.sent) >= 38
+    assert metrics.max_lateness_ms == pytest.approx(50.0, abs=20.0)
