@@ -340,16 +340,6 @@ class PacedStream:
             queued -= self._frame_bytes - self._tail
         return queued + self._framer.buffered
 
-    def holds_beyond(self, now: float) -> bool:
-        """Whether the frames buffered cover every frame a tick at ``now`` writes and
-        the next one (a late tick writes several)."""
-        buf = self._buf
-        if not buf:
-            return False
-        horizon = now + self._pacer.tolerance
-        due = math.floor((horizon - self._next_due) / self._period) + 1
-        return len(buf) > max(due, 1)
-
     @property
     def start_time(self) -> float | None:
         """When the first frame is due (on the pacer's clock), once one was queued: the

@@ -636,10 +636,11 @@ class _QueueSender:
 
 
 async def test_a_queue_tap_takes_what_a_late_tick_writes(pacer: Pacer, clock: FakeClock) -> None:
-    # A live sender puts a frame every 20 ms; the tap moves audio into the paced stream
-    # only when the stream runs short, a few frames at a time. A tick that runs 50 ms
-    # late writes three frames at once: the tap must take them all first, or the third
-    # is missing at its tick (an underrun, and the schedule restarts late).
+    # A live sender puts a frame every 20 ms into the queue a tap streams. A tick that
+    # runs 50 ms late writes three frames at once: the tap must have moved them all into
+    # the stream first, or the third is missing at its tick (an underrun, and the
+    # schedule restarts late). A tap that moved audio only while the stream held under
+    # two frames (to move a few at a time) underran here.
     from nlsstream.realtime.live import AudioQueue
     from nlsstream.realtime.sending import QueueTap
 
