@@ -2,15 +2,28 @@
 in order, no session's waiting for another's.
 
 Each session has a :class:`CallbackQueue`, a serial executor: the loop thread appends a
-call (never waiting), and one worker at a time runs the session's calls in order. The
-workers are a shared, bounded pool of daemon threads (:class:`Workers`) that grows only
-while callbacks run at the same time (a worker per session whose callbacks are running
-now, not per session) and shrinks again when they are idle: a callback that blocks
-holds one worker, and the other sessions' calls go to other workers.
+call, and one worker at a time runs the session's calls in order. The workers are a
+shared, bounded pool of daemon threads (:class:`Workers`) that grows only while callbacks
+run at the same time (a worker per session whose callbacks are running now, not per
+session) and shrinks again when they are idle: a callback that blocks holds one worker,
+and the other sessions' calls go to other workers.
+
+The loop thread never waits here, not even for a moment on a lock: it serves every
+session, and a worker holding a lock the loop thread needs may itself be waiting for the
+GIL, behind hundreds of application threads (official-SDK-style code: a thread per
+session), so the loop thread would wait for all of them. (With a lock shared between the
+two sides, a worker paused inside it held up the loop thread's every put; the test
+``tests/sync/test_callbacks.py`` pauses a worker at each line of its code in turn.) So
+the loop thread's side uses only operations that cannot block: deque appends and pops,
+:class:`queue.SimpleQueue` puts, and a non-blocking ``Lock.acquire(False)`` as a
+test-and-set.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,57 +41,112 @@ MAX_WORKERS = 512
 #: Seconds an idle worker waits for work before it ends.
 IDLE_EXIT = 5.0
 
+Job = Callable[[], None]
+#: Put in an idle worker's mailbox: take a job from the backlog (if one is left).
+_FROM_BACKLOG: Job = lambda: None  # noqa: E731
+
 
 class Workers:
     """A bounded pool of daemon threads that grows on demand and shrinks when idle.
 
     Unlike :class:`concurrent.futures.ThreadPoolExecutor`, its threads are daemons (a
-    callback blocked at interpreter exit does not hold the exit up) and idle ones end.
+    callback blocked at interpreter exit does not hold the exit up), idle ones end, and
+    :meth:`submit` never blocks: an idle worker gets the job in its own mailbox, else a
+    new worker starts with it (started by the pool's spawner thread), else (all
+    :attr:`max_workers` busy) it waits in a backlog that the first worker to be free
+    takes from.
     """
 
     def __init__(self, max_workers: int = MAX_WORKERS, name: str = "nlsstream-callbacks") -> None:
         self.max_workers = max_workers
         self.name = name
-        self._jobs: deque[Callable[[], None]] = deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._count = 0  # live workers
-        self._idle = 0  # workers waiting for a job
-        self._serial = 0
+        # Idle workers' mailboxes, the latest idle last (taken first: the others idle out).
+        self._idle: deque[queue.SimpleQueue[Job]] = deque()
+        # One per worker that may still start; a worker gives its slot back as it ends.
+        self._slots: deque[int] = deque(range(max_workers))
+        self._backlog: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        # New workers are started by a thread of the pool's own: ``Thread.start()``
+        # waits until the new thread runs, which a submit must not.
+        self._spawns: queue.SimpleQueue[tuple[int, Job]] = queue.SimpleQueue()
+        threading.Thread(target=self._spawn, name=f"{name}-spawner", daemon=True).start()
 
     @property
     def threads(self) -> int:
         """Worker threads alive now."""
-        return self._count
+        return self.max_workers - len(self._slots)
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Job) -> None:
         """Run ``job()`` on a worker: an idle one, else a new one (up to
-        :attr:`max_workers`; beyond, it waits for the first worker to be free)."""
-        with self._cond:
-            self._jobs.append(job)
-            if len(self._jobs) > self._idle and self._count < self.max_workers:
-                self._count += 1
-                self._serial += 1
-                name = f"{self.name}-{self._serial}"
-                threading.Thread(target=self._work, name=name, daemon=True).start()
-            else:
-                self._cond.notify()
+        :attr:`max_workers`), else the first one free. Never blocks."""
+        try:
+            self._idle.pop().put(job)
+            return
+        except IndexError:
+            pass
+        try:
+            slot = self._slots.pop()
+        except IndexError:
+            self._backlog.put(job)
+            # A worker that went idle meanwhile would not look at the backlog again (if
+            # every worker is busy, the first one free takes the job).
+            with contextlib.suppress(IndexError):
+                self._idle.pop().put(_FROM_BACKLOG)
+            return
+        self._spawns.put((slot, job))
 
-    def _work(self) -> None:
-        cond = self._cond
+    def _spawn(self) -> None:
         while True:
-            with cond:
-                while not self._jobs:
-                    self._idle += 1
-                    cond.wait(IDLE_EXIT)
-                    self._idle -= 1
-                    if not self._jobs:
-                        self._count -= 1
-                        return
-                job = self._jobs.popleft()
-            try:
-                job()
-            except BaseException:  # a job never raises (CallbackQueue catches); be safe
-                logger.exception("callback worker job raised")
+            slot, job = self._spawns.get()
+            name = f"{self.name}-{slot}"
+            threading.Thread(target=self._work, args=(slot, job), name=name, daemon=True).start()
+
+    def _work(self, slot: int, job: Job) -> None:
+        mailbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        try:
+            while True:
+                if job is not _FROM_BACKLOG:
+                    self._run(job)
+                next_job = self._next(mailbox)
+                if next_job is None:
+                    return
+                job = next_job
+        finally:
+            self._slots.append(slot)
+
+    def _next(self, mailbox: queue.SimpleQueue[Job]) -> Job | None:
+        """The worker's next job: from the backlog, else from its mailbox once idle;
+        None once it has been idle for :data:`IDLE_EXIT` s."""
+        try:
+            return self._backlog.get_nowait()
+        except queue.Empty:
+            pass
+        self._idle.append(mailbox)
+        if not self._backlog.empty() and self._leave_idle(mailbox):
+            # Backlogged after the look above, by a submit that found no idle worker.
+            return _FROM_BACKLOG
+        try:
+            return mailbox.get(timeout=IDLE_EXIT)
+        except queue.Empty:
+            pass
+        if self._leave_idle(mailbox):
+            return None
+        # A submit took this mailbox off the idle list just now: its job is on its way.
+        return mailbox.get()
+
+    def _leave_idle(self, mailbox: queue.SimpleQueue[Job]) -> bool:
+        """Take ``mailbox`` off the idle list; False if a submit took it first."""
+        try:
+            self._idle.remove(mailbox)
+        except ValueError:
+            return False
+        return True
+
+    @staticmethod
+    def _run(job: Job) -> None:
+        try:
+            job()
+        except BaseException:  # a job never raises (CallbackQueue catches); be safe
+            logger.exception("callback worker job raised")
 
 
 _workers: Workers | None = None
@@ -92,6 +160,16 @@ def workers() -> Workers:
         if _workers is None:
             _workers = Workers()
         return _workers
+
+
+def _forget_workers() -> None:
+    # A forked child has none of the parent's threads (its spawner included): a new pool.
+    global _workers, _workers_lock
+    _workers, _workers_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
 
 
 class CallbackQueue:
@@ -115,10 +193,11 @@ class CallbackQueue:
         self._pool = pool or workers()
         self._on_raise = on_raise
         self._calls: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
-        self._lock = threading.Lock()
-        self._scheduled = False  # a drain of this queue is submitted or running
-        self._idle = threading.Event()
-        self._idle.set()
+        # Held from when a drain of this queue is submitted until it ends: taken with
+        # acquire(False) only, a test-and-set that never waits.
+        self._draining = threading.Lock()
+        # Notified when a drain ends, for join() (the loop thread never touches it).
+        self._drained = threading.Condition(threading.Lock())
         #: The worker thread running this queue's calls now, if any.
         self.thread: threading.Thread | None = None
 
@@ -131,13 +210,9 @@ class CallbackQueue:
 
     def put_always(self, fn: Callable[..., object], *args: Any) -> None:
         """Queue ``fn(*args)`` whatever the limit."""
-        with self._lock:
-            self._calls.append((fn, args))
-            if self._scheduled:
-                return
-            self._scheduled = True
-            self._idle.clear()
-        self._pool.submit(self._drain)
+        self._calls.append((fn, args))
+        if self._draining.acquire(False):
+            self._pool.submit(self._drain)
 
     @property
     def in_callback(self) -> bool:
@@ -149,21 +224,28 @@ class CallbackQueue:
         one of the calls, returns True at once (the rest runs after it)."""
         if self.in_callback:
             return True
-        return self._idle.wait(timeout)
+        with self._drained:
+            return self._drained.wait_for(self._idle, timeout)
+
+    def _idle(self) -> bool:
+        return not self._calls and not self._draining.locked()
 
     def _drain(self) -> None:
-        self.thread = threading.current_thread()
-        try:
-            while True:
-                with self._lock:
-                    if not self._calls:
-                        self._scheduled = False
-                        self._idle.set()
-                        return
-                    fn, args = self._calls.popleft()
-                self._run(fn, args)
-        finally:
-            self.thread = None
+        calls = self._calls
+        while True:
+            self.thread = threading.current_thread()
+            try:
+                while calls:  # only the drain holding _draining takes calls
+                    fn, args = calls.popleft()
+                    self._run(fn, args)
+            finally:
+                self.thread = None
+                self._draining.release()
+            with self._drained:
+                self._drained.notify_all()
+            # A call queued after the last look, whose put found this drain running.
+            if not (calls and self._draining.acquire(False)):
+                return
 
     def _run(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
         try:
