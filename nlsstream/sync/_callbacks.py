@@ -21,6 +21,7 @@ test-and-set.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import queue
@@ -52,7 +53,7 @@ class Workers:
     Unlike :class:`concurrent.futures.ThreadPoolExecutor`, its threads are daemons (a
     callback blocked at interpreter exit does not hold the exit up), idle ones end, and
     :meth:`submit` never blocks: an idle worker gets the job in its own mailbox, else a
-    new worker starts with it (started by the pool's spawner thread), else (all
+    new worker starts with it (started by a spawner thread), else (all
     :attr:`max_workers` busy) it waits in a backlog that the first worker to be free
     takes from.
     """
@@ -65,10 +66,11 @@ class Workers:
         # One per worker that may still start; a worker gives its slot back as it ends.
         self._slots: deque[int] = deque(range(max_workers))
         self._backlog: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        # New workers are started by a thread of the pool's own: ``Thread.start()``
-        # waits until the new thread runs, which a submit must not.
+        # New workers are started by a short-lived spawner thread (``Thread.start()``
+        # waits until the new thread runs, which a submit must not), itself started with
+        # ``_thread.start_new_thread``, which does not wait; held while one runs.
         self._spawns: queue.SimpleQueue[tuple[int, Job]] = queue.SimpleQueue()
-        threading.Thread(target=self._spawn, name=f"{name}-spawner", daemon=True).start()
+        self._spawning = threading.Lock()
 
     @property
     def threads(self) -> int:
@@ -93,12 +95,29 @@ class Workers:
                 self._idle.pop().put(_FROM_BACKLOG)
             return
         self._spawns.put((slot, job))
+        if self._spawning.acquire(False):
+            _thread.start_new_thread(self._spawn, ())
 
     def _spawn(self) -> None:
+        spawns = self._spawns
         while True:
-            slot, job = self._spawns.get()
+            try:
+                slot, job = spawns.get_nowait()
+            except queue.Empty:
+                self._spawning.release()
+                # A spawn queued after the look above, whose submit found this running.
+                if spawns.empty() or not self._spawning.acquire(False):
+                    return
+                continue
             name = f"{self.name}-{slot}"
-            threading.Thread(target=self._work, args=(slot, job), name=name, daemon=True).start()
+            try:
+                threading.Thread(
+                    target=self._work, args=(slot, job), name=name, daemon=True
+                ).start()
+            except Exception:  # no thread to be had now: the next worker free takes it
+                logger.exception("could not start a callback worker")
+                self._slots.append(slot)
+                self._backlog.put(job)
 
     def _work(self, slot: int, job: Job) -> None:
         mailbox: queue.SimpleQueue[Job] = queue.SimpleQueue()

@@ -27,8 +27,10 @@ def _wait_until(check: Callable[[], bool], timeout: float = WAIT) -> bool:
     return True
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def quick_idle_exit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Idle workers end after 50 ms: the boundary is reached quickly, and no test's
+    workers outlive it for long (other tests count the process's threads)."""
     monkeypatch.setattr(_callbacks, "IDLE_EXIT", 0.05)
     yield
 
@@ -135,7 +137,6 @@ def test_the_pool_is_bounded_and_a_backlogged_job_runs_once_a_worker_is_free() -
     gates[1].set()
 
 
-@pytest.mark.usefixtures("quick_idle_exit")
 def test_idle_workers_end_and_jobs_at_the_idle_boundary_still_run() -> None:
     pool = Workers(max_workers=4)
     done: list[int] = []
@@ -200,7 +201,6 @@ def _paused_at(code: CodeType, line: int) -> tuple[bool, float]:
             assert q.join(WAIT)
 
 
-@pytest.mark.usefixtures("quick_idle_exit")
 def test_a_put_never_waits_for_a_worker_wherever_it_is_paused() -> None:
     """A worker stopped at any line of its code (as one waiting for the GIL behind many
     threads is) must not hold up the loop thread's puts, to its own queue or another's:
