@@ -22,10 +22,10 @@ test-and-set.
 from __future__ import annotations
 
 import _thread
-import contextlib
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +41,8 @@ logger = get_logger("nlsstream.sync")
 MAX_WORKERS = 512
 #: Seconds an idle worker waits for work before it ends.
 IDLE_EXIT = 5.0
+#: Seconds a job waits for a busy worker to be free before the pool grows by one.
+GROW_AFTER = 0.005
 
 Job = Callable[[], None]
 #: Put in an idle worker's mailbox: take a job from the backlog (if one is left).
@@ -52,10 +54,10 @@ class Workers:
 
     Unlike :class:`concurrent.futures.ThreadPoolExecutor`, its threads are daemons (a
     callback blocked at interpreter exit does not hold the exit up), idle ones end, and
-    :meth:`submit` never blocks: an idle worker gets the job in its own mailbox, else a
-    new worker starts with it (started by a spawner thread), else (all
-    :attr:`max_workers` busy) it waits in a backlog that the first worker to be free
-    takes from.
+    :meth:`submit` never blocks: an idle worker gets the job in its own mailbox, else
+    the job waits in a backlog that busy workers take from as they finish; a job still
+    waiting after :data:`GROW_AFTER` s (its session's and the others' callbacks are
+    running, or blocked) gets a new worker, up to :attr:`max_workers`.
     """
 
     def __init__(self, max_workers: int = MAX_WORKERS, name: str = "nlsstream-callbacks") -> None:
@@ -66,11 +68,10 @@ class Workers:
         # One per worker that may still start; a worker gives its slot back as it ends.
         self._slots: deque[int] = deque(range(max_workers))
         self._backlog: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        # New workers are started by a short-lived spawner thread (``Thread.start()``
-        # waits until the new thread runs, which a submit must not), itself started with
-        # ``_thread.start_new_thread``, which does not wait; held while one runs.
-        self._spawns: queue.SimpleQueue[tuple[int, Job]] = queue.SimpleQueue()
-        self._spawning = threading.Lock()
+        # Held while a grower thread runs (see _grow): started with
+        # ``_thread.start_new_thread``, which does not wait for the thread to run (as
+        # ``Thread.start()`` does, which a submit must not).
+        self._growing = threading.Lock()
 
     @property
     def threads(self) -> int:
@@ -78,46 +79,51 @@ class Workers:
         return self.max_workers - len(self._slots)
 
     def submit(self, job: Job) -> None:
-        """Run ``job()`` on a worker: an idle one, else a new one (up to
-        :attr:`max_workers`), else the first one free. Never blocks."""
+        """Run ``job()`` on a worker: an idle one, else the first one free, else a new
+        one (up to :attr:`max_workers`). Never blocks."""
         try:
             self._idle.pop().put(job)
             return
         except IndexError:
             pass
-        try:
-            slot = self._slots.pop()
-        except IndexError:
-            self._backlog.put(job)
-            # A worker that went idle meanwhile would not look at the backlog again (if
-            # every worker is busy, the first one free takes the job).
-            with contextlib.suppress(IndexError):
-                self._idle.pop().put(_FROM_BACKLOG)
+        self._backlog.put(job)
+        try:  # a worker that went idle meanwhile would not look at the backlog again
+            self._idle.pop().put(_FROM_BACKLOG)
             return
-        self._spawns.put((slot, job))
-        if self._spawning.acquire(False):
-            _thread.start_new_thread(self._spawn, ())
+        except IndexError:
+            pass
+        if self._growing.acquire(False):
+            _thread.start_new_thread(self._grow, ())
 
-    def _spawn(self) -> None:
-        spawns = self._spawns
+    def _grow(self) -> None:
+        """While jobs wait in the backlog, start a worker every :data:`GROW_AFTER` s
+        (at once if there is none): a short callback's worker is soon free to take the
+        next job, and only callbacks that run long (block) make the pool grow."""
+        backlog = self._backlog
         while True:
-            try:
-                slot, job = spawns.get_nowait()
-            except queue.Empty:
-                self._spawning.release()
-                # A spawn queued after the look above, whose submit found this running.
-                if spawns.empty() or not self._spawning.acquire(False):
+            if self.threads:
+                time.sleep(GROW_AFTER)
+            if backlog.empty():
+                self._growing.release()
+                # A job backlogged after the look above, whose submit found this running.
+                if backlog.empty() or not self._growing.acquire(False):
                     return
                 continue
+            try:
+                slot = self._slots.pop()
+            except IndexError:  # at the bound: the first worker free takes the job
+                self._growing.release()
+                return
             name = f"{self.name}-{slot}"
             try:
                 threading.Thread(
-                    target=self._work, args=(slot, job), name=name, daemon=True
+                    target=self._work, args=(slot, _FROM_BACKLOG), name=name, daemon=True
                 ).start()
             except Exception:  # no thread to be had now: the next worker free takes it
                 logger.exception("could not start a callback worker")
                 self._slots.append(slot)
-                self._backlog.put(job)
+                self._growing.release()
+                return
 
     def _work(self, slot: int, job: Job) -> None:
         mailbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
