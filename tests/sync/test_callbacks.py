@@ -4,6 +4,7 @@ that never waits, wherever a worker happens to be."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -242,3 +243,33 @@ def test_a_submit_that_needs_a_new_worker_does_not_wait_for_it_to_start(
         go.set()
     assert took < 1.0, f"submit waited {took:.1f} s for the new worker to start"
     assert done.wait(WAIT)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_callbacks_on_a_pool_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child has none of its parent's threads: the shared pool's idle workers do not
+    exist there, and a job handed to one would never run."""
+    monkeypatch.setattr(_callbacks, "IDLE_EXIT", WAIT)  # the parent's worker stays idle
+    pool = _callbacks.workers()
+    ran = threading.Event()
+    pool.submit(ran.set)
+    assert ran.wait(WAIT)
+    assert _wait_until(lambda: len(pool._idle) > 0)  # an idle worker, at the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether a callback job runs, then leave at once
+        try:
+            done = threading.Event()
+            _callbacks.workers().submit(done.set)
+            os.write(write, b"ran" if done.wait(WAIT) else b"lost")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as pipe:
+            answer = pipe.read()
+    finally:
+        os.waitpid(pid, 0)
+    assert answer == b"ran"
