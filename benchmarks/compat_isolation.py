@@ -50,6 +50,7 @@ from benchmarks.common import (
     FRAME_S,
     cpu_seconds,
     default_ramp,
+    lag_summary,
     load_pcm,
     raise_nofile_limit,
     split_frames,
@@ -108,17 +109,11 @@ class TickTrace:
         self.active = active
 
     def summary(self) -> dict[str, Any]:
-        late = sorted(t[0] * 1e3 for t in self.ticks)
-        run = sorted(t[1] * 1e3 for t in self.ticks)
-
-        def pct(xs: list[float], q: float) -> float | None:
-            return round(xs[min(len(xs) - 1, int(len(xs) * q))], 1) if xs else None
-
         slow = self.slow
         return {
             "ticks": len(self.ticks),
-            "tick_late_ms": {"p50": pct(late, 0.5), "p99": pct(late, 0.99), "max": pct(late, 1)},
-            "tick_run_ms": {"p50": pct(run, 0.5), "p99": pct(run, 0.99), "max": pct(run, 1)},
+            "tick_late_ms": lag_summary([t[0] for t in self.ticks]),
+            "tick_run_ms": lag_summary([t[1] for t in self.ticks]),
             "slow_ticks": len(slow),
             "slow_run_ms_median": round(statistics.median(s[0] for s in slow) * 1e3, 1)
             if slow
@@ -259,6 +254,11 @@ def run(
     }
 
 
+def _ms3(summary: dict[str, float]) -> str:
+    """p50 / p99 / max of a :func:`lag_summary`, to 0.1 ms."""
+    return " / ".join(f"{summary[k]:.1f}" for k in ("p50_ms", "p99_ms", "max_ms"))
+
+
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| run | sending threads | sessions | GC | callbacks (peak workers) "
@@ -279,8 +279,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {'yes (' + str(r['callback_workers_peak']) + ')' if r['callbacks'] else 'no'} "
             f"| {r['worst_p99_ms']} | {r['best_fit_worst_p99_ms']} "
             f"| {r['core_share']} | {r['cpu_ms_per_audio_s']} "
-            f"| {late['p50']} / {late['p99']} / {late['max']} "
-            f"| {tick_run['p50']} / {tick_run['p99']} / {tick_run['max']} | {r['slow_ticks']} "
+            f"| {_ms3(late)} | {_ms3(tick_run)} | {r['slow_ticks']} "
             f"| {r['slow_run_ms_median'] or '-'} / {r['slow_cpu_ms_median'] or '-'} "
             f"| {r['slow_voluntary_switches']} / {r['slow_involuntary_switches']} "
             f"| {outside['late_ms']} ({outside['at_s']}) | {len(r['errors'])} |"
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rep in range(1, args.repeat + 1):
             for mode in modes:
-                concurrency.fetch_stats(gw, reset=True)
+                concurrency.reset_stats(gw)
                 row = run(
                     gw.url,
                     args.sessions,

@@ -81,19 +81,21 @@ class Workers:
     def submit(self, job: Job) -> None:
         """Run ``job()`` on a worker: an idle one, else the first one free, else a new
         one (up to :attr:`max_workers`). Never blocks."""
-        try:
-            self._idle.pop().put(job)
+        if self._hand_to_idle(job):
             return
-        except IndexError:
-            pass
         self._backlog.put(job)
-        try:  # a worker that went idle meanwhile would not look at the backlog again
-            self._idle.pop().put(_FROM_BACKLOG)
-            return
-        except IndexError:
-            pass
-        if self._growing.acquire(False):
+        # A worker that went idle meanwhile would not look at the backlog again.
+        if not self._hand_to_idle(_FROM_BACKLOG) and self._growing.acquire(False):
             _thread.start_new_thread(self._grow, ())
+
+    def _hand_to_idle(self, job: Job) -> bool:
+        """Give ``job`` to the latest idle worker; False if none is idle."""
+        try:
+            mailbox = self._idle.pop()
+        except IndexError:
+            return False
+        mailbox.put(job)
+        return True
 
     def _grow(self) -> None:
         """While jobs wait in the backlog, start a worker every :data:`GROW_AFTER` s
@@ -129,8 +131,7 @@ class Workers:
         mailbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
         try:
             while True:
-                if job is not _FROM_BACKLOG:
-                    self._run(job)
+                self._run(job)  # _FROM_BACKLOG does nothing
                 next_job = self._next(mailbox)
                 if next_job is None:
                     return
