@@ -84,7 +84,7 @@ from typing import ClassVar, Protocol
 
 from ..audio import FRAME_BYTES, Framer
 from ..redaction import get_logger
-from .latency import LatencyHistogram, SendLog
+from .latency import LatencyHistogram, SendLog, TickLog
 
 __all__ = ["LATE_THRESHOLD_MS", "FrameSink", "Metrics", "PacedStream", "Pacer"]
 
@@ -259,6 +259,7 @@ class PacedStream:
         "_frame_bytes",
         "_framer",
         "_index",
+        "_log",
         "_low_water",
         "_max_frames",
         "_next_due",
@@ -266,6 +267,7 @@ class PacedStream:
         "_period",
         "_restart",
         "_restart_waited",
+        "_run_open",
         "_space",
         "_start",
         "_t0",
@@ -292,6 +294,10 @@ class PacedStream:
         self._pacer = pacer
         self.sink = sink
         self.metrics = metrics
+        self._log = metrics.send_log
+        # Whether this stream's on-schedule writes extend an open run of the send log
+        # (nothing to log per frame); the log clears it when another entry starts.
+        self._run_open = False
         self._write = sink.write_frames
         #: While true the pacer skips this stream: its frames wait (and count in
         #: :attr:`Metrics.stalled_ticks` at every tick one is due), then go out at once,
@@ -411,6 +417,7 @@ class PacedStream:
                     due = pacer._tick_after(pacer.clock())
                     self._t0 = due - index * self._period
                     self._restart, self._restart_waited = index, False
+                    self._log.close_run()  # the schedule moved
                     self.metrics.underruns += 1
             self._next_due = due
         buf.extend(frames)
@@ -490,11 +497,19 @@ class PacedStream:
         self._next_due = next_due
         metrics = self.metrics
         metrics.frames_sent += 1
-        metrics.bytes_sent += self._frame_bytes
+        start = metrics.bytes_sent
+        metrics.bytes_sent = start + self._frame_bytes
         metrics._paced_frames += 1
         if late >= 0.001:  # a tick a little late (timers fire up to 1 ms late)
             metrics._record_late(late * 1000.0)
-        metrics.send_log.mark(metrics.bytes_sent, now)
+            if due <= self._pacer._horizon_before:
+                # An earlier tick reached this frame and did not write it (the stream
+                # was held then): it went out off its schedule, log the write itself.
+                self._log.mark(start, now)
+            elif not self._run_open:
+                self._open_run(start, index - 1)
+        elif not self._run_open:  # the first frame on schedule since the log's last entry
+            self._open_run(start, index - 1)
         if len(buf) <= self._low_water:
             self._drained()
 
@@ -521,6 +536,7 @@ class PacedStream:
                 due += pacer.tick
                 self._restart_waited = True
             self._t0 = due - index * self._period
+            self._log.close_run()  # the schedule moved
             if index == 0:
                 self._start = due
             if due > horizon:
@@ -542,12 +558,24 @@ class PacedStream:
             return
         self._index = index
         self._next_due = due
+        self._log.mark(metrics.bytes_sent, now)
         metrics.frames_sent += len(frames)
         metrics.bytes_sent += len(frames) * self._frame_bytes
         metrics._paced_frames += len(frames)
-        metrics.send_log.mark(metrics.bytes_sent, now)
         if len(buf) <= self._low_water:
             self._drained()
+
+    def _open_run(self, start: int, index: int) -> None:
+        """Frame ``index``, at stream offset ``start``, went out on schedule after an
+        entry of the send log: from it on, frames on schedule extend one run."""
+        self._run_open = True
+        log, pacer = self._log, self._pacer
+        log.open_run(
+            start, index, self._t0, self._period, self._frame_bytes, pacer.tick_log, self._end_run
+        )
+
+    def _end_run(self) -> None:
+        self._run_open = False
 
     def _drained(self) -> None:
         """The buffer is at or below its low-water mark after a write: wake the producer
@@ -622,6 +650,10 @@ class Pacer:
         #: The horizon of the latest run_due: frames due by then that were not in their
         #: stream's buffer missed their tick (an underrun).
         self._ran_until = float("-inf")
+        self._horizon_before = float("-inf")  # the horizon of the run_due before that
+        #: When recent ticks ran, for the sessions' send logs (frames written on their
+        #: schedule log nothing of their own: see :class:`~.latency.SendLog`).
+        self.tick_log = TickLog()
         #: Timer wake-ups so far (one per tick, however many sessions it serves).
         self.ticks = 0
         # Producer wake-ups: how many this tick may still do, and the streams whose
@@ -769,7 +801,8 @@ class Pacer:
             for tap in list(self._taps):
                 tap(now)
             self._encode_batch()
-        self._ran_until = horizon
+        self._horizon_before, self._ran_until = self._ran_until, horizon
+        self.tick_log.record(horizon, now)
         while deferred and wakes > 0:  # those that waited first
             deferred.popleft()._wake()
             wakes -= 1

@@ -181,7 +181,7 @@ class EventRouter:
             at, histogram = self._begins.pop(event.index), metrics.first_partial_latency
         else:
             return event  # not a sentence's first partial
-        sent = metrics.send_log.sent_at(at * metrics.sample_rate // 500)
+        sent = metrics.send_log.sent_at(at * metrics.sample_rate // 500, metrics.bytes_sent)
         if sent is None:
             return event
         latency = (self._loop.time() - sent) * 1000.0

@@ -157,8 +157,8 @@ class AudioSender:
         now = asyncio.get_running_loop().time()
         if router.first_audio_at is None:
             router.first_audio_at = now
-        self._metrics.record_audio(len(data))
         self._metrics.send_log.mark(self._metrics.bytes_sent, now)
+        self._metrics.record_audio(len(data))
 
     async def stream_source(
         self,
@@ -261,8 +261,8 @@ class AudioSender:
             paced.put_nowait(pcm)
         elif self.conn.open:
             self._write_frames(self.conn, pcm)
-            self._metrics.record_audio(len(pcm))
             self._metrics.send_log.mark(self._metrics.bytes_sent, asyncio.get_running_loop().time())
+            self._metrics.record_audio(len(pcm))
         else:
             return  # a resume is under way: nothing to keep alive
         self._metrics.keepalive_bytes += len(pcm)

@@ -530,6 +530,54 @@ async def test_an_underrun_restarts_the_schedule_instead_of_bursting(
     assert stream.finished and pacer.pending == 0
 
 
+async def test_the_send_log_knows_when_each_frame_went_out(pacer: Pacer, clock: FakeClock) -> None:
+    # The latencies count from when a frame went out. The pacer logs only what leaves
+    # the schedule (a catch-up batch, a restart after an underrun); frames on it, on
+    # time or a little late, take their tick's time: every frame's time must come out
+    # of the log exactly.
+    sink = Sink(clock)
+    metrics = Metrics()
+    rng = random.Random(7)
+    stream = pacer.open(sink, BPS_16K, metrics, max_ahead_bytes=400 * FRAME)
+    t0 = clock.now
+    await fill(stream, frames(60))
+    for k in range(90):
+        stream.held = 30 <= k < 34  # a backed-up socket: five frames go out in one write
+        jitter = rng.choice([0.0, 0.0003, 0.0008, 0.004])
+        clock.now = t0 + k * 0.02 + (0.0 if 55 <= k < 75 else jitter)  # on time around the restart
+        pacer.run_due(early=EARLY)
+        if k == 70:  # the source ran dry at frame 60: the schedule restarts at tick 71
+            clock.now += 0.01
+            await fill(stream, frames(10))
+    assert metrics.underruns == 1 and 5 in sink.batches and metrics.late_frames > 0
+    assert len(sink.sent) == 70
+    for j, (when, _) in enumerate(sink.sent):
+        for offset in (j * FRAME + 1, (j + 1) * FRAME):  # its first and last byte
+            sent = metrics.send_log.sent_at(offset, metrics.bytes_sent)
+            assert sent == pytest.approx(when, rel=0, abs=1e-9), (j, offset)
+    assert metrics.send_log.sent_at(70 * FRAME + 1, metrics.bytes_sent) is None
+
+
+async def test_the_send_log_knows_a_held_frame_went_out_late(
+    pacer: Pacer, clock: FakeClock
+) -> None:
+    # 8 kHz frames last two ticks: a frame held at its tick goes out alone at the next
+    # one, late, on the fast path. Its time is that write's, not its tick's.
+    sink = Sink(clock)
+    metrics = Metrics()
+    stream = pacer.open(sink, BPS_16K / 2, metrics, max_ahead_bytes=40 * FRAME)
+    t0 = clock.now
+    await fill(stream, frames(10))
+    for k in range(20):
+        stream.held = k == 4  # frame 2 is due at tick 4
+        clock.now = t0 + k * 0.02
+        pacer.run_due(early=EARLY)
+    assert sink.batches == [1] * 10 and metrics.max_lateness_ms == pytest.approx(20)
+    for j, (when, _) in enumerate(sink.sent):
+        sent = metrics.send_log.sent_at((j + 1) * FRAME, metrics.bytes_sent)
+        assert sent == pytest.approx(when, rel=0, abs=1e-9), j
+
+
 class CountingSink(Sink):
     """A Sink that counts its producer's batches (``encode_frames`` calls)."""
 
