@@ -486,6 +486,11 @@ def _not_connected(data: bytes) -> None:
 # --------------------------------------------------------------------------- connecting
 
 
+def _shown(url: str, token: str) -> str:
+    """``url`` as an error message may show it: no token, nor a password."""
+    return redact_proxy(redact(url, token))
+
+
 async def connect(
     url: str,
     token: str,
@@ -511,7 +516,6 @@ async def connect(
         uri = parse_uri(url)
     except InvalidURI as exc:
         raise ValueError(f"invalid gateway url {redact(url, token)!r}: {exc}") from None
-    shown = redact_proxy(redact(url, token))  # nor a password in the URL
     loop = asyncio.get_running_loop()
     wire_log = _RedactingLogger(logging.getLogger("websockets.client"), token)
     conn = Connection(
@@ -543,16 +547,18 @@ async def connect(
         await asyncio.wait_for(open_(), open_timeout)
     except (asyncio.TimeoutError, TimeoutError):
         error = GatewayConnectionError(
-            f"timed out after {open_timeout:.3g} s connecting to {shown}"
+            f"timed out after {open_timeout:.3g} s connecting to {_shown(url, token)}"
         )
     except InvalidStatus as exc:
-        error = _status_error(exc, shown, token)
+        error = _status_error(exc, _shown(url, token), token)
     except InvalidHandshake as exc:
         error = GatewayConnectionError(
-            f"gateway at {shown} sent an invalid handshake: {redact(str(exc), token)}"
+            f"gateway at {_shown(url, token)} sent an invalid handshake: {redact(str(exc), token)}"
         )
     except (OSError, ConnectionError) as exc:
-        error = GatewayConnectionError(f"cannot connect to {shown}: {redact(str(exc), token)}")
+        error = GatewayConnectionError(
+            f"cannot connect to {_shown(url, token)}: {redact(str(exc), token)}"
+        )
         if isinstance(exc, OSError) and exc.errno is not None:
             error.__cause__ = OSError(exc.errno, exc.strerror)  # the errno, nothing else
     if error is not None:

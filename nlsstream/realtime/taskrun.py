@@ -10,6 +10,7 @@ reconnecting in ``connect()`` and out of its connection.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from ..auth import RefreshableTokenProvider, TokenProvider
@@ -112,7 +113,9 @@ class TaskRun:
 
     async def _open(self, token: str, timeout: float) -> Connection:
         config = self._config
-        logger.debug("connecting to %s for task %s", self.shown_url, self.task.task_id)
+        debug = logger.isEnabledFor(logging.DEBUG)  # shown_url costs regexes: only if logged
+        if debug:
+            logger.debug("connecting to %s for task %s", self.shown_url, self.task.task_id)
         self.conn = await connect(
             config.url,
             token,
@@ -124,7 +127,8 @@ class TaskRun:
             ping_timeout=config.ping_timeout,
             close_timeout=config.stop_timeout,
         )
-        logger.debug("connected to %s", self.shown_url)
+        if debug:
+            logger.debug("connected to %s", self.shown_url)
         return self.conn
 
     def _message(self, text: str) -> None:
