@@ -145,6 +145,11 @@ class SendLog:
         # a new one for its next frame on schedule.
         self._on_close: Callable[[], None] | None = None
 
+    @property
+    def entries(self) -> int:
+        """Entries recorded so far (single writes and runs), remembered or not."""
+        return self._count
+
     def mark(self, start: int, when: float) -> None:
         """A write starting at stream offset ``start`` went out at ``when``."""
         self._add(start, when, 0.0, 0, 0)

@@ -551,6 +551,10 @@ async def test_the_send_log_knows_when_each_frame_went_out(pacer: Pacer, clock: 
             await fill(stream, frames(10))
     assert metrics.underruns == 1 and 5 in sink.batches and metrics.late_frames > 0
     assert len(sink.sent) == 70
+    # What it costs the pacer: an entry per departure from the schedule and per run
+    # (the first run, the catch-up batch and the run after it, the run the restart
+    # began), never one per frame on schedule, late or not.
+    assert metrics.send_log.entries == 4
     for j, (when, _) in enumerate(sink.sent):
         for offset in (j * FRAME + 1, (j + 1) * FRAME):  # its first and last byte
             sent = metrics.send_log.sent_at(offset, metrics.bytes_sent)
