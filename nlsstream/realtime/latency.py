@@ -93,7 +93,11 @@ class TickLog:
 
     def record(self, horizon: float, when: float) -> None:
         """A tick ran at ``when`` and wrote what was due by ``horizon``."""
-        i = self._count % len(self._horizons)
+        size = len(self._horizons)
+        i = self._count % size
+        if self._count:  # kept non-decreasing for the search: a run_due called by hand
+            # between ticks may have a lower horizon; what it covered, an earlier one did
+            horizon = max(horizon, self._horizons[(self._count - 1) % size])
         self._horizons[i] = horizon
         self._times[i] = when
         self._count += 1
@@ -142,12 +146,14 @@ class SendLog:
         self._count = 0
         self._ticks: TickLog | None = None  # the pacer's, for the runs
         # Called when the open run ends (another entry starts): its writer's cue to open
-        # a new one for its next frame on schedule.
-        self._on_close: Callable[[], None] | None = None
+        # a new one for its next frame on schedule. A weak reference (the writer may be
+        # gone): it gives the callable, or None.
+        self._on_close: Callable[[], Callable[[], None] | None] | None = None
 
     @property
     def entries(self) -> int:
-        """Entries recorded so far (single writes and runs), remembered or not."""
+        """Entries recorded (single writes and runs), remembered or not, since the log
+        began, or began afresh for another loop's pacer."""
         return self._count
 
     def mark(self, start: int, when: float) -> None:
@@ -162,12 +168,12 @@ class SendLog:
         period: float,
         size: int,
         ticks: TickLog,
-        on_close: Callable[[], None],
+        on_close: Callable[[], Callable[[], None] | None],
     ) -> None:
         """From offset ``start``: frames of ``size`` bytes, the first being frame
         ``index`` of the schedule ``t0 + k * period``, each written at the first tick of
-        ``ticks`` that reached its due time; until another entry starts, when ``on_close``
-        is called."""
+        ``ticks`` that reached its due time; until another entry starts. ``on_close`` is a
+        weak reference (``weakref.WeakMethod``) to what to call then."""
         if ticks is not self._ticks:
             if self._ticks is not None:  # runs from another loop's pacer: start afresh
                 self._count = 0
@@ -177,7 +183,8 @@ class SendLog:
 
     def close_run(self) -> None:
         """End the open run, if any (its writer left its schedule)."""
-        on_close, self._on_close = self._on_close, None
+        ref, self._on_close = self._on_close, None
+        on_close = ref() if ref is not None else None
         if on_close is not None:
             on_close()
 
@@ -204,9 +211,11 @@ class SendLog:
         period = self._periods[k]
         if not period:
             return self._times[k]
-        assert self._ticks is not None  # set by the run's open_run
+        ticks = self._ticks
+        if ticks is None:  # pragma: no cover - a run is only opened with a tick log
+            return None
         frame = self._indexes[k] + (byte - self._starts[k]) // self._sizes[k]
-        return self._ticks.time_of(self._times[k] + frame * period)
+        return ticks.time_of(self._times[k] + frame * period)
 
 
 class LatencyHistogram:

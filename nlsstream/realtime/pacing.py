@@ -416,6 +416,9 @@ class PacedStream:
                     # tick from now rather than burst to catch up with a late source.
                     due = pacer._tick_after(pacer.clock())
                     self._t0 = due - index * self._period
+                    # As every due time (and the send log's runs) computes it: the
+                    # tick's own value may differ in the last bit.
+                    due = self._t0 + index * self._period
                     self._restart, self._restart_waited = index, False
                     self._log.close_run()  # the schedule moved
                     self.metrics.underruns += 1
@@ -464,9 +467,10 @@ class PacedStream:
                 # Consumers re-raise via _check(); don't let asyncio log it too.
                 fut.exception()
 
-    def run_due(self, now: float, horizon: float) -> None:
+    def run_due(self, now: float, horizon: float, before: float = float("-inf")) -> None:
         """Write what is due by ``horizon`` (the pacer's tick, ``now`` plus its tolerance);
-        called by the :class:`Pacer` at each tick.
+        called by the :class:`Pacer` at each tick, with ``before`` the previous tick's
+        horizon.
 
         At 1,000 sessions this runs 50,000 times a second, so the common case (one frame
         due, on time or in a tick that runs a little late) is inlined here and touches
@@ -502,12 +506,11 @@ class PacedStream:
         metrics._paced_frames += 1
         if late >= 0.001:  # a tick a little late (timers fire up to 1 ms late)
             metrics._record_late(late * 1000.0)
-            if due <= self._pacer._horizon_before:
-                # An earlier tick reached this frame and did not write it (the stream
-                # was held then): it went out off its schedule, log the write itself.
-                self._log.mark(start, now)
-            elif not self._run_open:
-                self._open_run(start, index - 1)
+        if due <= before:
+            # An earlier tick reached this frame and did not write it (the stream was
+            # held, or its schedule started on a tick that had already run): its time
+            # is not that tick's, so the send log gets the write itself.
+            self._log.mark(start, now)
         elif not self._run_open:  # the first frame on schedule since the log's last entry
             self._open_run(start, index - 1)
         if len(buf) <= self._low_water:
@@ -536,6 +539,7 @@ class PacedStream:
                 due += pacer.tick
                 self._restart_waited = True
             self._t0 = due - index * self._period
+            due = self._t0 + index * self._period  # as in _append
             self._log.close_run()  # the schedule moved
             if index == 0:
                 self._start = due
@@ -569,9 +573,11 @@ class PacedStream:
         """Frame ``index``, at stream offset ``start``, went out on schedule after an
         entry of the send log: from it on, frames on schedule extend one run."""
         self._run_open = True
-        log, pacer = self._log, self._pacer
-        log.open_run(
-            start, index, self._t0, self._period, self._frame_bytes, pacer.tick_log, self._end_run
+        # Weakly: a finished session's metrics (and log) must not keep its stream, and
+        # through it the connection, alive.
+        on_close = weakref.WeakMethod(self._end_run)
+        self._log.open_run(
+            start, index, self._t0, self._period, self._frame_bytes, self._pacer.tick_log, on_close
         )
 
     def _end_run(self) -> None:
@@ -650,7 +656,9 @@ class Pacer:
         #: The horizon of the latest run_due: frames due by then that were not in their
         #: stream's buffer missed their tick (an underrun).
         self._ran_until = float("-inf")
-        self._horizon_before = float("-inf")  # the horizon of the run_due before that
+        #: The horizon of the run_due before that: a frame due by then and written now
+        #: missed its first tick.
+        self._prev_horizon = float("-inf")
         #: When recent ticks ran, for the sessions' send logs (frames written on their
         #: schedule log nothing of their own: see :class:`~.latency.SendLog`).
         self.tick_log = TickLog()
@@ -801,7 +809,7 @@ class Pacer:
             for tap in list(self._taps):
                 tap(now)
             self._encode_batch()
-        self._horizon_before, self._ran_until = self._ran_until, horizon
+        self._prev_horizon, self._ran_until = self._ran_until, horizon
         self.tick_log.record(horizon, now)
         while deferred and wakes > 0:  # those that waited first
             deferred.popleft()._wake()
@@ -809,7 +817,8 @@ class Pacer:
         self._wakes_left = wakes
         queued = len(deferred)
         # A copy of the streams: ending ones leave the dict meanwhile.
+        before = self._prev_horizon
         for stream in list(streams):
-            stream.run_due(now, horizon)
+            stream.run_due(now, horizon, before)
         self.deferred_wakes += len(deferred) - queued
         return len(streams)

@@ -145,7 +145,11 @@ class AudioSender:
         """One binary message now; waits while the socket is backed up (or, for a session
         that resumes, until it has)."""
         conn = self.conn
+        loop = asyncio.get_running_loop()
         while True:
+            # send_binary writes at once, then waits while the socket is backed up: the
+            # audio went out now, not when the wait ends.
+            now = loop.time()
             try:
                 await conn.send_binary(data)
                 break
@@ -154,7 +158,6 @@ class AudioSender:
         if self._keep is not None:
             self._keep(data)
         router = self._router
-        now = asyncio.get_running_loop().time()
         if router.first_audio_at is None:
             router.first_audio_at = now
         self._metrics.send_log.mark(self._metrics.bytes_sent, now)

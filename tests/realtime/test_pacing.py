@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Callable
@@ -580,6 +581,106 @@ async def test_the_send_log_knows_a_held_frame_went_out_late(
     for j, (when, _) in enumerate(sink.sent):
         sent = metrics.send_log.sent_at((j + 1) * FRAME, metrics.bytes_sent)
         assert sent == pytest.approx(when, rel=0, abs=1e-9), j
+
+
+async def test_a_stream_that_starts_on_a_tick_already_run_logs_its_first_write(
+    pacer: Pacer, clock: FakeClock
+) -> None:
+    # Stream A's last tick reached 0.5 ms past its time; the pacer goes idle, and B's
+    # first frame is ready 0.1 ms later: due on a tick that already ran, written at the
+    # next one. Its time is that write's.
+    first = pacer.open(Sink(clock), BPS_16K, Metrics(), max_ahead_bytes=20 * FRAME)
+    await fill(first, frames(2))
+    done = asyncio.ensure_future(first.finish())
+    t0 = clock.now
+    for k in range(2):
+        clock.now = t0 + k * 0.02
+        pacer.run_due(early=0.0005)
+    await asyncio.wait_for(done, 1)
+    sink, metrics = Sink(clock), Metrics()
+    clock.now += 0.0001
+    stream = pacer.open(sink, BPS_16K, metrics, max_ahead_bytes=20 * FRAME)
+    await fill(stream, frames(3))
+    start = clock.now
+    for k in range(3):
+        clock.now = start + 0.0003 + k * 0.02
+        pacer.run_due(early=0.0005)
+    assert len(sink.sent) == 3
+    for j, (when, _) in enumerate(sink.sent):
+        assert metrics.send_log.sent_at((j + 1) * FRAME, metrics.bytes_sent) == when, j
+
+
+async def test_the_send_log_is_exact_under_random_ticks_holds_and_underruns(
+    clock: FakeClock,
+) -> None:
+    # Ticks on the grid, late by up to 70 ms or skipped as the timer does; streams held,
+    # sources that run dry, 8 and 16 kHz and pace 1.5, streams in turn on one session's
+    # metrics with unpaced writes between them: every byte's time from the log is the
+    # time it was written, or unknown, never another.
+    for seed in range(40):
+        rng = random.Random(seed)
+        pacer = Pacer(clock=clock, autorun=False)
+        metrics = Metrics()
+        writes: list[tuple[float, int]] = []  # (time, PCM bytes) in stream order
+        for _ in range(rng.randint(1, 3)):
+            if rng.random() < 0.4:  # an unpaced write, as AudioSender.send makes one
+                clock.now += rng.random() * 0.05
+                metrics.send_log.mark(metrics.bytes_sent, clock.now)
+                metrics.record_audio(1280)
+                writes.append((clock.now, 1280))
+            sink = Sink(clock)
+            rate = rng.choice([BPS_16K, BPS_16K / 2, BPS_16K * 1.5])
+            stream = pacer.open(sink, rate, metrics, max_ahead_bytes=10**9)
+            await fill(stream, frames(rng.randint(1, 20)))
+            for tick in range(rng.randint(20, 200)):
+                if tick == 0 or pacer.pending == 0:
+                    origin = clock.now
+                    k = 0
+                r = rng.random()
+                late = 0.0 if r < 0.6 else rng.random() * (0.001 if r < 0.8 else 0.07)
+                clock.now = max(origin + k * 0.02 + late, clock.now)
+                if rng.random() < 0.1:  # the source delivers (or ran dry before)
+                    await fill(stream, frames(rng.randint(1, 30)))
+                stream.held = rng.random() < 0.1
+                pacer.run_due(early=0.0005)
+                k = max(k + 1, math.floor((clock.now - origin) / 0.02 + 1e-6) + 1)
+            stream.held = False
+            done = asyncio.ensure_future(stream.finish())
+            while not done.done():
+                clock.now += 0.02
+                pacer.run_due(early=0.0005)
+                await asyncio.sleep(0)
+            writes += [(when, len(frame)) for when, frame in sink.sent]
+        offset, known = 0, []
+        for when, size in writes:
+            for byte_end in (offset + 1, offset + size):
+                sent = metrics.send_log.sent_at(byte_end, metrics.bytes_sent)
+                assert sent in (None, when), (seed, byte_end, sent, when)
+                known.append(sent is not None)
+            offset += size
+        assert offset == metrics.bytes_sent
+        # Forgotten (the rings are bounded: 256 entries, 1,024 ticks): never the recent.
+        assert all(known[-200:]), seed
+
+
+async def test_a_restarted_schedule_is_exact_on_ticks_without_tolerance(
+    pacer: Pacer, clock: FakeClock
+) -> None:
+    # run_due() without ``early``: a tick's horizon is its time, equal to the restarted
+    # schedule's first due time. The log must compute that due time as the pacer does.
+    sink, metrics = Sink(clock), Metrics()
+    stream = pacer.open(sink, BPS_16K, metrics, max_ahead_bytes=1000 * FRAME)
+    await fill(stream, frames(209))
+    origin = clock.now
+    for k in range(216):
+        clock.now = origin + k * 0.02
+        pacer.run_due()
+        if k == 209:  # the source ran dry at frame 209: the schedule restarts at tick 210
+            clock.now += 0.01
+            await fill(stream, frames(5))
+    assert metrics.underruns == 1 and len(sink.sent) == 214
+    for j, (when, _) in enumerate(sink.sent):
+        assert metrics.send_log.sent_at((j + 1) * FRAME, metrics.bytes_sent) == when, j
 
 
 class CountingSink(Sink):
