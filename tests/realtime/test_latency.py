@@ -71,6 +71,17 @@ def test_the_tick_log_finds_the_first_tick_that_reached_a_time() -> None:
             assert ticks.time_of(due) == expected, (k, due)
 
 
+def test_the_tick_log_stays_sorted_when_a_tick_reaches_less_far() -> None:
+    # run_due called by hand between the timer's ticks, with no tolerance: its horizon
+    # is below the previous tick's. What it covered, the earlier tick did.
+    ticks = TickLog(size=4)
+    ticks.record(1.0005, 1.0)
+    ticks.record(1.0003, 1.0003)
+    ticks.record(1.0205, 1.02)
+    assert ticks.time_of(1.0004) == 1.0
+    assert ticks.time_of(1.01) == 1.02
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
 def test_send_log_agrees_with_the_full_history_wherever_the_ring_wraps(size: int) -> None:
     # The ring is searched in place: check it against every write kept in a list, for

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import random
 import time
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -681,6 +683,26 @@ async def test_a_restarted_schedule_is_exact_on_ticks_without_tolerance(
     assert metrics.underruns == 1 and len(sink.sent) == 214
     for j, (when, _) in enumerate(sink.sent):
         assert metrics.send_log.sent_at((j + 1) * FRAME, metrics.bytes_sent) == when, j
+
+
+async def test_a_finished_stream_is_not_kept_alive_by_its_sessions_metrics(
+    pacer: Pacer, clock: FakeClock
+) -> None:
+    # The send log's open run refers to its stream weakly: the metrics a user keeps
+    # after a session must not keep the stream, and through it the connection, alive.
+    metrics = Metrics()
+    stream = pacer.open(Sink(clock), BPS_16K, metrics, max_ahead_bytes=20 * FRAME)
+    await fill(stream, frames(3))
+    done = asyncio.ensure_future(stream.finish())
+    for _ in range(3):
+        clock.now += 0.02
+        pacer.run_due(early=EARLY)
+    await asyncio.wait_for(done, 1)
+    gone = weakref.ref(stream)
+    del stream, done
+    gc.collect()
+    assert gone() is None
+    assert metrics.send_log.sent_at(FRAME, metrics.bytes_sent) is not None
 
 
 class CountingSink(Sink):
