@@ -20,7 +20,7 @@ __all__ = ["LatencyHistogram", "SendLog", "TickLog"]
 
 #: Entries remembered: one per write that leaves a paced stream's schedule, one per run
 #: of writes on it (at least 256 writes, about 5 s of audio at real time, even when
-#: every write leaves the schedule; usually minutes).
+#: every write leaves the schedule; usually all of the tick log's 20 s).
 SEND_LOG_SIZE = 256
 #: Pacer ticks remembered: 20 s at the default 20 ms tick.
 TICK_LOG_SIZE = 1024
