@@ -171,8 +171,11 @@ class Metrics:
         """Frames written by the pacer (the population of the lateness statistics)."""
         return self._paced_frames
 
-    def record_audio(self, nbytes: int) -> None:
-        """Count one frame (or ``send_audio`` chunk) of ``nbytes`` handed to the socket."""
+    def record_audio(self, nbytes: int, when: float | None = None) -> None:
+        """Count one frame (or ``send_audio`` chunk) of ``nbytes`` handed to the socket;
+        with ``when``, the loop time it was written, also log it in :attr:`send_log`."""
+        if when is not None:
+            self.send_log.mark(self.bytes_sent, when)
         self.frames_sent += 1
         self.bytes_sent += nbytes
 
@@ -656,9 +659,6 @@ class Pacer:
         #: The horizon of the latest run_due: frames due by then that were not in their
         #: stream's buffer missed their tick (an underrun).
         self._ran_until = float("-inf")
-        #: The horizon of the run_due before that: a frame due by then and written now
-        #: missed its first tick.
-        self._prev_horizon = float("-inf")
         #: When recent ticks ran, for the sessions' send logs (frames written on their
         #: schedule log nothing of their own: see :class:`~.latency.SendLog`).
         self.tick_log = TickLog()
@@ -809,7 +809,9 @@ class Pacer:
             for tap in list(self._taps):
                 tap(now)
             self._encode_batch()
-        self._prev_horizon, self._ran_until = self._ran_until, horizon
+        # The previous tick's horizon: a frame due by then and written now missed its
+        # first tick (PacedStream.run_due).
+        before, self._ran_until = self._ran_until, horizon
         self.tick_log.record(horizon, now)
         while deferred and wakes > 0:  # those that waited first
             deferred.popleft()._wake()
@@ -817,7 +819,6 @@ class Pacer:
         self._wakes_left = wakes
         queued = len(deferred)
         # A copy of the streams: ending ones leave the dict meanwhile.
-        before = self._prev_horizon
         for stream in list(streams):
             stream.run_due(now, horizon, before)
         self.deferred_wakes += len(deferred) - queued

@@ -160,8 +160,7 @@ class AudioSender:
         router = self._router
         if router.first_audio_at is None:
             router.first_audio_at = now
-        self._metrics.send_log.mark(self._metrics.bytes_sent, now)
-        self._metrics.record_audio(len(data))
+        self._metrics.record_audio(len(data), now)
 
     async def stream_source(
         self,
@@ -264,8 +263,7 @@ class AudioSender:
             paced.put_nowait(pcm)
         elif self.conn.open:
             self._write_frames(self.conn, pcm)
-            self._metrics.send_log.mark(self._metrics.bytes_sent, asyncio.get_running_loop().time())
-            self._metrics.record_audio(len(pcm))
+            self._metrics.record_audio(len(pcm), asyncio.get_running_loop().time())
         else:
             return  # a resume is under way: nothing to keep alive
         self._metrics.keepalive_bytes += len(pcm)
